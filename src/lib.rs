@@ -1,2 +1,27 @@
 //! vhost-user-tap: a vhost-user network backend between a Linux tap and a guest's virtio-net rings.
+//!
+//! Module map:
+//! - [`config`]: command line and validated configuration.
+//! - [`tap`]: the tap device (the only ioctl code).
+//! - [`virtio_net`]: feature bits, header sizes, config space.
+//! - [`ring`]: device side of a split virtqueue on top of `virtio_queue::Queue`.
+//! - [`rx`]: tap → guest, the stop/wake heart of the daemon.
+//! - [`tx`]: guest → tap.
+//! - [`worker`]: one thread per queue pair, its event loop.
+//! - [`session`]: state of one frontend connection (memory, vrings, workers).
+//! - [`protocol`]: vhost-user message framing and dispatch.
+//! - [`daemon`]: listener, signals, the session loop.
+//! - [`stats`]: per-queue-pair counters.
+//! - [`guest`]: a synthetic guest (vhost-user frontend) for tests, benchmarks and smoke tests.
+pub mod config;
+pub mod daemon;
 pub mod guest;
+pub mod protocol;
+pub mod ring;
+pub mod rx;
+pub mod session;
+pub mod stats;
+pub mod tap;
+pub mod tx;
+pub mod virtio_net;
+pub mod worker;

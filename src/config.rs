@@ -1,0 +1,224 @@
+//! Command line and the validated daemon configuration.
+//!
+//! Follows QEMU's vhost-user "backend program conventions": `--socket-path` xor `--fd`,
+//! `--print-capabilities`, no self-daemonizing, fail early with a non-zero status.
+
+use std::os::fd::RawFd;
+use std::path::PathBuf;
+
+use clap::{ArgGroup, Parser};
+use thiserror::Error;
+
+use crate::tap;
+
+/// A vhost-user network backend: moves frames between a Linux tap and a guest's virtio-net rings.
+///
+/// Log levels are set with RUST_LOG (error, warn, info, debug, trace); default info.
+#[derive(Debug, Parser)]
+#[command(name = "vhost-user-tap", version)]
+#[command(group(ArgGroup::new("listen").args(["socket_path", "fd"])))]
+pub struct Args {
+    /// Unix socket to listen on for the vhost-user frontend (QEMU). Created at start, removed at
+    /// exit.
+    #[arg(long, value_name = "PATH")]
+    pub socket_path: Option<PathBuf>,
+
+    /// An already listening unix socket inherited from the parent (e.g. systemd), by fd number.
+    #[arg(long, value_name = "FDNUM")]
+    pub fd: Option<RawFd>,
+
+    /// Tap device to use; created when missing, attached when it exists (a tap pre-created with
+    /// `ip tuntap add NAME mode tap user U vnet_hdr` lets the daemon run without privileges).
+    #[arg(long, value_name = "NAME")]
+    pub tap: Option<String>,
+
+    /// MAC address the guest reads from the config space (default: derived from the tap name).
+    #[arg(long, value_name = "MAC")]
+    pub mac: Option<String>,
+
+    /// MTU offered to the guest (VIRTIO_NET_F_MTU).
+    #[arg(long, value_name = "N", default_value_t = 1500)]
+    pub mtu: u16,
+
+    /// Largest virtqueue size accepted from the frontend (power of two).
+    #[arg(long, value_name = "N", default_value_t = 1024)]
+    pub queue_size: u16,
+
+    /// Print the backend's capabilities as JSON (vhost-user convention) and exit.
+    #[arg(long)]
+    pub print_capabilities: bool,
+}
+
+/// Where the frontend connects.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Listen {
+    Path(PathBuf),
+    Fd(RawFd),
+}
+
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub listen: Listen,
+    pub tap: String,
+    pub mac: [u8; 6],
+    pub mtu: u16,
+    pub queue_size: u16,
+    pub queue_pairs: usize,
+}
+
+#[derive(Debug, Error, PartialEq, Eq)]
+pub enum ConfigError {
+    #[error("one of --socket-path or --fd is required")]
+    NoListener,
+    #[error("--tap is required")]
+    NoTap,
+    #[error("--tap: {0}")]
+    BadTap(String),
+    #[error("--mac {0:?}: expected six hex bytes like 52:54:00:12:34:56, unicast")]
+    BadMac(String),
+    #[error("--mtu {0}: must be between 68 and 65535")]
+    BadMtu(u16),
+    #[error("--queue-size {0}: must be a power of two between 2 and 32768")]
+    BadQueueSize(u16),
+    #[error("--fd {0}: must be an inherited descriptor number of 3 or more")]
+    BadFd(RawFd),
+}
+
+pub fn parse_mac(s: &str) -> Option<[u8; 6]> {
+    let mut mac = [0u8; 6];
+    let mut parts = s.split(':');
+    for byte in mac.iter_mut() {
+        let p = parts.next()?;
+        if p.len() != 2 {
+            return None;
+        }
+        *byte = u8::from_str_radix(p, 16).ok()?;
+    }
+    if parts.next().is_some() || mac[0] & 1 != 0 {
+        return None;
+    }
+    Some(mac)
+}
+
+/// A stable, locally administered MAC for a tap name, so a restarted daemon offers the same one.
+pub fn mac_for_tap(name: &str) -> [u8; 6] {
+    // FNV-1a: tiny, deterministic across builds (unlike std's randomly keyed hasher).
+    let h = name.bytes().fold(0xcbf29ce484222325u64, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x100000001b3)
+    });
+    let b = h.to_le_bytes();
+    [0x52, 0x54, 0x00, b[0], b[1], b[2]]
+}
+
+impl TryFrom<Args> for Config {
+    type Error = ConfigError;
+
+    fn try_from(a: Args) -> Result<Self, ConfigError> {
+        let listen = match (a.socket_path, a.fd) {
+            (Some(p), None) => Listen::Path(p),
+            (None, Some(fd)) if fd >= 3 => Listen::Fd(fd),
+            (None, Some(fd)) => return Err(ConfigError::BadFd(fd)),
+            _ => return Err(ConfigError::NoListener),
+        };
+        let tap = a.tap.ok_or(ConfigError::NoTap)?;
+        tap::validate_name(&tap).map_err(|e| ConfigError::BadTap(e.to_string()))?;
+        let mac = match a.mac {
+            Some(m) => parse_mac(&m).ok_or(ConfigError::BadMac(m))?,
+            None => mac_for_tap(&tap),
+        };
+        if a.mtu < 68 {
+            return Err(ConfigError::BadMtu(a.mtu));
+        }
+        if !a.queue_size.is_power_of_two() || a.queue_size < 2 || a.queue_size > 32768 {
+            return Err(ConfigError::BadQueueSize(a.queue_size));
+        }
+        Ok(Config {
+            listen,
+            tap,
+            mac,
+            mtu: a.mtu,
+            queue_size: a.queue_size,
+            queue_pairs: 1,
+        })
+    }
+}
+
+/// What `--print-capabilities` prints: the vhost-user schema defines no features for `net`.
+pub const CAPABILITIES_JSON: &str = "{\"type\": \"net\"}";
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Result<Config, ConfigError> {
+        let mut v = vec!["vhost-user-tap"];
+        v.extend_from_slice(args);
+        Config::try_from(Args::try_parse_from(v).expect("clap accepts"))
+    }
+
+    #[test]
+    fn minimal_command_line_is_accepted_with_defaults() {
+        let c = parse(&["--socket-path", "/tmp/s", "--tap", "vut0"]).unwrap();
+        assert_eq!(c.listen, Listen::Path("/tmp/s".into()));
+        assert_eq!(c.mtu, 1500);
+        assert_eq!(c.queue_size, 1024);
+        assert_eq!(c.mac, mac_for_tap("vut0"));
+        assert_eq!(c.mac[0] & 0x03, 0x02, "locally administered unicast");
+    }
+
+    #[test]
+    fn socket_path_and_fd_are_mutually_exclusive() {
+        let v = ["x", "--socket-path", "/s", "--fd", "3", "--tap", "t"];
+        assert!(Args::try_parse_from(v).is_err());
+        assert_eq!(parse(&["--tap", "t"]).unwrap_err(), ConfigError::NoListener);
+        assert_eq!(
+            parse(&["--fd", "1", "--tap", "t"]).unwrap_err(),
+            ConfigError::BadFd(1)
+        );
+        assert_eq!(
+            parse(&["--fd", "3", "--tap", "t"]).unwrap().listen,
+            Listen::Fd(3)
+        );
+    }
+
+    #[test]
+    fn each_bad_value_is_rejected_with_its_own_error() {
+        let base = ["--socket-path", "/s", "--tap", "t"];
+        let with = |extra: &[&str]| {
+            let mut v = base.to_vec();
+            v.extend_from_slice(extra);
+            parse(&v).unwrap_err()
+        };
+        assert_eq!(
+            with(&["--mac", "01:00:00:00:00:01"]),
+            ConfigError::BadMac("01:00:00:00:00:01".into())
+        );
+        assert_eq!(
+            with(&["--mac", "52:54:00:00:00"]),
+            ConfigError::BadMac("52:54:00:00:00".into())
+        );
+        assert_eq!(with(&["--mtu", "10"]), ConfigError::BadMtu(10));
+        assert_eq!(
+            with(&["--queue-size", "100"]),
+            ConfigError::BadQueueSize(100)
+        );
+        assert!(matches!(
+            parse(&["--socket-path", "/s", "--tap", "a/b"]).unwrap_err(),
+            ConfigError::BadTap(_)
+        ));
+        assert_eq!(
+            parse(&["--socket-path", "/s"]).unwrap_err(),
+            ConfigError::NoTap
+        );
+    }
+
+    #[test]
+    fn mac_parsing() {
+        assert_eq!(
+            parse_mac("52:54:00:aB:cd:EF"),
+            Some([0x52, 0x54, 0, 0xab, 0xcd, 0xef])
+        );
+        assert_eq!(parse_mac("52:54:00:ab:cd:ef:01"), None);
+        assert_eq!(parse_mac("52-54-00-ab-cd-ef"), None);
+    }
+}

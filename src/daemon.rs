@@ -1,0 +1,323 @@
+//! The daemon's lifetime: open the tap, bind the listener once, serve one frontend at a time, and
+//! stop cleanly on SIGTERM/SIGINT.
+//!
+//! Each connection gets a fresh `Session`; the tap, the counters and any staged RX frame belong to
+//! the daemon and carry over, so a VM reboot or a QEMU restart loses nothing that was taken from
+//! the tap. A disconnect (clean or not) ends the session: its workers are stopped and joined
+//! before the next `accept`.
+
+use std::fs;
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::fs::FileTypeExt;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use anyhow::{anyhow, bail, Context};
+use log::{error, info, warn};
+use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+use crate::config::{Config, Listen};
+use crate::protocol::Connection;
+use crate::session::{Device, PairSlot, Session};
+use crate::stats::PairStats;
+use crate::tap::Tap;
+use crate::virtio_net::{self, GUEST_OFFLOADS};
+
+/// SIGTERM and SIGINT as a readable fd, so the event loops can wait for them with everything else.
+pub struct SignalFd(OwnedFd);
+
+impl SignalFd {
+    /// Blocks the signals in the calling thread (threads spawned later inherit the mask) and
+    /// returns an fd that becomes readable when one is pending.
+    pub fn new() -> io::Result<SignalFd> {
+        // SAFETY: sigset_t is plain data; sigemptyset/sigaddset initialise it before use.
+        let mut set: libc::sigset_t = unsafe { std::mem::zeroed() };
+        // SAFETY: `set` is a valid sigset_t owned by this frame.
+        unsafe {
+            libc::sigemptyset(&mut set);
+            libc::sigaddset(&mut set, libc::SIGTERM);
+            libc::sigaddset(&mut set, libc::SIGINT);
+        }
+        // SAFETY: `set` is initialised; a null old-set pointer is allowed.
+        let r = unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) };
+        if r != 0 {
+            return Err(io::Error::from_raw_os_error(r));
+        }
+        // SAFETY: `set` is initialised; -1 asks for a new fd.
+        let fd = unsafe { libc::signalfd(-1, &set, libc::SFD_CLOEXEC | libc::SFD_NONBLOCK) };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: signalfd returned a fresh descriptor that nothing else owns.
+        Ok(SignalFd(unsafe { OwnedFd::from_raw_fd(fd) }))
+    }
+
+    /// The pending signal's number, if any.
+    pub fn read(&self) -> Option<i32> {
+        // SAFETY: signalfd_siginfo is plain data.
+        let mut info: libc::signalfd_siginfo = unsafe { std::mem::zeroed() };
+        let len = std::mem::size_of::<libc::signalfd_siginfo>();
+        // SAFETY: we read at most `len` bytes into `info`, which is `len` bytes long.
+        let n = unsafe { libc::read(self.0.as_raw_fd(), (&mut info as *mut libc::signalfd_siginfo).cast(), len) };
+        (n as usize == len).then_some(info.ssi_signo as i32)
+    }
+}
+
+impl AsRawFd for SignalFd {
+    fn as_raw_fd(&self) -> RawFd {
+        self.0.as_raw_fd()
+    }
+}
+
+/// A listener plus, when we created the socket file, its path (removed on drop).
+pub struct Listener {
+    inner: UnixListener,
+    owned_path: Option<PathBuf>,
+}
+
+impl Listener {
+    pub fn bind(path: &Path) -> anyhow::Result<Listener> {
+        if let Ok(meta) = fs::symlink_metadata(path) {
+            if !meta.file_type().is_socket() {
+                bail!("{} exists and is not a socket; refusing to replace it", path.display());
+            }
+            if UnixStream::connect(path).is_ok() {
+                bail!("{} is in use by another running backend", path.display());
+            }
+            // A socket nobody listens on: left behind by a backend that was killed.
+            fs::remove_file(path)
+                .with_context(|| format!("removing stale socket {}", path.display()))?;
+        }
+        let inner = UnixListener::bind(path)
+            .with_context(|| format!("binding vhost-user socket {}", path.display()))?;
+        Ok(Listener {
+            inner,
+            owned_path: Some(path.to_path_buf()),
+        })
+    }
+
+    /// Adopt an inherited listening socket (`--fd`, systemd socket activation).
+    pub fn from_fd(fd: RawFd) -> anyhow::Result<Listener> {
+        let mut listening: libc::c_int = 0;
+        let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+        // SAFETY: getsockopt writes at most `len` bytes into `listening`; it fails cleanly on an
+        // fd that is not a socket.
+        let r = unsafe {
+            libc::getsockopt(
+                fd,
+                libc::SOL_SOCKET,
+                libc::SO_ACCEPTCONN,
+                (&mut listening as *mut libc::c_int).cast(),
+                &mut len,
+            )
+        };
+        if r != 0 || listening == 0 {
+            bail!("--fd {fd} is not a listening unix socket");
+        }
+        // SAFETY: the fd is a listening socket inherited for us to own; nothing else closes it.
+        let inner = unsafe { UnixListener::from_raw_fd(fd) };
+        Ok(Listener {
+            inner,
+            owned_path: None,
+        })
+    }
+}
+
+impl Drop for Listener {
+    fn drop(&mut self) {
+        if let Some(p) = &self.owned_path {
+            let _ = fs::remove_file(p);
+        }
+    }
+}
+
+/// Why a session ended.
+enum SessionEnd {
+    Disconnected,
+    Signal(i32),
+    TapFailed,
+}
+
+fn offered_features(tap: &Tap, pairs: usize) -> u64 {
+    let tun_flags: Vec<u32> = GUEST_OFFLOADS.iter().map(|&(_, t)| t).collect();
+    let supported = tap.probe_offloads(&tun_flags);
+    let mut offered = virtio_net::base_features();
+    for &(feature, tun) in GUEST_OFFLOADS.iter() {
+        if supported & tun != 0 {
+            offered |= virtio_net::bit(feature);
+        }
+    }
+    if pairs == 1 {
+        offered &= !virtio_net::bit(virtio_bindings::virtio_net::VIRTIO_NET_F_MQ);
+    }
+    offered
+}
+
+pub struct Daemon {
+    dev: Device,
+    listener: Listener,
+    signals: SignalFd,
+}
+
+impl Daemon {
+    /// Open the tap and the listener; nothing is served yet.
+    pub fn new(config: Config) -> anyhow::Result<Daemon> {
+        let signals = SignalFd::new().context("setting up signal handling")?;
+        let taps = Tap::open_queues(&config.tap, config.queue_pairs)?;
+        let offered = offered_features(&taps[0], taps.len());
+        let listener = match &config.listen {
+            Listen::Path(p) => Listener::bind(p)?,
+            Listen::Fd(fd) => Listener::from_fd(*fd)?,
+        };
+        let pairs = taps
+            .into_iter()
+            .map(|t| PairSlot {
+                tap: Arc::new(t),
+                stats: Arc::new(PairStats::default()),
+                carry: None,
+            })
+            .collect();
+        let fatal = Arc::new(EventFd::new(EFD_NONBLOCK).context("creating eventfd")?);
+        info!(
+            "tap {} ({} queue pair(s)), offering features {offered:#x}; listening on {}",
+            config.tap,
+            config.queue_pairs,
+            match &config.listen {
+                Listen::Path(p) => p.display().to_string(),
+                Listen::Fd(fd) => format!("inherited fd {fd}"),
+            }
+        );
+        Ok(Daemon {
+            dev: Device {
+                config,
+                pairs,
+                offered,
+                fatal,
+            },
+            listener,
+            signals,
+        })
+    }
+
+    pub fn stats(&self) -> Vec<Arc<PairStats>> {
+        self.dev.pairs.iter().map(|p| p.stats.clone()).collect()
+    }
+
+    /// Serve frontends until a signal arrives. Err: the daemon cannot go on (the tap failed).
+    pub fn run(mut self) -> anyhow::Result<()> {
+        let epoll = Epoll::new()?;
+        let listen_fd = self.listener.inner.as_raw_fd();
+        epoll.ctl(
+            ControlOperation::Add,
+            listen_fd,
+            EpollEvent::new(EventSet::IN, 0),
+        )?;
+        epoll.ctl(
+            ControlOperation::Add,
+            self.signals.as_raw_fd(),
+            EpollEvent::new(EventSet::IN, 1),
+        )?;
+        let mut events = [EpollEvent::default(); 2];
+        let result = loop {
+            let n = match epoll.wait(-1, &mut events) {
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => break Err(anyhow!("epoll: {e}")),
+            };
+            if events[..n].iter().any(|e| e.data() == 1) {
+                if let Some(sig) = self.signals.read() {
+                    info!("signal {sig}: shutting down");
+                    break Ok(());
+                }
+            }
+            if !events[..n].iter().any(|e| e.data() == 0) {
+                continue;
+            }
+            let stream = match self.listener.inner.accept() {
+                Ok((s, _)) => s,
+                Err(e) => {
+                    warn!("accept failed: {e}");
+                    continue;
+                }
+            };
+            info!("frontend connected");
+            match self.serve(stream) {
+                Ok(SessionEnd::Disconnected) => info!("frontend disconnected; waiting for the next"),
+                Ok(SessionEnd::Signal(sig)) => {
+                    info!("signal {sig}: shutting down");
+                    break Ok(());
+                }
+                Ok(SessionEnd::TapFailed) => {
+                    break Err(anyhow!("tap {} failed; see the log above", self.dev.config.tap))
+                }
+                Err(e) => break Err(e),
+            }
+        };
+        self.log_stats();
+        result
+    }
+
+    fn serve(&mut self, stream: UnixStream) -> anyhow::Result<SessionEnd> {
+        let mut conn = Connection::new(stream);
+        let epoll = Epoll::new()?;
+        for (fd, token) in [
+            (conn.socket().as_raw_fd(), 0),
+            (self.signals.as_raw_fd(), 1),
+            (self.dev.fatal.as_raw_fd(), 2),
+        ] {
+            epoll.ctl(ControlOperation::Add, fd, EpollEvent::new(EventSet::IN, token))?;
+        }
+        let signals = &self.signals;
+        let fatal = self.dev.fatal.clone();
+        let mut session = Session::new(&mut self.dev);
+        let mut events = [EpollEvent::default(); 3];
+        loop {
+            let n = match epoll.wait(-1, &mut events) {
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(anyhow!("epoll: {e}")),
+            };
+            for ev in &events[..n] {
+                match ev.data() {
+                    1 => {
+                        if let Some(sig) = signals.read() {
+                            return Ok(SessionEnd::Signal(sig));
+                        }
+                    }
+                    2 => {
+                        let _ = fatal.read();
+                        return Ok(SessionEnd::TapFailed);
+                    }
+                    _ => match conn.recv() {
+                        Ok(None) => return Ok(SessionEnd::Disconnected),
+                        Ok(Some(req)) => {
+                            if let Err(e) = conn.dispatch(&mut session, req) {
+                                error!("frontend protocol error: {e}; closing the connection");
+                                return Ok(SessionEnd::Disconnected);
+                            }
+                        }
+                        Err(e) => {
+                            warn!("frontend connection failed: {e}");
+                            return Ok(SessionEnd::Disconnected);
+                        }
+                    },
+                }
+            }
+        }
+    }
+
+    fn log_stats(&self) {
+        for (p, slot) in self.dev.pairs.iter().enumerate() {
+            let snap = slot.stats.snapshot();
+            let fields: Vec<String> = snap
+                .fields()
+                .into_iter()
+                .map(|(k, v)| format!("{k}={v}"))
+                .collect();
+            info!("queue pair {p}: {}", fields.join(" "));
+        }
+    }
+}

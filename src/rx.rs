@@ -1,0 +1,468 @@
+//! RX: tap → guest. The daemon's defining promise lives here.
+//!
+//! Design
+//! - A frame is read from the tap only into a place that will deliver it: straight into guest
+//!   buffers, with an overflow tail in the pair's staging buffer. A frame larger than the gathered
+//!   buffers lands (partly) in staging and stays there, owned by the pair, until the guest posts
+//!   room for it; it survives worker restarts and reconnects. No frame taken from the tap is
+//!   dropped, except one no guest buffer can ever hold (counted as `rx_dropped_oversize`).
+//! - Popped chains sit in a window until used, so a frame never needs chains to be popped twice
+//!   and rolled back (the rollback is what makes `Queue::enable_notification` spin and stall).
+//!   On stop the window is returned to the avail ring (`into_queue`).
+//! - When the guest has no room: publish what was delivered and interrupt, arm the kick at the
+//!   current avail index, full fence, re-check the avail index; stall only if it did not move
+//!   (`DeviceQueue::arm_kick` holds the barrier argument). While stalled the worker stops polling
+//!   the tap, so frames wait in the kernel. The guest's kick resumes RX.
+//! - One used-index publish and at most one interrupt per batch; a batch ends after
+//!   `FRAME_BUDGET` frames or `BYTE_BUDGET` bytes (vhost-net's weights) so TX is not starved.
+//!
+//! Limitations: reading into more than `MAX_RX_IOVS` guest segments at once is not attempted; a
+//! frame beyond them is finished from staging with one extra copy.
+
+use std::collections::VecDeque;
+use std::fs::File;
+use std::io::{self, Write};
+use std::sync::Arc;
+
+use libc::iovec;
+use log::{error, warn};
+use thiserror::Error;
+use vm_memory::{Bytes, GuestMemoryMmap};
+
+use crate::ring::{ChainError, DeviceQueue, RingError, Segment};
+use crate::stats::{self, PairStats};
+use crate::tap::Tap;
+use crate::virtio_net::{HDR_LEN, MAX_GSO_FRAME, NUM_BUFFERS_OFFSET};
+
+pub const FRAME_BUDGET: u64 = 256;
+pub const BYTE_BUDGET: u64 = 512 * 1024;
+/// Guest segments handed to one readv (the staging tail is one more).
+const MAX_RX_IOVS: usize = 64;
+
+#[derive(Debug, Error)]
+pub enum RxError {
+    #[error("RX ring: {0}")]
+    Ring(#[from] RingError),
+    #[error("reading tap {0} failed: {1}")]
+    Tap(String, #[source] io::Error),
+}
+
+/// What RX keeps across worker restarts and sessions: a frame taken from the tap that is not yet
+/// in the guest.
+pub struct RxCarry {
+    staging: Box<[u8]>,
+    staged: usize,
+}
+
+impl Default for RxCarry {
+    fn default() -> Self {
+        RxCarry {
+            staging: vec![0u8; HDR_LEN + MAX_GSO_FRAME].into_boxed_slice(),
+            staged: 0,
+        }
+    }
+}
+
+impl RxCarry {
+    /// Length (header included) of the frame waiting for guest buffers, if any.
+    pub fn staged_len(&self) -> usize {
+        self.staged
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RxState {
+    /// Taking frames from the tap.
+    Running,
+    /// The guest had no room; the tap is not polled until the guest kicks.
+    WaitingForBuffers,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RxOutcome {
+    /// The batch budget ran out with work left: call again soon.
+    Budget,
+    /// The tap has no frame; wait for it to become readable.
+    TapEmpty,
+    /// The guest has no room; wait for its kick.
+    Stalled,
+}
+
+struct WinChain {
+    head: u16,
+    cap: u32,
+    nsegs: usize,
+}
+
+/// Chains popped from the avail ring and not yet used, in ring order.
+struct Window {
+    chains: VecDeque<WinChain>,
+    segs: VecDeque<Segment>,
+    cap: usize,
+}
+
+impl Window {
+    fn pop_front(&mut self) -> WinChain {
+        let c = self.chains.pop_front().expect("caller checked");
+        self.segs.drain(..c.nsegs);
+        self.cap -= c.cap as usize;
+        c
+    }
+}
+
+/// A call eventfd, or none when the frontend asked for polling.
+pub struct Notifier(pub Option<Arc<File>>);
+
+impl Notifier {
+    pub fn signal(&self) {
+        if let Some(f) = &self.0 {
+            // An eventfd write only fails if the counter would overflow, which a reader prevents.
+            let _ = (&**f).write(&1u64.to_ne_bytes());
+        }
+    }
+}
+
+pub struct Rx {
+    q: DeviceQueue,
+    win: Window,
+    carry: RxCarry,
+    hdr_len: usize,
+    mrg: bool,
+    /// Buffer bytes gathered before a read: the largest frame expected with the acked features.
+    target: usize,
+    state: RxState,
+    call: Notifier,
+    scratch: Vec<Segment>,
+    iovs: Vec<iovec>,
+}
+
+/// Totals of one batch, added to the shared counters once.
+#[derive(Default)]
+struct Tally {
+    frames: u64,
+    bytes: u64,
+    bad: u64,
+    oversize: u64,
+    staged: u64,
+    races: u64,
+}
+
+impl Rx {
+    pub fn new(
+        q: DeviceQueue,
+        carry: RxCarry,
+        hdr_len: usize,
+        mrg: bool,
+        target: usize,
+        call: Notifier,
+    ) -> Self {
+        let size = usize::from(q.size());
+        Rx {
+            win: Window {
+                chains: VecDeque::with_capacity(size),
+                segs: VecDeque::with_capacity(size * 2),
+                cap: 0,
+            },
+            q,
+            carry,
+            hdr_len,
+            mrg,
+            target,
+            state: RxState::Running,
+            call,
+            scratch: Vec::with_capacity(crate::ring::MAX_CHAIN_SEGS),
+            iovs: Vec::with_capacity(MAX_RX_IOVS + 1),
+        }
+    }
+
+    /// Give back the queue (unused window chains returned to the avail ring) and the carry.
+    pub fn into_parts(self) -> (virtio_queue::Queue, RxCarry) {
+        let rewind = self.win.chains.len() as u16;
+        (self.q.into_queue(rewind), self.carry)
+    }
+
+    pub fn state(&self) -> RxState {
+        self.state
+    }
+
+    /// Whether the worker should poll the tap for readability.
+    pub fn wants_tap(&self) -> bool {
+        self.state == RxState::Running && self.carry.staged == 0
+    }
+
+    /// The guest kicked the RX queue: it posted buffers.
+    pub fn on_kick(&mut self, mem: &GuestMemoryMmap, stats: &PairStats) -> Result<(), RxError> {
+        if self.state == RxState::WaitingForBuffers {
+            self.state = RxState::Running;
+            stats::inc(&stats.rx_wakes);
+            self.q.suppress_kicks(mem)?;
+        }
+        Ok(())
+    }
+
+    /// Move frames until the tap is empty, the guest is full, or the budget is spent.
+    pub fn process(
+        &mut self,
+        mem: &GuestMemoryMmap,
+        tap: &Tap,
+        stats: &PairStats,
+    ) -> Result<RxOutcome, RxError> {
+        let mut t = Tally::default();
+        let result = self.run_batch(mem, tap, &mut t);
+        // Publish and interrupt even after an error: what was delivered is the guest's.
+        let published = self.q.publish(mem).and_then(|_| self.q.needs_interrupt(mem));
+        if let Ok(true) = published {
+            self.call.signal();
+            stats::inc(&stats.rx_interrupts);
+        }
+        stats::add(&stats.rx_frames, t.frames);
+        stats::add(&stats.rx_bytes, t.bytes);
+        stats::add(&stats.rx_bad_desc, t.bad);
+        stats::add(&stats.rx_dropped_oversize, t.oversize);
+        stats::add(&stats.rx_staged, t.staged);
+        stats::add(&stats.rx_notify_races, t.races);
+        published?;
+        let outcome = result?;
+        if outcome == RxOutcome::Stalled {
+            self.state = RxState::WaitingForBuffers;
+            stats::inc(&stats.rx_stops);
+        }
+        Ok(outcome)
+    }
+
+    fn run_batch(
+        &mut self,
+        mem: &GuestMemoryMmap,
+        tap: &Tap,
+        t: &mut Tally,
+    ) -> Result<RxOutcome, RxError> {
+        loop {
+            if t.frames >= FRAME_BUDGET || t.bytes >= BYTE_BUDGET {
+                return Ok(RxOutcome::Budget);
+            }
+            if self.carry.staged > 0 {
+                if self.deliver_staged(mem, t)? {
+                    continue;
+                }
+            } else {
+                self.fill_window(mem, self.target, t)?;
+                if !self.win.chains.is_empty() {
+                    if !self.read_frame(mem, tap, t)? {
+                        return Ok(RxOutcome::TapEmpty);
+                    }
+                    continue;
+                }
+            }
+            // No room: let the guest see what we delivered before asking it for more.
+            self.q.publish(mem)?;
+            if self.q.needs_interrupt(mem)? {
+                self.call.signal();
+            }
+            if self.q.arm_kick(mem)? {
+                t.races += 1;
+                continue;
+            }
+            return Ok(RxOutcome::Stalled);
+        }
+    }
+
+    /// Pop chains until the window holds `want` bytes or the avail ring is empty. Malformed
+    /// chains go straight back to the guest with length 0.
+    fn fill_window(
+        &mut self,
+        mem: &GuestMemoryMmap,
+        want: usize,
+        t: &mut Tally,
+    ) -> Result<(), RxError> {
+        let size = usize::from(self.q.size());
+        while self.win.cap < want && self.win.chains.len() < size {
+            let Some((head, res)) = self.q.pop(mem, true, &mut self.scratch)? else {
+                break;
+            };
+            let res = res.and_then(|len| {
+                if (len as usize) < self.hdr_len {
+                    Err(ChainError::TooSmall(len, self.hdr_len))
+                } else {
+                    Ok(len)
+                }
+            });
+            match res {
+                Ok(cap) => {
+                    self.win.segs.extend(self.scratch.iter().copied());
+                    self.win.chains.push_back(WinChain {
+                        head,
+                        cap,
+                        nsegs: self.scratch.len(),
+                    });
+                    self.win.cap += cap as usize;
+                }
+                Err(e) => {
+                    if t.bad == 0 {
+                        warn!("RX chain {head} rejected: {e}");
+                    }
+                    t.bad += 1;
+                    self.q.add_used(mem, head, 0)?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Read one frame into the window (and the staging tail). Returns false if the tap is empty.
+    fn read_frame(
+        &mut self,
+        mem: &GuestMemoryMmap,
+        tap: &Tap,
+        t: &mut Tally,
+    ) -> Result<bool, RxError> {
+        self.iovs.clear();
+        let mut cap = 0usize;
+        let mut segs = self.win.segs.iter();
+        for (i, c) in self.win.chains.iter().enumerate() {
+            let enough = !self.mrg || cap >= self.target;
+            if i > 0 && (enough || self.iovs.len() + c.nsegs > MAX_RX_IOVS) {
+                break;
+            }
+            self.iovs
+                .extend(segs.by_ref().take(c.nsegs).map(Segment::iovec));
+            cap += c.cap as usize;
+        }
+        let staging_len = self.carry.staging.len();
+        if cap < staging_len {
+            self.iovs.push(iovec {
+                iov_base: self.carry.staging[cap..].as_mut_ptr().cast(),
+                iov_len: staging_len - cap,
+            });
+        }
+        let n = match tap.readv(&self.iovs) {
+            Ok(0) => return Ok(false),
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(false),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => return Ok(true),
+            Err(e) => return Err(RxError::Tap(tap.name().to_string(), e)),
+        };
+        if n <= cap {
+            self.complete_frame(mem, n, t)?;
+        } else {
+            // The frame outgrew the gathered buffers: move its head into staging so the whole
+            // frame waits in one place for the guest to post room.
+            let mut off = 0;
+            for s in self.win.segs.iter() {
+                if off >= cap {
+                    break;
+                }
+                let len = (s.len as usize).min(cap - off);
+                mem.read_slice(&mut self.carry.staging[off..off + len], s.addr)
+                    .map_err(|_| RingError::RingMemory(s.addr.0))?;
+                off += len;
+            }
+            self.carry.staged = n;
+            t.staged += 1;
+        }
+        Ok(true)
+    }
+
+    /// A frame of `n` bytes (header included) fills the front of the window: set num_buffers and
+    /// write the used entries (published later, once per batch).
+    fn complete_frame(
+        &mut self,
+        mem: &GuestMemoryMmap,
+        n: usize,
+        t: &mut Tally,
+    ) -> Result<(), RxError> {
+        let mut chains = 0usize;
+        let mut left = n;
+        for c in self.win.chains.iter() {
+            if left == 0 {
+                break;
+            }
+            left = left.saturating_sub(c.cap as usize);
+            chains += 1;
+        }
+        if self.hdr_len == HDR_LEN {
+            let num_buffers = if self.mrg { chains as u16 } else { 1 };
+            self.write_front(mem, NUM_BUFFERS_OFFSET, &num_buffers.to_le_bytes())?;
+        }
+        let mut left = n;
+        for _ in 0..chains {
+            let c = self.win.pop_front();
+            let len = left.min(c.cap as usize);
+            left -= len;
+            self.q.add_used(mem, c.head, len as u32)?;
+        }
+        t.frames += 1;
+        t.bytes += (n - self.hdr_len) as u64;
+        Ok(())
+    }
+
+    /// Write `bytes` at `offset` into the window's front buffers (the header may be split).
+    fn write_front(
+        &self,
+        mem: &GuestMemoryMmap,
+        mut offset: usize,
+        mut bytes: &[u8],
+    ) -> Result<(), RingError> {
+        for s in self.win.segs.iter() {
+            if bytes.is_empty() {
+                break;
+            }
+            let len = s.len as usize;
+            if offset >= len {
+                offset -= len;
+                continue;
+            }
+            let k = bytes.len().min(len - offset);
+            let addr = vm_memory::GuestAddress(s.addr.0 + offset as u64);
+            mem.write_slice(&bytes[..k], addr)
+                .map_err(|_| RingError::RingMemory(addr.0))?;
+            bytes = &bytes[k..];
+            offset = 0;
+        }
+        Ok(())
+    }
+
+    /// Try to move the staged frame into guest buffers. False: not enough room yet.
+    fn deliver_staged(&mut self, mem: &GuestMemoryMmap, t: &mut Tally) -> Result<bool, RxError> {
+        let n = self.carry.staged;
+        let want = if self.mrg { n } else { 1 };
+        self.fill_window(mem, want, t)?;
+        let room = if self.mrg {
+            self.win.cap
+        } else {
+            self.win.chains.front().map_or(0, |c| c.cap as usize)
+        };
+        if room < n {
+            let ring_exhausted = self.win.chains.len() == usize::from(self.q.size())
+                || self.win.segs.len() >= usize::from(self.q.size());
+            let hopeless = if self.mrg {
+                ring_exhausted
+            } else {
+                !self.win.chains.is_empty()
+            };
+            if hopeless {
+                error!(
+                    "RX frame of {n} bytes dropped: larger than the guest's buffers can hold \
+                     ({room} bytes{})",
+                    if self.mrg { " in the whole ring" } else { " in one buffer" }
+                );
+                self.carry.staged = 0;
+                t.oversize += 1;
+                return Ok(true);
+            }
+            return Ok(false);
+        }
+        let mut off = 0;
+        for s in self.win.segs.iter() {
+            if off >= n {
+                break;
+            }
+            let len = (s.len as usize).min(n - off);
+            mem.write_slice(&self.carry.staging[off..off + len], s.addr)
+                .map_err(|_| RingError::RingMemory(s.addr.0))?;
+            off += len;
+        }
+        self.carry.staged = 0;
+        self.complete_frame(mem, n, t)?;
+        Ok(true)
+    }
+}

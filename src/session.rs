@@ -1,0 +1,461 @@
+//! State of one frontend connection: negotiated features, guest memory, vrings, and the queue-pair
+//! workers that run on them.
+//!
+//! Every change to something a worker uses goes through `with_pair`: stop the pair's worker (its
+//! queues and staged frame come back), apply the change, start a worker again if the pair has a
+//! queue that is started and enabled. Changes are rare control-path events; the data path never
+//! shares state with this module.
+//!
+//! Message order is taken as frontends really send it: QEMU sends SET_VRING_ENABLE before
+//! SET_FEATURES, so enable state is recorded whenever it arrives; a ring runs once it is started
+//! (kick received) and enabled.
+
+use std::fs::File;
+use std::sync::Arc;
+
+use log::{debug, info, warn};
+use thiserror::Error;
+use vhost::vhost_user::message::{VhostUserMemoryRegion, VhostUserProtocolFeatures};
+use virtio_queue::{Queue, QueueT};
+use vm_memory::{GuestAddress, GuestMemoryMmap, GuestRegionMmap};
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::config::Config;
+use crate::rx::RxCarry;
+use crate::stats::PairStats;
+use crate::tap::Tap;
+use crate::virtio_net::{self, NetConfigSpace, NetFeatures, VHOST_USER_F_PROTOCOL_FEATURES};
+use crate::worker::{QueueRun, Worker, WorkerSetup};
+
+#[derive(Debug, Error)]
+pub enum SessionError {
+    #[error("vring index {0} out of range (this backend has {1} queues)")]
+    BadIndex(u32, usize),
+    #[error("features {0:#x} were not offered")]
+    UnofferedFeatures(u64),
+    #[error("protocol features {0:#x} were not offered")]
+    UnofferedProtocolFeatures(u64),
+    #[error("vring {0}: size {1} is not a power of two up to {2}")]
+    BadSize(u32, u32, u16),
+    #[error("vring {0}: no guest memory table yet")]
+    NoMemory(u32),
+    #[error("vring {0}: {1} address {2:#x} is not in any guest memory region")]
+    BadRingAddress(u32, &'static str, u64),
+    #[error("vring {0}: dirty logging is not supported")]
+    LogNotSupported(u32),
+    #[error("vring {0}: polling mode (no kick eventfd) is not supported")]
+    NoKickFd(u32),
+    #[error("memory table: {0}")]
+    Memory(String),
+    #[error("tap: {0}")]
+    Tap(#[from] crate::tap::TapError),
+    #[error("config space is read-only")]
+    ConfigReadOnly,
+    #[error("config read at {0}+{1} is out of range")]
+    ConfigRange(u32, u32),
+    #[error("starting worker: {0}")]
+    Spawn(#[source] std::io::Error),
+}
+
+type Result<T> = std::result::Result<T, SessionError>;
+
+/// Daemon-level state of one queue pair: outlives sessions.
+pub struct PairSlot {
+    pub tap: Arc<Tap>,
+    pub stats: Arc<PairStats>,
+    /// A frame taken from the tap and not yet delivered; `None` while a worker holds it.
+    pub carry: Option<RxCarry>,
+}
+
+/// What the daemon knows before any frontend connects.
+pub struct Device {
+    pub config: Config,
+    pub pairs: Vec<PairSlot>,
+    /// Virtio features offered (depends on what the tap supports).
+    pub offered: u64,
+    /// Written by a worker whose tap failed: the daemon cannot go on.
+    pub fatal: Arc<EventFd>,
+}
+
+impl Device {
+    pub fn protocol_features(&self) -> VhostUserProtocolFeatures {
+        VhostUserProtocolFeatures::MQ
+            | VhostUserProtocolFeatures::REPLY_ACK
+            | VhostUserProtocolFeatures::CONFIG
+            | VhostUserProtocolFeatures::RESET_DEVICE
+    }
+
+    pub fn num_queues(&self) -> usize {
+        self.pairs.len() * 2
+    }
+}
+
+struct Vring {
+    queue: Queue,
+    kick: Option<Arc<File>>,
+    call: Option<Arc<File>>,
+    err: Option<Arc<File>>,
+    enabled: bool,
+    started: bool,
+}
+
+impl Vring {
+    fn new(max: u16) -> Vring {
+        Vring {
+            queue: Queue::new(max).expect("queue size validated by config"),
+            kick: None,
+            call: None,
+            err: None,
+            enabled: false,
+            started: false,
+        }
+    }
+}
+
+struct Region {
+    gpa: u64,
+    uva: u64,
+    size: u64,
+}
+
+pub struct Session<'d> {
+    dev: &'d mut Device,
+    features: u64,
+    protocol: u64,
+    mem: Option<Arc<GuestMemoryMmap>>,
+    regions: Vec<Region>,
+    vrings: Vec<Vring>,
+    workers: Vec<Option<Worker>>,
+}
+
+impl<'d> Session<'d> {
+    pub fn new(dev: &'d mut Device) -> Self {
+        let n = dev.num_queues();
+        let max = dev.config.queue_size;
+        let pairs = dev.pairs.len();
+        Session {
+            dev,
+            features: 0,
+            protocol: 0,
+            mem: None,
+            regions: Vec::new(),
+            vrings: (0..n).map(|_| Vring::new(max)).collect(),
+            workers: (0..pairs).map(|_| None).collect(),
+        }
+    }
+
+    pub fn device(&self) -> &Device {
+        self.dev
+    }
+
+    fn check_index(&self, index: u32) -> Result<usize> {
+        let i = index as usize;
+        if i < self.vrings.len() {
+            Ok(i)
+        } else {
+            Err(SessionError::BadIndex(index, self.vrings.len()))
+        }
+    }
+
+    pub fn reply_ack_enabled(&self) -> bool {
+        self.protocol & VhostUserProtocolFeatures::REPLY_ACK.bits() != 0
+    }
+
+    pub fn get_features(&self) -> u64 {
+        self.dev.offered
+    }
+
+    pub fn set_features(&mut self, features: u64) -> Result<()> {
+        if features & !self.dev.offered != 0 {
+            return Err(SessionError::UnofferedFeatures(features & !self.dev.offered));
+        }
+        let nf = NetFeatures { acked: features };
+        let tap = &self.dev.pairs[0].tap;
+        tap.set_vnet_hdr_len(nf.hdr_len())?;
+        tap.set_offload(nf.tun_offloads())?;
+        info!(
+            "features acked {features:#x}: header {} bytes, mergeable RX buffers {}, event idx {}, \
+             tap offloads {:#x}",
+            nf.hdr_len(),
+            nf.mrg_rxbuf(),
+            nf.event_idx(),
+            nf.tun_offloads()
+        );
+        self.with_all_pairs(|s| s.features = features)
+    }
+
+    pub fn get_protocol_features(&self) -> u64 {
+        self.dev.protocol_features().bits()
+    }
+
+    pub fn set_protocol_features(&mut self, features: u64) -> Result<()> {
+        let offered = self.dev.protocol_features().bits();
+        if features & !offered != 0 {
+            return Err(SessionError::UnofferedProtocolFeatures(features & !offered));
+        }
+        self.protocol = features;
+        Ok(())
+    }
+
+    pub fn get_queue_num(&self) -> u64 {
+        self.dev.num_queues() as u64
+    }
+
+    pub fn get_config(&self, offset: u32, size: u32) -> Result<Vec<u8>> {
+        let space = NetConfigSpace {
+            mac: self.dev.config.mac,
+            max_queue_pairs: self.dev.pairs.len() as u16,
+            mtu: self.dev.config.mtu,
+        }
+        .to_bytes();
+        // Fields past the ones we serve (RSS, hash report) read as zero, as for a device without
+        // those features.
+        let end = offset.checked_add(size).filter(|&e| e <= 256);
+        let Some(end) = end else {
+            return Err(SessionError::ConfigRange(offset, size));
+        };
+        Ok((offset..end)
+            .map(|i| space.get(i as usize).copied().unwrap_or(0))
+            .collect())
+    }
+
+    pub fn set_mem_table(&mut self, regions: &[VhostUserMemoryRegion], files: Vec<File>) -> Result<()> {
+        let mut mapped = Vec::with_capacity(regions.len());
+        let mut table = Vec::with_capacity(regions.len());
+        for (r, f) in regions.iter().zip(files) {
+            let (gpa, size, uva) = (r.guest_phys_addr, r.memory_size, r.user_addr);
+            let mmap = r
+                .mmap_region::<()>(f)
+                .map_err(|e| SessionError::Memory(format!("mapping region at {gpa:#x}: {e}")))?;
+            let region = GuestRegionMmap::new(mmap, GuestAddress(gpa))
+                .ok_or_else(|| SessionError::Memory(format!("region at {gpa:#x} overflows")))?;
+            mapped.push(region);
+            table.push(Region { gpa, uva, size });
+        }
+        mapped.sort_by_key(|r| vm_memory::GuestMemoryRegion::start_addr(r));
+        let mem = GuestMemoryMmap::from_regions(mapped)
+            .map_err(|e| SessionError::Memory(e.to_string()))?;
+        let total: u64 = table.iter().map(|r| r.size).sum();
+        info!("guest memory: {} regions, {} MiB", table.len(), total >> 20);
+        self.with_all_pairs(|s| {
+            s.mem = Some(Arc::new(mem));
+            s.regions = table;
+        })
+    }
+
+    fn uva_to_gpa(&self, uva: u64) -> Option<u64> {
+        self.regions
+            .iter()
+            .find(|r| uva >= r.uva && uva - r.uva < r.size)
+            .map(|r| r.gpa + (uva - r.uva))
+    }
+
+    pub fn set_vring_num(&mut self, index: u32, num: u32) -> Result<()> {
+        let i = self.check_index(index)?;
+        let max = self.dev.config.queue_size;
+        let size = u16::try_from(num).map_err(|_| SessionError::BadSize(index, num, max))?;
+        self.with_pair(i / 2, |s| s.vrings[i].queue.try_set_size(size))
+            .map_err(|_| SessionError::BadSize(index, num, max))
+    }
+
+    pub fn set_vring_addr(
+        &mut self,
+        index: u32,
+        flags: u32,
+        desc: u64,
+        used: u64,
+        avail: u64,
+    ) -> Result<()> {
+        let i = self.check_index(index)?;
+        if flags & 1 != 0 {
+            return Err(SessionError::LogNotSupported(index));
+        }
+        if self.mem.is_none() {
+            return Err(SessionError::NoMemory(index));
+        }
+        let tr = |what, a| {
+            self.uva_to_gpa(a)
+                .ok_or(SessionError::BadRingAddress(index, what, a))
+        };
+        let (d, u, a) = (tr("descriptor", desc)?, tr("used", used)?, tr("avail", avail)?);
+        self.with_pair(i / 2, |s| {
+            let q = &mut s.vrings[i].queue;
+            q.try_set_desc_table_address(GuestAddress(d))
+                .and_then(|_| q.try_set_avail_ring_address(GuestAddress(a)))
+                .and_then(|_| q.try_set_used_ring_address(GuestAddress(u)))
+                .map(|_| q.set_ready(true))
+                .map_err(|_| SessionError::BadRingAddress(index, "misaligned", desc))
+        })
+    }
+
+    pub fn set_vring_base(&mut self, index: u32, base: u32) -> Result<()> {
+        let i = self.check_index(index)?;
+        self.with_pair(i / 2, |s| {
+            let q = &mut s.vrings[i].queue;
+            q.set_next_avail(base as u16);
+            q.set_next_used(base as u16);
+        });
+        Ok(())
+    }
+
+    /// Stop the ring and report where the guest should resume.
+    pub fn get_vring_base(&mut self, index: u32) -> Result<u32> {
+        let i = self.check_index(index)?;
+        let base = self.with_pair(i / 2, |s| {
+            let v = &mut s.vrings[i];
+            v.started = false;
+            v.kick = None;
+            v.queue.next_avail()
+        });
+        debug!("vring {index} stopped at {base}");
+        Ok(u32::from(base))
+    }
+
+    pub fn set_vring_kick(&mut self, index: u32, fd: Option<File>) -> Result<()> {
+        let i = self.check_index(index)?;
+        let fd = fd.ok_or(SessionError::NoKickFd(index))?;
+        let implicit_enable = self.features & virtio_net::bit(VHOST_USER_F_PROTOCOL_FEATURES) == 0;
+        self.with_pair(i / 2, |s| {
+            let v = &mut s.vrings[i];
+            v.kick = Some(Arc::new(fd));
+            v.started = true;
+            // Without PROTOCOL_FEATURES a ring is enabled as soon as it starts.
+            if implicit_enable {
+                v.enabled = true;
+            }
+        });
+        Ok(())
+    }
+
+    pub fn set_vring_call(&mut self, index: u32, fd: Option<File>) -> Result<()> {
+        let i = self.check_index(index)?;
+        self.with_pair(i / 2, |s| s.vrings[i].call = fd.map(Arc::new));
+        Ok(())
+    }
+
+    pub fn set_vring_err(&mut self, index: u32, fd: Option<File>) -> Result<()> {
+        let i = self.check_index(index)?;
+        self.with_pair(i / 2, |s| s.vrings[i].err = fd.map(Arc::new));
+        Ok(())
+    }
+
+    pub fn set_vring_enable(&mut self, index: u32, enable: bool) -> Result<()> {
+        let i = self.check_index(index)?;
+        self.with_pair(i / 2, |s| s.vrings[i].enabled = enable);
+        debug!("vring {index} enable={enable}");
+        Ok(())
+    }
+
+    /// RESET_DEVICE / RESET_OWNER: back to the state of a fresh connection, protocol features
+    /// kept.
+    pub fn reset(&mut self) {
+        self.stop_all();
+        let max = self.dev.config.queue_size;
+        for v in &mut self.vrings {
+            *v = Vring::new(max);
+        }
+        self.features = 0;
+        self.mem = None;
+        self.regions.clear();
+    }
+
+    fn with_all_pairs<R>(&mut self, f: impl FnOnce(&mut Self) -> R) -> Result<R> {
+        self.stop_all();
+        let r = f(self);
+        for p in 0..self.workers.len() {
+            self.start_pair(p)?;
+        }
+        Ok(r)
+    }
+
+    fn with_pair<R>(&mut self, pair: usize, f: impl FnOnce(&mut Self) -> R) -> R {
+        self.stop_pair(pair);
+        let r = f(self);
+        if let Err(e) = self.start_pair(pair) {
+            warn!("queue pair {pair}: {e}");
+        }
+        r
+    }
+
+    fn stop_pair(&mut self, p: usize) {
+        if let Some(w) = self.workers[p].take() {
+            let exit = w.stop();
+            if let Some(q) = exit.rx {
+                self.vrings[2 * p].queue = q;
+            }
+            if let Some(q) = exit.tx {
+                self.vrings[2 * p + 1].queue = q;
+            }
+            self.dev.pairs[p].carry = Some(exit.carry);
+        }
+    }
+
+    pub fn stop_all(&mut self) {
+        for p in 0..self.workers.len() {
+            self.stop_pair(p);
+        }
+    }
+
+    fn runnable(&self, i: usize, mem: &GuestMemoryMmap) -> bool {
+        let v = &self.vrings[i];
+        v.started && v.enabled && v.queue.ready() && v.queue.is_valid(mem)
+    }
+
+    fn start_pair(&mut self, p: usize) -> Result<()> {
+        let Some(mem) = self.mem.clone() else {
+            return Ok(());
+        };
+        let run = |s: &Self, i: usize| {
+            s.runnable(i, &mem).then(|| {
+                let v = &s.vrings[i];
+                QueueRun {
+                    queue: Queue::try_from(v.queue.state()).expect("state of a valid queue"),
+                    kick: v.kick.clone().expect("started rings have a kick fd"),
+                    call: v.call.clone(),
+                    err: v.err.clone(),
+                }
+            })
+        };
+        let (rx, tx) = (run(self, 2 * p), run(self, 2 * p + 1));
+        if rx.is_none() && tx.is_none() {
+            for i in [2 * p, 2 * p + 1] {
+                let v = &self.vrings[i];
+                if v.started && v.enabled && !v.queue.is_valid(mem.as_ref()) {
+                    warn!("vring {i}: rings do not fit in guest memory; not started");
+                }
+            }
+            return Ok(());
+        }
+        let nf = NetFeatures {
+            acked: self.features,
+        };
+        let slot = &mut self.dev.pairs[p];
+        let setup = WorkerSetup {
+            pair: p,
+            mem,
+            tap: slot.tap.clone(),
+            stats: slot.stats.clone(),
+            rx,
+            tx,
+            carry: slot.carry.take().unwrap_or_default(),
+            hdr_len: nf.hdr_len(),
+            mrg_rxbuf: nf.mrg_rxbuf(),
+            event_idx: nf.event_idx(),
+            rx_target: nf.max_rx_frame(self.dev.config.mtu),
+            fatal: self.dev.fatal.clone(),
+        };
+        debug!(
+            "queue pair {p}: worker starting (rx {}, tx {})",
+            setup.rx.is_some(),
+            setup.tx.is_some()
+        );
+        self.workers[p] = Some(Worker::spawn(setup).map_err(SessionError::Spawn)?);
+        Ok(())
+    }
+}
+
+impl Drop for Session<'_> {
+    fn drop(&mut self) {
+        self.stop_all();
+    }
+}

@@ -1,0 +1,246 @@
+//! The tap device: open or attach, configure, and move frames with readv/writev.
+//!
+//! This is the only module that issues tun ioctls. Every call that can fail says which step failed
+//! and for which tap, because the usual failures (no permission, tap held by another process, a
+//! name that is not a tap) each have a different fix.
+
+use std::ffi::CStr;
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, RawFd};
+use std::os::unix::fs::OpenOptionsExt;
+
+use libc::{c_int, c_short, c_uint, iovec};
+use thiserror::Error;
+
+const TUN_PATH: &str = "/dev/net/tun";
+
+#[derive(Debug, Error)]
+pub enum TapError {
+    #[error("tap name {0:?} is invalid: 1 to 15 bytes, no '/', ':' or whitespace")]
+    BadName(String),
+    #[error("cannot open {TUN_PATH}: {0} (is the tun module loaded and the device visible here?)")]
+    OpenTun(#[source] io::Error),
+    #[error(
+        "no permission to create or attach tap {0}: run as root (CAP_NET_ADMIN) or pre-create it \
+         for this user: `ip tuntap add {0} mode tap user $USER vnet_hdr{1}`"
+    )]
+    Permission(String, &'static str),
+    #[error("tap {0} is busy: another process holds it (a tap without multi_queue admits one reader)")]
+    Busy(String),
+    #[error(
+        "{0} exists but cannot be attached as a tap with the flags we need (is it a tun device, \
+         or a tap created {1} multi_queue?): {2}"
+    )]
+    Incompatible(String, &'static str, #[source] io::Error),
+    #[error("TUNSETIFF on tap {0} failed: {1}")]
+    SetIff(String, #[source] io::Error),
+    #[error("{step} on tap {name} failed: {source}")]
+    Ioctl {
+        step: &'static str,
+        name: String,
+        #[source]
+        source: io::Error,
+    },
+}
+
+/// One queue of a tap device (one file descriptor). With `--queues N` a tap has N of these.
+#[derive(Debug)]
+pub struct Tap {
+    file: File,
+    name: String,
+}
+
+fn ifreq_for(name: &str) -> libc::ifreq {
+    // SAFETY: ifreq is plain old data; all-zero is a valid value.
+    let mut ifr: libc::ifreq = unsafe { std::mem::zeroed() };
+    for (dst, src) in ifr.ifr_name.iter_mut().zip(name.bytes()) {
+        *dst = src as libc::c_char;
+    }
+    ifr
+}
+
+fn check(ret: c_int) -> io::Result<c_int> {
+    if ret < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(ret)
+    }
+}
+
+pub fn validate_name(name: &str) -> Result<(), TapError> {
+    let ok = !name.is_empty()
+        && name.len() < libc::IFNAMSIZ
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_graphic() && b != b'/' && b != b':');
+    if ok {
+        Ok(())
+    } else {
+        Err(TapError::BadName(name.to_string()))
+    }
+}
+
+impl Tap {
+    /// Open `queues` file descriptors on tap `name`, creating it if it does not exist.
+    ///
+    /// Flags: IFF_TAP | IFF_NO_PI | IFF_VNET_HDR, plus IFF_MULTI_QUEUE when `queues > 1`; each fd is
+    /// non-blocking so the workers can poll them.
+    pub fn open_queues(name: &str, queues: usize) -> Result<Vec<Tap>, TapError> {
+        validate_name(name)?;
+        let multi = queues > 1;
+        (0..queues).map(|_| Tap::open_one(name, multi)).collect()
+    }
+
+    fn open_one(name: &str, multi_queue: bool) -> Result<Tap, TapError> {
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC)
+            .open(TUN_PATH)
+            .map_err(TapError::OpenTun)?;
+        let mut flags = libc::IFF_TAP | libc::IFF_NO_PI | libc::IFF_VNET_HDR;
+        if multi_queue {
+            flags |= libc::IFF_MULTI_QUEUE;
+        }
+        let mut ifr = ifreq_for(name);
+        ifr.ifr_ifru.ifru_flags = flags as c_short;
+        // SAFETY: TUNSETIFF reads and writes an ifreq, which `ifr` is and outlives the call.
+        let ret = unsafe { vmm_sys_util::ioctl::ioctl_with_mut_ref(&file, libc::TUNSETIFF, &mut ifr) };
+        if let Err(e) = check(ret) {
+            let mq_hint = if multi_queue { " multi_queue" } else { "" };
+            return Err(match e.raw_os_error() {
+                Some(libc::EPERM) | Some(libc::EACCES) => {
+                    TapError::Permission(name.to_string(), mq_hint)
+                }
+                Some(libc::EBUSY) => TapError::Busy(name.to_string()),
+                Some(libc::EINVAL) => TapError::Incompatible(
+                    name.to_string(),
+                    if multi_queue { "without" } else { "with" },
+                    e,
+                ),
+                _ => TapError::SetIff(name.to_string(), e),
+            });
+        }
+        // SAFETY: the kernel wrote a NUL-terminated name of at most IFNAMSIZ bytes.
+        let actual = unsafe { CStr::from_ptr(ifr.ifr_name.as_ptr()) }
+            .to_string_lossy()
+            .into_owned();
+        Ok(Tap { file, name: actual })
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn ioctl_val(&self, step: &'static str, req: libc::Ioctl, val: u64) -> Result<(), TapError> {
+        // SAFETY: these tun ioctls take their argument by value and touch no memory of ours.
+        let ret = unsafe { vmm_sys_util::ioctl::ioctl_with_val(&self.file, req, val) };
+        check(ret).map(drop).map_err(|source| TapError::Ioctl {
+            step,
+            name: self.name.clone(),
+            source,
+        })
+    }
+
+    /// The header length the kernel prepends/expects; must equal what the guest negotiated.
+    pub fn set_vnet_hdr_len(&self, len: usize) -> Result<(), TapError> {
+        let len = len as c_int;
+        // SAFETY: TUNSETVNETHDRSZ reads one int through the pointer, which `len` outlives.
+        let ret = unsafe {
+            vmm_sys_util::ioctl::ioctl_with_ref(&self.file, libc::TUNSETVNETHDRSZ, &len)
+        };
+        check(ret).map(drop).map_err(|source| TapError::Ioctl {
+            step: "TUNSETVNETHDRSZ",
+            name: self.name.clone(),
+            source,
+        })
+    }
+
+    /// Which offloads the kernel may hand us (checksum-partial and GSO frames toward the guest).
+    pub fn set_offload(&self, tun_flags: u32) -> Result<(), TapError> {
+        self.ioctl_val("TUNSETOFFLOAD", libc::TUNSETOFFLOAD, u64::from(tun_flags))
+    }
+
+    /// The subset of `candidates` (TUN_F_* flags) this kernel accepts, probed one by one and
+    /// left at 0 afterwards. Offloads the kernel lacks (USO before 6.2) are then not offered.
+    pub fn probe_offloads(&self, candidates: &[u32]) -> u32 {
+        let mut supported = 0;
+        for &flag in candidates {
+            // The kernel requires CSUM under every GSO flag.
+            let try_flags = flag | libc::TUN_F_CSUM;
+            if self.set_offload(try_flags).is_ok() {
+                supported |= flag;
+            }
+        }
+        let _ = self.set_offload(0);
+        supported
+    }
+
+    /// Features the tun driver reports (TUNGETFEATURES): IFF_* bits it understands.
+    pub fn kernel_features(&self) -> Result<c_uint, TapError> {
+        let mut features: c_uint = 0;
+        // SAFETY: TUNGETFEATURES writes one unsigned int, which `features` is and outlives.
+        let ret = unsafe {
+            vmm_sys_util::ioctl::ioctl_with_mut_ref(&self.file, libc::TUNGETFEATURES, &mut features)
+        };
+        check(ret).map_err(|source| TapError::Ioctl {
+            step: "TUNGETFEATURES",
+            name: self.name.clone(),
+            source,
+        })?;
+        Ok(features)
+    }
+
+    /// Read one frame (vnet header first) into `iov`.
+    pub fn readv(&self, iov: &[iovec]) -> io::Result<usize> {
+        // SAFETY: every iovec points at memory the caller owns for writing (guest buffers that stay
+        // mapped while the worker holds the memory, or our staging buffer) with the stated length.
+        let n = unsafe { libc::readv(self.file.as_raw_fd(), iov.as_ptr(), iov.len() as c_int) };
+        if n < 0 {
+            Err(io::Error::last_os_error())
+        } else {
+            Ok(n as usize)
+        }
+    }
+
+    /// Write one frame (vnet header first) gathered from `iov`.
+    pub fn writev(&self, iov: &[iovec]) -> io::Result<usize> {
+        // SAFETY: every iovec points at readable memory of the stated length (guest buffers that
+        // stay mapped while the worker holds the memory); the kernel only reads it.
+        let n = unsafe { libc::writev(self.file.as_raw_fd(), iov.as_ptr(), iov.len() as c_int) };
+        if n < 0 {
+            Err(io::Error::last_os_error())
+        } else {
+            Ok(n as usize)
+        }
+    }
+}
+
+impl AsRawFd for Tap {
+    fn as_raw_fd(&self) -> RawFd {
+        self.file.as_raw_fd()
+    }
+}
+
+impl AsFd for Tap {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        self.file.as_fd()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tap_names_are_validated_before_any_syscall() {
+        assert!(validate_name("vut0").is_ok());
+        assert!(validate_name("").is_err());
+        assert!(validate_name("a/b").is_err());
+        assert!(validate_name("has space").is_err());
+        assert!(validate_name("sixteen-chars-xx").is_err());
+        let e = validate_name("x:y").unwrap_err().to_string();
+        assert!(e.contains("\"x:y\""), "{e}");
+    }
+}

@@ -1,0 +1,283 @@
+//! One worker thread per queue pair: an epoll loop over the tap queue, the two kick eventfds and a
+//! stop eventfd.
+//!
+//! The worker owns everything its data path touches (queues, staging buffer, memory mapping), so
+//! the per-frame path takes no lock. The session stops the worker (stop eventfd, join) before it
+//! changes anything the worker uses, and gets the state back from `join`.
+//!
+//! The tap fd is level-triggered: EPOLLIN is registered only while RX is taking frames (so a
+//! stalled RX does not spin on a readable tap), EPOLLOUT only while TX waits for room.
+
+use std::fs::File;
+use std::io::Read;
+use std::sync::Arc;
+use std::thread::{self, JoinHandle};
+
+use log::{debug, error};
+use vm_memory::GuestMemoryMmap;
+use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+use crate::rx::{Notifier, Rx, RxCarry, RxOutcome};
+use crate::stats::{self, PairStats};
+use crate::tap::Tap;
+use crate::tx::{Tx, TxOutcome};
+
+const STOP: u64 = 0;
+const TAP: u64 = 1;
+const RX_KICK: u64 = 2;
+const TX_KICK: u64 = 3;
+
+/// A queue handed to a worker: its ring state, the eventfd the guest kicks, and where to
+/// interrupt.
+pub struct QueueRun {
+    pub queue: virtio_queue::Queue,
+    pub kick: Arc<File>,
+    pub call: Option<Arc<File>>,
+    pub err: Option<Arc<File>>,
+}
+
+/// Everything a worker needs, decided by the session.
+pub struct WorkerSetup {
+    pub pair: usize,
+    pub mem: Arc<GuestMemoryMmap>,
+    pub tap: Arc<Tap>,
+    pub stats: Arc<PairStats>,
+    pub rx: Option<QueueRun>,
+    pub tx: Option<QueueRun>,
+    pub carry: RxCarry,
+    pub hdr_len: usize,
+    pub mrg_rxbuf: bool,
+    pub event_idx: bool,
+    pub rx_target: usize,
+    /// Written when the worker stops on its own because the tap failed.
+    pub fatal: Arc<EventFd>,
+}
+
+/// What a stopped worker hands back.
+pub struct WorkerExit {
+    pub rx: Option<virtio_queue::Queue>,
+    pub tx: Option<virtio_queue::Queue>,
+    pub carry: RxCarry,
+}
+
+pub struct Worker {
+    stop: EventFd,
+    handle: JoinHandle<WorkerExit>,
+}
+
+impl Worker {
+    pub fn spawn(setup: WorkerSetup) -> std::io::Result<Worker> {
+        let stop = EventFd::new(EFD_NONBLOCK)?;
+        let stop_clone = stop.try_clone()?;
+        let handle = thread::Builder::new()
+            .name(format!("vut-pair{}", setup.pair))
+            .spawn(move || run(setup, stop_clone))?;
+        Ok(Worker { stop, handle })
+    }
+
+    /// Stop the worker and take its state back.
+    pub fn stop(self) -> WorkerExit {
+        let _ = self.stop.write(1);
+        match self.handle.join() {
+            Ok(exit) => exit,
+            // A panic in a worker is a bug; there is no state to recover, so the pair restarts
+            // from scratch on the frontend's next configuration.
+            Err(_) => panic!("queue-pair worker panicked"),
+        }
+    }
+}
+
+fn drain(f: &File) -> u64 {
+    let mut buf = [0u8; 8];
+    match (&*f).read(&mut buf) {
+        Ok(8) => u64::from_ne_bytes(buf),
+        _ => 0,
+    }
+}
+
+struct Loop {
+    epoll: Epoll,
+    tap_interest: EventSet,
+}
+
+impl Loop {
+    fn set_tap_interest(&mut self, tap: &Tap, want: EventSet) -> std::io::Result<()> {
+        use std::os::fd::AsRawFd;
+        if want == self.tap_interest {
+            return Ok(());
+        }
+        let op = if self.tap_interest.is_empty() {
+            ControlOperation::Add
+        } else if want.is_empty() {
+            ControlOperation::Delete
+        } else {
+            ControlOperation::Modify
+        };
+        self.epoll
+            .ctl(op, tap.as_raw_fd(), EpollEvent::new(want, TAP))?;
+        self.tap_interest = want;
+        Ok(())
+    }
+}
+
+fn run(setup: WorkerSetup, stop: EventFd) -> WorkerExit {
+    use std::os::fd::AsRawFd;
+    let WorkerSetup {
+        pair,
+        mem,
+        tap,
+        stats,
+        rx,
+        tx,
+        carry,
+        hdr_len,
+        mrg_rxbuf,
+        event_idx,
+        rx_target,
+        fatal,
+    } = setup;
+    let rx_kick = rx.as_ref().map(|q| q.kick.clone());
+    let tx_kick = tx.as_ref().map(|q| q.kick.clone());
+    let rx_err = rx.as_ref().and_then(|q| q.err.clone());
+    let tx_err = tx.as_ref().and_then(|q| q.err.clone());
+    // The carry (a staged frame) must come back even when RX is not running.
+    let (mut rx, idle_carry) = match rx {
+        Some(q) => {
+            let dq = crate::ring::DeviceQueue::new(q.queue, event_idx);
+            let call = Notifier(q.call);
+            let rx = Rx::new(dq, carry, hdr_len, mrg_rxbuf, rx_target, call);
+            (Some(rx), None)
+        }
+        None => (None, Some(carry)),
+    };
+    let mut tx = tx.map(|q| {
+        let dq = crate::ring::DeviceQueue::new(q.queue, event_idx);
+        Tx::new(dq, hdr_len, Notifier(q.call))
+    });
+
+    let result = (|| -> Result<(), String> {
+        let epoll = Epoll::new().map_err(|e| format!("epoll: {e}"))?;
+        let mut lp = Loop {
+            epoll,
+            tap_interest: EventSet::empty(),
+        };
+        let add = |lp: &Loop, fd: i32, token: u64| {
+            lp.epoll
+                .ctl(ControlOperation::Add, fd, EpollEvent::new(EventSet::IN, token))
+                .map_err(|e| format!("epoll add: {e}"))
+        };
+        add(&lp, stop.as_raw_fd(), STOP)?;
+        if let Some(k) = &rx_kick {
+            add(&lp, k.as_raw_fd(), RX_KICK)?;
+        }
+        if let Some(k) = &tx_kick {
+            add(&lp, k.as_raw_fd(), TX_KICK)?;
+        }
+        let mut rx_ready = rx.is_some();
+        let mut tx_ready = tx.is_some();
+        let mut tx_blocked = false;
+        let mut events = vec![EpollEvent::default(); 8];
+        loop {
+            let timeout = if rx_ready || tx_ready { 0 } else { -1 };
+            let n = match lp.epoll.wait(timeout, &mut events) {
+                Ok(n) => n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(format!("epoll wait: {e}")),
+            };
+            for ev in &events[..n] {
+                match ev.data() {
+                    STOP => return Ok(()),
+                    RX_KICK => {
+                        if let (Some(k), Some(rx)) = (&rx_kick, rx.as_mut()) {
+                            drain(k);
+                            stats::inc(&stats.rx_kicks);
+                            rx.on_kick(&mem, &stats).map_err(|e| e.to_string())?;
+                            rx_ready = true;
+                        }
+                    }
+                    TX_KICK => {
+                        if let Some(k) = &tx_kick {
+                            drain(k);
+                            stats::inc(&stats.tx_kicks);
+                            tx_ready = !tx_blocked;
+                        }
+                    }
+                    TAP => {
+                        let set = ev.event_set();
+                        if set.contains(EventSet::IN) {
+                            rx_ready = true;
+                        }
+                        if set.contains(EventSet::OUT) && tx_blocked {
+                            tx_blocked = false;
+                            tx_ready = true;
+                        }
+                    }
+                    _ => {}
+                }
+            }
+            if let (true, Some(r)) = (rx_ready, rx.as_mut()) {
+                match r.process(&mem, &tap, &stats) {
+                    Ok(RxOutcome::Budget) => {}
+                    Ok(RxOutcome::TapEmpty) | Ok(RxOutcome::Stalled) => rx_ready = false,
+                    Err(e) => {
+                        if let Some(f) = &rx_err {
+                            Notifier(Some(f.clone())).signal();
+                        }
+                        if matches!(e, crate::rx::RxError::Tap(..)) {
+                            let _ = fatal.write(1);
+                        }
+                        stats::inc(&stats.ring_errors);
+                        return Err(e.to_string());
+                    }
+                }
+            }
+            if let (true, Some(t)) = (tx_ready, tx.as_mut()) {
+                match t.process(&mem, &tap, &stats) {
+                    Ok(TxOutcome::Budget) => {}
+                    Ok(TxOutcome::Empty) => tx_ready = false,
+                    Ok(TxOutcome::TapFull) => {
+                        tx_ready = false;
+                        tx_blocked = true;
+                    }
+                    Err(e) => {
+                        if let Some(f) = &tx_err {
+                            Notifier(Some(f.clone())).signal();
+                        }
+                        if matches!(e, crate::tx::TxError::TapGone(..)) {
+                            let _ = fatal.write(1);
+                        }
+                        stats::inc(&stats.ring_errors);
+                        return Err(e.to_string());
+                    }
+                }
+            }
+            let mut want = EventSet::empty();
+            if rx.as_ref().is_some_and(|r| r.wants_tap()) {
+                want |= EventSet::IN;
+            }
+            if tx_blocked {
+                want |= EventSet::OUT;
+            }
+            lp.set_tap_interest(&tap, want)
+                .map_err(|e| format!("epoll on tap: {e}"))?;
+        }
+    })();
+    if let Err(e) = result {
+        // The session collects this state on its next reconfiguration or at teardown.
+        error!("queue pair {pair}: worker stopped: {e}");
+    }
+    debug!("queue pair {pair}: worker exiting");
+    let (rx_q, carry) = match rx {
+        Some(r) => {
+            let (q, c) = r.into_parts();
+            (Some(q), c)
+        }
+        None => (None, idle_carry.expect("held when RX is not running")),
+    };
+    WorkerExit {
+        rx: rx_q,
+        tx: tx.map(Tx::into_queue),
+        carry,
+    }
+}
