@@ -32,7 +32,9 @@ pub struct Args {
     #[arg(long, value_name = "NAME")]
     pub tap: Option<String>,
 
-    /// MAC address the guest reads from the config space (default: derived from the tap name).
+    /// MAC address served in the virtio-net config space (GET_CONFIG) to frontends that read it.
+    /// QEMU does not: it takes the MAC from `-device virtio-net-pci,mac=`. Setting this makes the
+    /// daemon offer the CONFIG protocol feature.
     #[arg(long, value_name = "MAC")]
     pub mac: Option<String>,
 
@@ -61,6 +63,8 @@ pub struct Config {
     pub listen: Listen,
     pub tap: String,
     pub mac: [u8; 6],
+    /// Offer the CONFIG protocol feature (only when --mac was given).
+    pub serve_config: bool,
     pub mtu: u16,
     pub queue_size: u16,
     pub queue_pairs: usize,
@@ -122,6 +126,7 @@ impl TryFrom<Args> for Config {
         };
         let tap = a.tap.ok_or(ConfigError::NoTap)?;
         tap::validate_name(&tap).map_err(|e| ConfigError::BadTap(e.to_string()))?;
+        let serve_config = a.mac.is_some();
         let mac = match a.mac {
             Some(m) => parse_mac(&m).ok_or(ConfigError::BadMac(m))?,
             None => mac_for_tap(&tap),
@@ -136,6 +141,7 @@ impl TryFrom<Args> for Config {
             listen,
             tap,
             mac,
+            serve_config,
             mtu: a.mtu,
             queue_size: a.queue_size,
             queue_pairs: 1,

@@ -53,6 +53,9 @@ pub enum ChainError {
     Empty,
 }
 
+/// A popped chain: its head index and either its total length or why it was rejected.
+pub type Popped = (u16, Result<u32, ChainError>);
+
 /// One contiguous piece of a guest buffer, with its host mapping.
 #[derive(Clone, Copy, Debug)]
 pub struct Segment {
@@ -144,7 +147,7 @@ impl DeviceQueue {
         mem: &GuestMemoryMmap,
         device_writes: bool,
         segs: &mut Vec<Segment>,
-    ) -> Result<Option<(u16, Result<u32, ChainError>)>, RingError> {
+    ) -> Result<Option<Popped>, RingError> {
         if self.pending(mem)? == 0 {
             return Ok(None);
         }

@@ -79,10 +79,17 @@ pub struct Device {
 
 impl Device {
     pub fn protocol_features(&self) -> VhostUserProtocolFeatures {
-        VhostUserProtocolFeatures::MQ
+        let base = VhostUserProtocolFeatures::MQ
             | VhostUserProtocolFeatures::REPLY_ACK
-            | VhostUserProtocolFeatures::CONFIG
-            | VhostUserProtocolFeatures::RESET_DEVICE
+            | VhostUserProtocolFeatures::RESET_DEVICE;
+        // QEMU keeps virtio-net's config space itself (MAC from `-device mac=`) and warns at every
+        // start when a net backend offers CONFIG, so it is offered only to serve an explicit
+        // --mac to frontends that read it.
+        if self.config.serve_config {
+            base | VhostUserProtocolFeatures::CONFIG
+        } else {
+            base
+        }
     }
 
     pub fn num_queues(&self) -> usize {
@@ -232,7 +239,7 @@ impl<'d> Session<'d> {
             mapped.push(region);
             table.push(Region { gpa, uva, size });
         }
-        mapped.sort_by_key(|r| vm_memory::GuestMemoryRegion::start_addr(r));
+        mapped.sort_by_key(vm_memory::GuestMemoryRegion::start_addr);
         let mem = GuestMemoryMmap::from_regions(mapped)
             .map_err(|e| SessionError::Memory(e.to_string()))?;
         let total: u64 = table.iter().map(|r| r.size).sum();

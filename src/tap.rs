@@ -162,15 +162,14 @@ impl Tap {
         self.ioctl_val("TUNSETOFFLOAD", libc::TUNSETOFFLOAD, u64::from(tun_flags))
     }
 
-    /// The subset of `candidates` (TUN_F_* flags) this kernel accepts, probed one by one and
-    /// left at 0 afterwards. Offloads the kernel lacks (USO before 6.2) are then not offered.
+    /// The subset of `candidates` (groups of TUN_F_* flags) this kernel accepts, probed
+    /// cumulatively (ECN needs TSO, USO4 and USO6 go together) and left at 0 afterwards.
+    /// Offloads the kernel lacks (USO before 6.2) are then not offered.
     pub fn probe_offloads(&self, candidates: &[u32]) -> u32 {
         let mut supported = 0;
-        for &flag in candidates {
-            // The kernel requires CSUM under every GSO flag.
-            let try_flags = flag | libc::TUN_F_CSUM;
-            if self.set_offload(try_flags).is_ok() {
-                supported |= flag;
+        for &group in candidates {
+            if self.set_offload(supported | group).is_ok() {
+                supported |= group;
             }
         }
         let _ = self.set_offload(0);

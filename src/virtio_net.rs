@@ -25,15 +25,17 @@ pub const fn bit(n: u32) -> u64 {
 }
 
 /// Guest offloads: the tap may hand the guest frames with partial checksums or GSO.
-/// Each maps to a `TUN_F_*` flag; offered only when the tap accepts that flag.
+/// Each maps to a group of `TUN_F_*` flags the kernel accepts only together (USO4 and USO6), in
+/// the order their dependencies need (GSO needs CSUM, ECN needs TSO); offered only when the tap
+/// accepts the group.
 pub const GUEST_OFFLOADS: [(u32, u32); 7] = [
     (VIRTIO_NET_F_GUEST_CSUM, libc::TUN_F_CSUM),
     (VIRTIO_NET_F_GUEST_TSO4, libc::TUN_F_TSO4),
     (VIRTIO_NET_F_GUEST_TSO6, libc::TUN_F_TSO6),
     (VIRTIO_NET_F_GUEST_ECN, libc::TUN_F_TSO_ECN),
     (VIRTIO_NET_F_GUEST_UFO, libc::TUN_F_UFO),
-    (VIRTIO_NET_F_GUEST_USO4, libc::TUN_F_USO4),
-    (VIRTIO_NET_F_GUEST_USO6, libc::TUN_F_USO6),
+    (VIRTIO_NET_F_GUEST_USO4, libc::TUN_F_USO4 | libc::TUN_F_USO6),
+    (VIRTIO_NET_F_GUEST_USO6, libc::TUN_F_USO4 | libc::TUN_F_USO6),
 ];
 
 /// Features that need nothing from the tap: ring layout, host offloads (a tap with IFF_VNET_HDR
@@ -85,12 +87,27 @@ impl NetFeatures {
         self.has(VIRTIO_RING_F_EVENT_IDX)
     }
 
-    /// `TUN_F_*` flags matching the guest offloads the guest acked.
+    /// `TUN_F_*` flags matching the guest offloads the guest acked. The kernel takes USO only
+    /// for both IP versions and ECN only with TSO, so a lone half is left out rather than failing.
     pub fn tun_offloads(&self) -> u32 {
-        GUEST_OFFLOADS
-            .iter()
-            .filter(|(f, _)| self.has(*f))
-            .fold(0, |acc, (_, t)| acc | t)
+        let mut flags = 0;
+        for (f, t) in GUEST_OFFLOADS.iter() {
+            if self.has(*f) {
+                flags |= t;
+            }
+        }
+        let uso = libc::TUN_F_USO4 | libc::TUN_F_USO6;
+        if !(self.has(VIRTIO_NET_F_GUEST_USO4) && self.has(VIRTIO_NET_F_GUEST_USO6)) {
+            flags &= !uso;
+        }
+        if flags & (libc::TUN_F_TSO4 | libc::TUN_F_TSO6) == 0 {
+            flags &= !libc::TUN_F_TSO_ECN;
+        }
+        if flags & libc::TUN_F_CSUM == 0 {
+            // Every GSO type needs checksum offload.
+            flags = 0;
+        }
+        flags
     }
 
     /// The largest frame (header included) the tap may give us with these features; decides how
