@@ -49,20 +49,24 @@ ROOT_MODULES=(virtio_pci virtio_net)
 vut_apt_install busybox-static cpio xz-utils gzip gcc libc6-dev qemu-system-x86 iputils-ping
 
 # --- kernel package ----------------------------------------------------------
-# linux-image-amd64 is a metapackage depending on the current ABI's image,
-# e.g. linux-image-6.1.0-56-amd64. Resolve it from the local apt lists (fast);
-# only an empty list forces apt-get update.
+# linux-image-amd64 is a metapackage depending on the current ABI's image with
+# an exact version, e.g. "Depends: linux-image-6.1.0-56-amd64 (= 6.1.192-2)".
+# Resolve it from the local apt lists (one apt-cache call: this machine's apt
+# keeps no pkgcache.bin, so each call parses all lists, ~0.5 s); only empty
+# lists force apt-get update.
 resolve_kernel_pkg() {
-    apt-cache depends linux-image-amd64 2>/dev/null |
-        awk '/Depends: linux-image-[0-9]/ { print $2; exit }'
+    apt-cache show --no-all-versions linux-image-amd64 2>/dev/null |
+        sed -n 's/^Depends:.*\(linux-image-[0-9][^ ,]*\)\( (= \([^)]*\))\)\?.*/\1 \3/p' | head -n1
 }
-KPKG=$(resolve_kernel_pkg)
-if [[ -z $KPKG ]]; then
+read -r KPKG KVER < <(resolve_kernel_pkg) || true
+if [[ -z ${KPKG:-} ]]; then
     vut_apt_update_once
-    KPKG=$(resolve_kernel_pkg)
+    read -r KPKG KVER < <(resolve_kernel_pkg) || true
 fi
-[[ -n $KPKG ]] || vut_die "cannot resolve linux-image-amd64 to a kernel package (apt lists?)"
-KVER=$(vut_apt_candidate "$KPKG")
+[[ -n ${KPKG:-} ]] || vut_die "cannot resolve linux-image-amd64 to a kernel package (apt lists?)"
+if [[ -z ${KVER:-} ]]; then
+    KVER=$(vut_apt_candidate "$KPKG")
+fi
 [[ -n $KVER ]] || vut_die "no candidate version for $KPKG"
 BUSYBOX_VER=$(dpkg-query -W -f='${Version}' busybox-static)
 GCC_VER=$(gcc -dumpfullversion)
@@ -111,11 +115,10 @@ mkdir -p "$STAGE"/{bin,dev,etc,proc,sys,tmp,lib/modules}
 # module name has '_'), read depends= from its .modinfo section, load
 # dependencies first. .ko.xz/.ko.zst are decompressed because busybox insmod
 # takes a plain ELF file.
+module_pattern() { echo "${1//[-_]/[-_]}"; }
 module_file() {
-    local name=$1 pattern
-    pattern=$(echo "$name" | sed 's/[-_]/[-_]/g')
     find "$MODDIR/kernel" -regextype posix-extended \
-        -regex ".*/${pattern}\.ko(\.xz|\.zst|\.gz)?" -print -quit
+        -regex ".*/$(module_pattern "$1")\.ko(\.xz|\.zst|\.gz)?" -print -quit
 }
 module_cat() {
     case $1 in
@@ -126,7 +129,7 @@ module_cat() {
     esac
 }
 module_builtin() {
-    grep -Eq "/$(echo "$1" | sed 's/[-_]/[-_]/g')\.ko$" "$MODDIR/modules.builtin" 2>/dev/null
+    grep -Eq "/$(module_pattern "$1")\.ko$" "$MODDIR/modules.builtin" 2>/dev/null
 }
 declare -A MOD_DONE=()
 MOD_ORDER=()

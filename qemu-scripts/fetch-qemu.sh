@@ -43,16 +43,24 @@ if ! grep -rqsE "^[^#]*bookworm-backports|^Suites:.*bookworm-backports" \
     vut_apt_update_once
 fi
 
+# The versions in $SUITE, all in one apt-cache call (this machine's apt keeps
+# no pkgcache.bin: each call parses every list, ~0.5 s).
 declare -A VERSION=()
+read_versions() {
+    local pkg version
+    while read -r pkg version; do
+        VERSION[$pkg]=$version
+    done < <(apt-cache show --no-all-versions "${PACKAGES[@]/%//$SUITE}" 2>/dev/null |
+        awk '/^Package:/ { p = $2 } /^Version:/ { print p, $2 }')
+}
+read_versions
+if [[ ${#VERSION[@]} -ne ${#PACKAGES[@]} ]]; then
+    # The source exists but its lists were never fetched.
+    vut_apt_update_once
+    read_versions
+fi
 for pkg in "${PACKAGES[@]}"; do
-    v=$(vut_apt_candidate "$pkg/$SUITE")
-    if [[ -z $v ]]; then
-        # The source exists but its lists were never fetched.
-        vut_apt_update_once
-        v=$(vut_apt_candidate "$pkg/$SUITE")
-    fi
-    [[ -n $v ]] || vut_die "$pkg not found in $SUITE (apt-cache show $pkg/$SUITE)"
-    VERSION[$pkg]=$v
+    [[ -n ${VERSION[$pkg]:-} ]] || vut_die "$pkg not found in $SUITE (apt-cache show $pkg/$SUITE)"
 done
 case ${VERSION[qemu-system-x86]} in
 *:"$WANT_VERSION"+*) ;;
@@ -85,7 +93,7 @@ install_runtime_deps() {
 check_libraries() {
     local missing
     missing=$(ldd "$DEST/root/usr/bin/qemu-system-x86_64" | awk '/not found/ { print $1 }')
-    [[ -z $missing ]] || vut_die "QEMU $WANT_VERSION needs libraries that are not installed: $(echo $missing)"
+    [[ -z $missing ]] || vut_die "QEMU $WANT_VERSION needs libraries that are not installed: ${missing//$'\n'/ }"
 }
 
 check_wrapper() {

@@ -63,7 +63,7 @@ vut_apt_candidate() {
 # APT::Sandbox::User=root: the _apt user cannot write into root's cache dir,
 # which otherwise only produces a noisy warning.
 vut_apt_download() {
-    local pkg=$1 version=$2 dir=$3 deb
+    local pkg=$1 version=$2 dir=$3
     mkdir -p "$dir"
     (cd "$dir" && apt-get download -qq -o APT::Sandbox::User=root "$pkg=$version" >&2) ||
         vut_die "apt-get download $pkg=$version failed"

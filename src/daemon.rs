@@ -61,7 +61,13 @@ impl SignalFd {
         let mut info: libc::signalfd_siginfo = unsafe { std::mem::zeroed() };
         let len = std::mem::size_of::<libc::signalfd_siginfo>();
         // SAFETY: we read at most `len` bytes into `info`, which is `len` bytes long.
-        let n = unsafe { libc::read(self.0.as_raw_fd(), (&mut info as *mut libc::signalfd_siginfo).cast(), len) };
+        let n = unsafe {
+            libc::read(
+                self.0.as_raw_fd(),
+                (&mut info as *mut libc::signalfd_siginfo).cast(),
+                len,
+            )
+        };
         (n as usize == len).then_some(info.ssi_signo as i32)
     }
 }
@@ -82,7 +88,10 @@ impl Listener {
     pub fn bind(path: &Path) -> anyhow::Result<Listener> {
         if let Ok(meta) = fs::symlink_metadata(path) {
             if !meta.file_type().is_socket() {
-                bail!("{} exists and is not a socket; refusing to replace it", path.display());
+                bail!(
+                    "{} exists and is not a socket; refusing to replace it",
+                    path.display()
+                );
             }
             if UnixStream::connect(path).is_ok() {
                 bail!("{} is in use by another running backend", path.display());
@@ -245,13 +254,18 @@ impl Daemon {
             };
             info!("frontend connected");
             match self.serve(stream) {
-                Ok(SessionEnd::Disconnected) => info!("frontend disconnected; waiting for the next"),
+                Ok(SessionEnd::Disconnected) => {
+                    info!("frontend disconnected; waiting for the next")
+                }
                 Ok(SessionEnd::Signal(sig)) => {
                     info!("signal {sig}: shutting down");
                     break Ok(());
                 }
                 Ok(SessionEnd::TapFailed) => {
-                    break Err(anyhow!("tap {} failed; see the log above", self.dev.config.tap))
+                    break Err(anyhow!(
+                        "tap {} failed; see the log above",
+                        self.dev.config.tap
+                    ))
                 }
                 Err(e) => break Err(e),
             }
@@ -268,7 +282,11 @@ impl Daemon {
             (self.signals.as_raw_fd(), 1),
             (self.dev.fatal.as_raw_fd(), 2),
         ] {
-            epoll.ctl(ControlOperation::Add, fd, EpollEvent::new(EventSet::IN, token))?;
+            epoll.ctl(
+                ControlOperation::Add,
+                fd,
+                EpollEvent::new(EventSet::IN, token),
+            )?;
         }
         let signals = &self.signals;
         let fatal = self.dev.fatal.clone();

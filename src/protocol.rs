@@ -154,12 +154,14 @@ impl Connection {
                 return self.ack_raw(s, &req, raw, false);
             }
         };
-        debug!("request {code:?} ({} bytes, {} fds)", req.body.len(), req.files.len());
+        debug!(
+            "request {code:?} ({} bytes, {} fds)",
+            req.body.len(),
+            req.files.len()
+        );
         let result: Result<(), SessionError> = match code {
             R::GET_FEATURES => return Ok(self.reply_u64(code, s.get_features())?),
-            R::GET_PROTOCOL_FEATURES => {
-                return Ok(self.reply_u64(code, s.get_protocol_features())?)
-            }
+            R::GET_PROTOCOL_FEATURES => return Ok(self.reply_u64(code, s.get_protocol_features())?),
             R::GET_QUEUE_NUM => return Ok(self.reply_u64(code, s.get_queue_num())?),
             R::GET_VRING_BASE => {
                 let m: VhostUserVringState = req.parse()?;
@@ -175,9 +177,7 @@ impl Connection {
             }
             R::GET_CONFIG => return self.get_config(s, &req),
             R::SET_FEATURES => s.set_features(req.parse::<VhostUserU64>()?.value),
-            R::SET_PROTOCOL_FEATURES => {
-                s.set_protocol_features(req.parse::<VhostUserU64>()?.value)
-            }
+            R::SET_PROTOCOL_FEATURES => s.set_protocol_features(req.parse::<VhostUserU64>()?.value),
             R::SET_OWNER => Ok(()),
             R::RESET_OWNER | R::RESET_DEVICE => {
                 s.reset();
@@ -226,7 +226,13 @@ impl Connection {
         self.ack_raw(s, &req, u32::from(code), result.is_ok())
     }
 
-    fn ack_raw(&mut self, s: &Session, req: &Request, raw: u32, ok: bool) -> Result<(), ProtocolError> {
+    fn ack_raw(
+        &mut self,
+        s: &Session,
+        req: &Request,
+        raw: u32,
+        ok: bool,
+    ) -> Result<(), ProtocolError> {
         if s.reply_ack_enabled() && req.need_reply() {
             let code = FrontendReq::try_from(raw).unwrap_or(FrontendReq::GET_FEATURES);
             if req.code.is_err() {
@@ -269,7 +275,8 @@ impl Connection {
             })
             .collect();
         for r in &regions {
-            let (size, gpa, uva, off) = (r.memory_size, r.guest_phys_addr, r.user_addr, r.mmap_offset);
+            let (size, gpa, uva, off) =
+                (r.memory_size, r.guest_phys_addr, r.user_addr, r.mmap_offset);
             if size == 0
                 || gpa.checked_add(size).is_none()
                 || uva.checked_add(size).is_none()

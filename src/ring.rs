@@ -5,9 +5,10 @@
 //! - used entries are written without touching `used.idx`, which is published once per batch, so
 //!   the guest never sees the head of a multi-buffer frame before its tail (`Queue::add_used`
 //!   publishes per element);
-//! - the guest notification is armed at the *current* avail index, not at `next_avail`: RX keeps
-//!   popped chains it cannot use yet, and an event at `next_avail` would name an index the driver
-//!   has already passed, so it would never kick (a stall);
+//! - the guest notification is armed by `arm_kick`, which re-checks against `next_avail` after a
+//!   full fence; `Queue::enable_notification` cannot be used because RX keeps popped chains it
+//!   cannot use yet, and the crate's answer ("avail != next_avail") is then true forever if chains
+//!   are rolled back, so we never roll back while running;
 //! - the interrupt decision uses the used index at the previous decision, counted here.
 //!
 //! Notification protocol (virtio 1.2, 2.7.7 and 2.7.10): with VIRTIO_F_EVENT_IDX the device writes
@@ -30,7 +31,9 @@ pub const MAX_CHAIN_SEGS: usize = 64;
 
 #[derive(Debug, Error, Clone, Copy, PartialEq, Eq)]
 pub enum RingError {
-    #[error("avail index {avail} is more than the ring size {size} ahead of {next}: ring corrupted")]
+    #[error(
+        "avail index {avail} is more than the ring size {size} ahead of {next}: ring corrupted"
+    )]
     AvailIndex { avail: u16, next: u16, size: u16 },
     #[error("ring memory is not accessible at {0:#x}")]
     RingMemory(u64),
@@ -164,7 +167,12 @@ impl DeviceQueue {
     }
 
     /// Write a used element without publishing it.
-    pub fn add_used(&mut self, mem: &GuestMemoryMmap, head: u16, len: u32) -> Result<(), RingError> {
+    pub fn add_used(
+        &mut self,
+        mem: &GuestMemoryMmap,
+        head: u16,
+        len: u32,
+    ) -> Result<(), RingError> {
         let slot = u64::from(self.next_used.0 % self.size());
         let addr = self.used_addr().unchecked_add(4 + slot * 8);
         let mut elem = [0u8; 8];
@@ -210,7 +218,11 @@ impl DeviceQueue {
         }
     }
 
-    fn load_avail(&self, mem: &GuestMemoryMmap, off: u64) -> Result<u16, vm_memory::GuestMemoryError> {
+    fn load_avail(
+        &self,
+        mem: &GuestMemoryMmap,
+        off: u64,
+    ) -> Result<u16, vm_memory::GuestMemoryError> {
         mem.load(self.avail_addr().unchecked_add(off), Ordering::Relaxed)
     }
 
@@ -221,24 +233,36 @@ impl DeviceQueue {
             return Ok(());
         }
         let addr = self.used_addr();
-        mem.store((VRING_USED_F_NO_NOTIFY as u16).to_le(), addr, Ordering::Relaxed)
-            .map_err(|_| RingError::RingMemory(addr.0))
+        mem.store(
+            (VRING_USED_F_NO_NOTIFY as u16).to_le(),
+            addr,
+            Ordering::Relaxed,
+        )
+        .map_err(|_| RingError::RingMemory(addr.0))
     }
 
-    /// Ask for a kick when the guest posts anything beyond what is posted now, then re-check.
-    /// Returns true if new chains were posted meanwhile (the caller must not sleep).
+    /// Ask for a kick when the guest posts beyond what we have popped, then re-check.
+    /// Returns true if the guest has posted chains we have not popped (the caller must not sleep).
     ///
     /// This is the consumer half of a store-buffering pair, the seed patch's recipe one level up:
-    /// we store `avail_event` (or clear NO_NOTIFY), full fence, load `avail.idx`; the driver stores
-    /// `avail.idx`, full fence (virtio_mb in virtqueue_kick_prepare), loads `avail_event`. Under
-    /// SC-fence semantics at least one side sees the other's store: either our re-check sees the
-    /// new index, or the driver sees the event and kicks. A wake-up cannot be lost.
+    /// we store `avail_event = next_avail` (or clear NO_NOTIFY), full fence, load `avail.idx`; the
+    /// driver stores `avail.idx`, full fence (virtio_mb in virtqueue_kick_prepare), loads
+    /// `avail_event`. Under SC-fence semantics at least one side sees the other's store: either
+    /// our re-check sees the new index, or the driver sees the event and kicks. A wake-up cannot
+    /// be lost.
+    ///
+    /// The event names `next_avail`, the index we have consumed up to, never an index read from
+    /// the ring: a chain posted between our last pop and this call is then caught by the
+    /// re-check (it moved `avail.idx` past `next_avail`), while an event set at a freshly read
+    /// `avail.idx` would cover it up and the driver, having read the old event, would not kick.
+    /// This is sound because RX never rolls popped chains back while running (they wait in its
+    /// window), so `next_avail` is never behind an index the driver has been told about.
     pub fn arm_kick(&self, mem: &GuestMemoryMmap) -> Result<bool, RingError> {
-        let seen = self.avail_idx(mem)?;
+        let consumed = Wrapping(self.queue.next_avail());
         if self.event_idx {
             let off = 4 + 8 * u64::from(self.size());
             let addr = self.used_addr().unchecked_add(off);
-            mem.store(seen.0.to_le(), addr, Ordering::Relaxed)
+            mem.store(consumed.0.to_le(), addr, Ordering::Relaxed)
                 .map_err(|_| RingError::RingMemory(addr.0))?;
         } else {
             let addr = self.used_addr();
@@ -246,7 +270,7 @@ impl DeviceQueue {
                 .map_err(|_| RingError::RingMemory(addr.0))?;
         }
         fence(Ordering::SeqCst);
-        Ok(self.avail_idx(mem)? != seen)
+        Ok(self.avail_idx(mem)? != consumed)
     }
 }
 

@@ -10,8 +10,8 @@
 //!   and rolled back (the rollback is what makes `Queue::enable_notification` spin and stall).
 //!   On stop the window is returned to the avail ring (`into_queue`).
 //! - When the guest has no room: publish what was delivered and interrupt, arm the kick at the
-//!   current avail index, full fence, re-check the avail index; stall only if it did not move
-//!   (`DeviceQueue::arm_kick` holds the barrier argument). While stalled the worker stops polling
+//!   index consumed so far, full fence, re-check the avail index; stall only if the guest posted
+//!   nothing beyond it (`DeviceQueue::arm_kick` holds the barrier argument). While stalled the worker stops polling
 //!   the tap, so frames wait in the kernel. The guest's kick resumes RX.
 //! - One used-index publish and at most one interrupt per batch; a batch ends after
 //!   `FRAME_BUDGET` frames or `BYTE_BUDGET` bytes (vhost-net's weights) so TX is not starved.
@@ -210,7 +210,10 @@ impl Rx {
         let mut t = Tally::default();
         let result = self.run_batch(mem, tap, &mut t);
         // Publish and interrupt even after an error: what was delivered is the guest's.
-        let published = self.q.publish(mem).and_then(|_| self.q.needs_interrupt(mem));
+        let published = self
+            .q
+            .publish(mem)
+            .and_then(|_| self.q.needs_interrupt(mem));
         if let Ok(true) = published {
             self.call.signal();
             stats::inc(&stats.rx_interrupts);
@@ -223,6 +226,11 @@ impl Rx {
         stats::add(&stats.rx_notify_races, t.races);
         published?;
         let outcome = result?;
+        log::trace!(
+            "RX batch: {outcome:?}, {} frames, window {}",
+            t.frames,
+            self.win.chains.len()
+        );
         if outcome == RxOutcome::Stalled {
             self.state = RxState::WaitingForBuffers;
             stats::inc(&stats.rx_stops);
@@ -443,7 +451,11 @@ impl Rx {
                 error!(
                     "RX frame of {n} bytes dropped: larger than the guest's buffers can hold \
                      ({room} bytes{})",
-                    if self.mrg { " in the whole ring" } else { " in one buffer" }
+                    if self.mrg {
+                        " in the whole ring"
+                    } else {
+                        " in one buffer"
+                    }
                 );
                 self.carry.staged = 0;
                 t.oversize += 1;

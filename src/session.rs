@@ -174,7 +174,9 @@ impl<'d> Session<'d> {
 
     pub fn set_features(&mut self, features: u64) -> Result<()> {
         if features & !self.dev.offered != 0 {
-            return Err(SessionError::UnofferedFeatures(features & !self.dev.offered));
+            return Err(SessionError::UnofferedFeatures(
+                features & !self.dev.offered,
+            ));
         }
         let nf = NetFeatures { acked: features };
         let tap = &self.dev.pairs[0].tap;
@@ -226,7 +228,11 @@ impl<'d> Session<'d> {
             .collect())
     }
 
-    pub fn set_mem_table(&mut self, regions: &[VhostUserMemoryRegion], files: Vec<File>) -> Result<()> {
+    pub fn set_mem_table(
+        &mut self,
+        regions: &[VhostUserMemoryRegion],
+        files: Vec<File>,
+    ) -> Result<()> {
         let mut mapped = Vec::with_capacity(regions.len());
         let mut table = Vec::with_capacity(regions.len());
         for (r, f) in regions.iter().zip(files) {
@@ -284,7 +290,11 @@ impl<'d> Session<'d> {
             self.uva_to_gpa(a)
                 .ok_or(SessionError::BadRingAddress(index, what, a))
         };
-        let (d, u, a) = (tr("descriptor", desc)?, tr("used", used)?, tr("avail", avail)?);
+        let (d, u, a) = (
+            tr("descriptor", desc)?,
+            tr("used", used)?,
+            tr("avail", avail)?,
+        );
         self.with_pair(i / 2, |s| {
             let q = &mut s.vrings[i].queue;
             q.try_set_desc_table_address(GuestAddress(d))

@@ -26,7 +26,9 @@ pub enum TapError {
          for this user: `ip tuntap add {0} mode tap user $USER vnet_hdr{1}`"
     )]
     Permission(String, &'static str),
-    #[error("tap {0} is busy: another process holds it (a tap without multi_queue admits one reader)")]
+    #[error(
+        "tap {0} is busy: another process holds it (a tap without multi_queue admits one reader)"
+    )]
     Busy(String),
     #[error(
         "{0} exists but cannot be attached as a tap with the flags we need (is it a tun device, \
@@ -106,7 +108,8 @@ impl Tap {
         let mut ifr = ifreq_for(name);
         ifr.ifr_ifru.ifru_flags = flags as c_short;
         // SAFETY: TUNSETIFF reads and writes an ifreq, which `ifr` is and outlives the call.
-        let ret = unsafe { vmm_sys_util::ioctl::ioctl_with_mut_ref(&file, libc::TUNSETIFF, &mut ifr) };
+        let ret =
+            unsafe { vmm_sys_util::ioctl::ioctl_with_mut_ref(&file, libc::TUNSETIFF, &mut ifr) };
         if let Err(e) = check(ret) {
             let mq_hint = if multi_queue { " multi_queue" } else { "" };
             return Err(match e.raw_os_error() {
@@ -147,9 +150,8 @@ impl Tap {
     pub fn set_vnet_hdr_len(&self, len: usize) -> Result<(), TapError> {
         let len = len as c_int;
         // SAFETY: TUNSETVNETHDRSZ reads one int through the pointer, which `len` outlives.
-        let ret = unsafe {
-            vmm_sys_util::ioctl::ioctl_with_ref(&self.file, libc::TUNSETVNETHDRSZ, &len)
-        };
+        let ret =
+            unsafe { vmm_sys_util::ioctl::ioctl_with_ref(&self.file, libc::TUNSETVNETHDRSZ, &len) };
         check(ret).map(drop).map_err(|source| TapError::Ioctl {
             step: "TUNSETVNETHDRSZ",
             name: self.name.clone(),

@@ -124,7 +124,10 @@ impl Tx {
                 self.q.add_used(mem, head, 0)?;
             }
         })();
-        let published = self.q.publish(mem).and_then(|_| self.q.needs_interrupt(mem));
+        let published = self
+            .q
+            .publish(mem)
+            .and_then(|_| self.q.needs_interrupt(mem));
         if let Ok(true) = published {
             self.call.signal();
             stats::inc(&stats.tx_interrupts);

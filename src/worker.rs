@@ -164,7 +164,11 @@ fn run(setup: WorkerSetup, stop: EventFd) -> WorkerExit {
         };
         let add = |lp: &Loop, fd: i32, token: u64| {
             lp.epoll
-                .ctl(ControlOperation::Add, fd, EpollEvent::new(EventSet::IN, token))
+                .ctl(
+                    ControlOperation::Add,
+                    fd,
+                    EpollEvent::new(EventSet::IN, token),
+                )
                 .map_err(|e| format!("epoll add: {e}"))
         };
         add(&lp, stop.as_raw_fd(), STOP)?;

@@ -116,10 +116,7 @@ impl GuestRam {
 
     fn region(&self) -> &vm_memory::GuestRegionMmap {
         // The collection has exactly one region, created in `new`.
-        self.mem
-            .iter()
-            .next()
-            .expect("guest memory has one region")
+        self.mem.iter().next().expect("guest memory has one region")
     }
 
     /// Address of our own mapping of the region (the "userspace address" in SET_MEM_TABLE).
@@ -138,10 +135,7 @@ impl GuestRam {
 
     /// Offset of the region inside the memfd (always 0 here).
     pub fn mmap_offset(&self) -> u64 {
-        self.region()
-            .file_offset()
-            .map(|f| f.start())
-            .unwrap_or(0)
+        self.region().file_offset().map(|f| f.start()).unwrap_or(0)
     }
 
     /// Translate a guest physical address to the frontend's userspace address.
@@ -167,7 +161,12 @@ impl GuestRam {
     }
 
     /// Allocate `size` bytes aligned to `align` (a power of two). Memory is never freed.
-    pub fn alloc(&mut self, size: u64, align: u64, what: &'static str) -> Result<GuestAddress, MemError> {
+    pub fn alloc(
+        &mut self,
+        size: u64,
+        align: u64,
+        what: &'static str,
+    ) -> Result<GuestAddress, MemError> {
         let align = align.max(1);
         debug_assert!(align.is_power_of_two());
         let free = self.free_bytes();
@@ -180,9 +179,7 @@ impl GuestRam {
         // Alignment is of the GPA, so align base + next.
         let cur = self.base.0 + self.next;
         let aligned = cur.checked_add(align - 1).ok_or_else(oom)? & !(align - 1);
-        let end = (aligned - self.base.0)
-            .checked_add(size)
-            .ok_or_else(oom)?;
+        let end = (aligned - self.base.0).checked_add(size).ok_or_else(oom)?;
         if end > self.size {
             return Err(oom());
         }

@@ -1,1 +1,42 @@
-//! Synthetic guest (placeholder).
+//! Synthetic guest: a vhost-user *frontend* that drives virtio-net split rings the way a Linux
+//! guest's virtio-net driver does, without a VM. Used by tests, benchmarks and the
+//! `vhost-user-tap-guest` binary.
+//!
+//! - [`mem`]: memfd-backed guest memory shared with the backend.
+//! - [`ring`]: driver side of a split virtqueue (EVENT_IDX, suppression, barriers as Linux).
+//! - [`queue`]: one RX/TX queue pair (mergeable RX reassembly, TX layouts, interrupts).
+//! - [`vhost_user`]: the frontend's vhost-user messages.
+//! - [`frontend`]: [`Guest`], the handshake and the public API.
+//! - [`net`]: vnet header, feature bits, test frames.
+//! - [`run`]: the binary's traffic mode.
+//!
+//! ```no_run
+//! use std::time::Duration;
+//! use vhost_user_tap::guest::{Guest, GuestConfig};
+//! let mut g = Guest::connect(GuestConfig::new("/tmp/vhost-user-tap.sock"))?;
+//! g.post_rx_buffers(usize::MAX)?;
+//! g.send_frame(&[0xff; 60])?;
+//! if g.wait_interrupt(0, Duration::from_secs(1))? {
+//!     g.poll_rx(|frame, hdr| println!("{} bytes, {hdr:?}", frame.len()))?;
+//! }
+//! let bases = g.disconnect()?;
+//! # Ok::<(), vhost_user_tap::guest::GuestError>(())
+//! ```
+pub mod frontend;
+pub mod mem;
+pub mod net;
+pub mod queue;
+pub mod ring;
+pub mod run;
+pub mod vhost_user;
+
+#[cfg(test)]
+mod fake_backend;
+#[cfg(test)]
+mod testdev;
+
+pub use frontend::{Guest, GuestConfig, GuestError, HandshakeOrder};
+pub use net::{FrameSpec, NetConfig, UdpFlow, VirtioNetHdr};
+pub use queue::{QueueError, QueuePair, QueueStats, RawCompletion, TxLayout, Wake};
+pub use ring::{RawDesc, RawNext};
+pub use run::{run, RunConfig, RunError, RunReport, StopReason};

@@ -1,0 +1,314 @@
+//! Shared harness for the integration tests: throwaway network namespaces, the real daemon binary
+//! inside one, sockets created in a namespace, and the daemon's counters.
+//!
+//! Every namespace is deleted on drop and every daemon is stopped on drop, also when a test fails.
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::io::{BufRead, BufReader};
+use std::net::UdpSocket;
+use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+pub const DAEMON: &str = env!("CARGO_BIN_EXE_vhost-user-tap");
+pub const HOST_IP: &str = "10.99.0.1";
+pub const GUEST_IP: &str = "10.99.0.2";
+pub const GUEST_MAC: [u8; 6] = [0x52, 0x54, 0x00, 0xaa, 0xbb, 0x01];
+pub const TAP: &str = "vut0";
+
+static SEQ: AtomicUsize = AtomicUsize::new(0);
+
+/// True if the test may run. Without root it fails loudly, unless VUT_SKIP_ROOT=1 asks to skip.
+pub fn root_or_skip(test: &str) -> bool {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } == 0 {
+        return true;
+    }
+    if std::env::var("VUT_SKIP_ROOT").as_deref() == Ok("1") {
+        println!("SKIPPED: {test}: needs root (taps, network namespaces)");
+        return false;
+    }
+    panic!(
+        "{test}: needs root to create taps and network namespaces (set VUT_SKIP_ROOT=1 to skip)"
+    );
+}
+
+pub fn run(cmd: &mut Command) -> String {
+    let out = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("running {cmd:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// A network namespace of our own, deleted on drop.
+pub struct Netns {
+    pub name: String,
+}
+
+impl Netns {
+    pub fn new(tag: &str) -> Netns {
+        let name = format!(
+            "vut-{}-{}-{}",
+            tag,
+            std::process::id(),
+            SEQ.fetch_add(1, Ordering::Relaxed)
+        );
+        run(Command::new("ip").args(["netns", "add", &name]));
+        let ns = Netns { name };
+        // No IPv6 autoconfiguration noise on the tap: tests count frames exactly.
+        for key in ["all", "default"] {
+            ns.exec(&[
+                "sysctl",
+                "-qw",
+                &format!("net.ipv6.conf.{key}.disable_ipv6=1"),
+            ]);
+        }
+        ns.ip(&["link", "set", "lo", "up"]);
+        ns
+    }
+
+    pub fn exec(&self, args: &[&str]) -> String {
+        run(Command::new("ip")
+            .args(["netns", "exec", &self.name])
+            .args(args))
+    }
+
+    pub fn ip(&self, args: &[&str]) -> String {
+        run(Command::new("ip").args(["-n", &self.name]).args(args))
+    }
+
+    /// Bring the daemon's tap up with the host address and a permanent neighbour entry for the
+    /// guest, so the host stack sends without ARP.
+    pub fn configure_tap(&self, tap: &str) {
+        self.ip(&["addr", "add", &format!("{HOST_IP}/24"), "dev", tap]);
+        self.ip(&["link", "set", tap, "up"]);
+        let mac = GUEST_MAC
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect::<Vec<_>>()
+            .join(":");
+        self.ip(&[
+            "neigh",
+            "replace",
+            GUEST_IP,
+            "lladdr",
+            &mac,
+            "dev",
+            tap,
+            "nud",
+            "permanent",
+        ]);
+    }
+
+    /// Run `f` on a thread that has entered this namespace; sockets it creates stay in it.
+    pub fn within<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> T {
+        let path = format!("/run/netns/{}", self.name);
+        std::thread::spawn(move || {
+            let ns = File::open(&path).unwrap_or_else(|e| panic!("{path}: {e}"));
+            // SAFETY: setns on a valid netns fd only changes this thread's namespace.
+            let r = unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) };
+            assert_eq!(r, 0, "setns: {}", std::io::Error::last_os_error());
+            f()
+        })
+        .join()
+        .expect("netns thread")
+    }
+
+    pub fn udp_socket(&self, bind: &str) -> UdpSocket {
+        let bind = bind.to_string();
+        self.within(move || UdpSocket::bind(&bind).unwrap_or_else(|e| panic!("bind {bind}: {e}")))
+    }
+
+    /// The tap's kernel counters (`ip -s -j link`).
+    pub fn link_stats(&self, dev: &str) -> LinkStats {
+        let out = self.ip(&["-s", "-j", "link", "show", dev]);
+        let v: serde_json::Value = serde_json::from_str(&out).expect("ip -j output");
+        let s = &v[0]["stats64"];
+        let get = |dir: &str, k: &str| s[dir][k].as_u64().unwrap_or(0);
+        LinkStats {
+            tx_packets: get("tx", "packets"),
+            tx_dropped: get("tx", "dropped"),
+            rx_packets: get("rx", "packets"),
+            rx_dropped: get("rx", "dropped"),
+        }
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip")
+            .args(["netns", "delete", &self.name])
+            .status();
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LinkStats {
+    /// Frames the kernel handed to the tap's reader (our daemon), i.e. consumed from the ring.
+    pub tx_packets: u64,
+    /// Frames tun dropped (ring full, among others).
+    pub tx_dropped: u64,
+    pub rx_packets: u64,
+    pub rx_dropped: u64,
+}
+
+/// A private directory under the system temp dir, removed on drop.
+pub struct TempDir(pub PathBuf);
+
+impl TempDir {
+    pub fn new(tag: &str) -> TempDir {
+        let p = std::env::temp_dir().join(format!(
+            "vut-{tag}-{}-{}",
+            std::process::id(),
+            SEQ.fetch_add(1, Ordering::Relaxed)
+        ));
+        std::fs::create_dir_all(&p).expect("temp dir");
+        TempDir(p)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// The daemon binary running in a namespace, its stderr captured.
+pub struct Daemon {
+    child: Option<Child>,
+    pub socket: PathBuf,
+    log: Arc<Mutex<Vec<String>>>,
+    lines: mpsc::Receiver<String>,
+    _dir: TempDir,
+}
+
+impl Daemon {
+    /// Start `vhost-user-tap --socket-path <tmp> --tap <tap> <extra>` in `ns` and wait until it
+    /// says it is listening.
+    pub fn start(ns: &Netns, tap: &str, extra: &[&str]) -> Daemon {
+        let dir = TempDir::new("sock");
+        let socket = dir.0.join("vhost.sock");
+        let mut child = Command::new("ip")
+            .args(["netns", "exec", &ns.name, DAEMON, "--socket-path"])
+            .arg(&socket)
+            .args(["--tap", tap])
+            .args(extra)
+            .env(
+                "RUST_LOG",
+                std::env::var("VUT_DAEMON_LOG").unwrap_or("info".into()),
+            )
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawning the daemon");
+        let stderr = child.stderr.take().expect("piped");
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let (tx, rx) = mpsc::channel();
+        let log2 = log.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if std::env::var("VUT_ECHO_DAEMON").is_ok() {
+                    eprintln!("daemon: {line}");
+                }
+                log2.lock().unwrap().push(line.clone());
+                let _ = tx.send(line);
+            }
+        });
+        let mut d = Daemon {
+            child: Some(child),
+            socket,
+            log,
+            lines: rx,
+            _dir: dir,
+        };
+        d.wait_for_log("listening on", Duration::from_secs(10));
+        d
+    }
+
+    /// Wait for a log line containing `needle` (lines already seen do not count twice).
+    pub fn wait_for_log(&mut self, needle: &str, timeout: Duration) -> String {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(l) if l.contains(needle) => return l,
+                Ok(_) => {}
+                Err(_) => panic!(
+                    "daemon did not log {needle:?} within {timeout:?}; log:\n{}",
+                    self.log()
+                ),
+            }
+        }
+    }
+
+    pub fn log(&self) -> String {
+        self.log.lock().unwrap().join("\n")
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("running").id()
+    }
+
+    /// SIGTERM the daemon (through `ip netns exec`, which execs it) and wait for its exit.
+    pub fn terminate(&mut self) -> ExitStatus {
+        let mut child = self.child.take().expect("running");
+        // SAFETY: kill with a pid we spawned and have not reaped.
+        unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Some(st) = child.try_wait().expect("wait") {
+                // Let the reader thread drain the last lines.
+                std::thread::sleep(Duration::from_millis(50));
+                return st;
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                panic!("daemon ignored SIGTERM for 10 s; log:\n{}", self.log());
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// The counters the daemon logged at shutdown for queue pair `pair`.
+    pub fn final_counters(&self, pair: usize) -> HashMap<String, u64> {
+        let prefix = format!("queue pair {pair}: rx_frames=");
+        let log = self.log();
+        let line = log
+            .lines()
+            .rev()
+            .find(|l| l.contains(&prefix))
+            .unwrap_or_else(|| panic!("no counters for pair {pair} in log:\n{log}"));
+        let start = line.find(&format!("queue pair {pair}: ")).unwrap();
+        line[start..]
+            .split_whitespace()
+            .skip(3)
+            .filter_map(|kv| kv.split_once('='))
+            .map(|(k, v)| (k.to_string(), v.parse().unwrap_or(0)))
+            .collect()
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+pub fn socket_gone(p: &Path) -> bool {
+    !p.exists()
+}
