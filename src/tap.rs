@@ -20,7 +20,12 @@ pub enum TapError {
     #[error("tap name {0:?} is invalid: 1 to 15 bytes, no '/', ':' or whitespace")]
     BadName(String),
     #[error("cannot open {TUN_PATH}: {0} (is the tun module loaded and the device visible here?)")]
-    OpenTun(#[source] io::Error),
+    OpenTun(io::Error),
+    #[error(
+        "cannot open {TUN_PATH}: permission denied (distributions make it mode 0666; here it is \
+         not, so run as root or `chmod 0666 {TUN_PATH}`)"
+    )]
+    OpenTunDenied,
     #[error(
         "no permission to create or attach tap {0}: run as root (CAP_NET_ADMIN) or pre-create it \
          for this user: `ip tuntap add {0} mode tap user $USER vnet_hdr{1}`"
@@ -34,15 +39,14 @@ pub enum TapError {
         "{0} exists but cannot be attached as a tap with the flags we need (is it a tun device, \
          or a tap created {1} multi_queue?): {2}"
     )]
-    Incompatible(String, &'static str, #[source] io::Error),
+    Incompatible(String, &'static str, io::Error),
     #[error("TUNSETIFF on tap {0} failed: {1}")]
-    SetIff(String, #[source] io::Error),
-    #[error("{step} on tap {name} failed: {source}")]
+    SetIff(String, io::Error),
+    #[error("{step} on tap {name} failed: {err}")]
     Ioctl {
         step: &'static str,
         name: String,
-        #[source]
-        source: io::Error,
+        err: io::Error,
     },
 }
 
@@ -100,7 +104,10 @@ impl Tap {
             .write(true)
             .custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC)
             .open(TUN_PATH)
-            .map_err(TapError::OpenTun)?;
+            .map_err(|e| match e.kind() {
+                io::ErrorKind::PermissionDenied => TapError::OpenTunDenied,
+                _ => TapError::OpenTun(e),
+            })?;
         let mut flags = libc::IFF_TAP | libc::IFF_NO_PI | libc::IFF_VNET_HDR;
         if multi_queue {
             flags |= libc::IFF_MULTI_QUEUE;
@@ -139,10 +146,10 @@ impl Tap {
     fn ioctl_val(&self, step: &'static str, req: libc::Ioctl, val: u64) -> Result<(), TapError> {
         // SAFETY: these tun ioctls take their argument by value and touch no memory of ours.
         let ret = unsafe { vmm_sys_util::ioctl::ioctl_with_val(&self.file, req, val) };
-        check(ret).map(drop).map_err(|source| TapError::Ioctl {
+        check(ret).map(drop).map_err(|err| TapError::Ioctl {
             step,
             name: self.name.clone(),
-            source,
+            err,
         })
     }
 
@@ -152,10 +159,10 @@ impl Tap {
         // SAFETY: TUNSETVNETHDRSZ reads one int through the pointer, which `len` outlives.
         let ret =
             unsafe { vmm_sys_util::ioctl::ioctl_with_ref(&self.file, libc::TUNSETVNETHDRSZ, &len) };
-        check(ret).map(drop).map_err(|source| TapError::Ioctl {
+        check(ret).map(drop).map_err(|err| TapError::Ioctl {
             step: "TUNSETVNETHDRSZ",
             name: self.name.clone(),
-            source,
+            err,
         })
     }
 
@@ -185,10 +192,10 @@ impl Tap {
         let ret = unsafe {
             vmm_sys_util::ioctl::ioctl_with_mut_ref(&self.file, libc::TUNGETFEATURES, &mut features)
         };
-        check(ret).map_err(|source| TapError::Ioctl {
+        check(ret).map_err(|err| TapError::Ioctl {
             step: "TUNGETFEATURES",
             name: self.name.clone(),
-            source,
+            err,
         })?;
         Ok(features)
     }

@@ -400,6 +400,15 @@ fn three_reconnects_with_traffic_each_time() {
     let mut daemon = Daemon::start(&ns, TAP, &[]);
     ns.configure_tap(TAP);
     let host = ns.udp_socket(&format!("{HOST_IP}:{HOST_PORT}"));
+    let resources = |pid: u32| {
+        let count = |what: &str| {
+            std::fs::read_dir(format!("/proc/{pid}/{what}"))
+                .unwrap()
+                .count()
+        };
+        (count("fd"), count("task"))
+    };
+    let idle = resources(daemon.pid());
     let mut next = 0;
     for cycle in 0..3 {
         let mut g = Guest::connect(guest_config(&daemon)).expect("guest connects");
@@ -416,6 +425,11 @@ fn three_reconnects_with_traffic_each_time() {
             g.disconnect().expect("clean disconnect");
         }
         daemon.wait_for_log("frontend disconnected", WAIT);
+        assert_eq!(
+            resources(daemon.pid()),
+            idle,
+            "cycle {cycle}: (fds, threads) after the disconnect differ from before any connection"
+        );
     }
     let st = daemon.terminate();
     assert!(st.success(), "{st}; log:\n{}", daemon.log());

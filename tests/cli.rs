@@ -1,0 +1,193 @@
+//! The daemon's command line and start-up failures, as a user meets them.
+
+mod common;
+
+use std::os::unix::fs::PermissionsExt;
+use std::process::Command;
+use std::time::Duration;
+
+use common::*;
+use vhost_user_tap::guest::Guest;
+
+/// Run as user nobody with a world-accessible /dev/net/tun, as distributions ship it (this
+/// machine's is 0600): a private mount namespace gets its own /dev/net, the host's is untouched.
+fn unprivileged(ns: &Netns) -> Command {
+    let mut c = Command::new("ip");
+    c.args(["netns", "exec", &ns.name, "unshare", "-m", "sh", "-c"]);
+    c.arg(
+        "mount -t tmpfs tmpfs /dev/net && mknod -m 666 /dev/net/tun c 10 200 && \
+         exec setpriv --reuid=nobody --regid=nogroup --clear-groups \"$0\" \"$@\"",
+    );
+    c.arg(DAEMON);
+    c
+}
+
+fn daemon(args: &[&str]) -> std::process::Output {
+    Command::new(DAEMON)
+        .args(args)
+        .output()
+        .expect("running the daemon")
+}
+
+fn in_ns(ns: &Netns, args: &[&str]) -> std::process::Output {
+    Command::new("ip")
+        .args(["netns", "exec", &ns.name, DAEMON])
+        .args(args)
+        .env("RUST_LOG", "info")
+        .output()
+        .expect("running the daemon")
+}
+
+#[test]
+fn print_capabilities_prints_the_vhost_user_json() {
+    let out = daemon(&["--print-capabilities"]);
+    assert!(out.status.success());
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        r#"{"type": "net"}"#
+    );
+}
+
+#[test]
+fn bad_arguments_give_one_line_naming_them_and_status_2() {
+    for (args, needle) in [
+        (vec!["--bogus"], "--bogus"),
+        (vec!["--tap", "vut0"], "--socket-path or --fd"),
+        (vec!["--socket-path", "/tmp/x"], "--tap"),
+        (
+            vec!["--socket-path", "/tmp/x", "--tap", "vut0", "--mtu", "12"],
+            "--mtu 12",
+        ),
+        (
+            vec![
+                "--socket-path",
+                "/tmp/x",
+                "--tap",
+                "vut0",
+                "--queue-size",
+                "3",
+            ],
+            "--queue-size 3",
+        ),
+        (
+            vec!["--socket-path", "/tmp/x", "--tap", "vut0", "--mac", "zz"],
+            "--mac \"zz\"",
+        ),
+        (
+            vec!["--socket-path", "/tmp/x", "--tap", "bad/name"],
+            "bad/name",
+        ),
+        (
+            vec!["--socket-path", "/tmp/x", "--fd", "3", "--tap", "t"],
+            "--fd",
+        ),
+        (
+            vec!["--socket-path", "/tmp/x", "--tap", "t", "--mtu", "many"],
+            "--mtu",
+        ),
+    ] {
+        let out = daemon(&args);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {err}");
+        assert_eq!(
+            err.trim_end().lines().count(),
+            1,
+            "{args:?}: more than one line: {err}"
+        );
+        assert!(
+            err.contains(needle),
+            "{args:?}: {err:?} does not name {needle:?}"
+        );
+    }
+}
+
+#[test]
+fn tap_failures_name_the_tap_and_the_cause() {
+    if !root_or_skip("tapfail") {
+        return;
+    }
+    let ns = Netns::new("tapfail");
+    let dir = TempDir::new("tapfail");
+    let sock = dir.0.join("s.sock");
+    let sock = sock.to_str().unwrap();
+
+    // Not a tap: a tun device of the same name.
+    ns.ip(&["tuntap", "add", "tun7", "mode", "tun"]);
+    let out = in_ns(&ns, &["--socket-path", sock, "--tap", "tun7"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("tun7") && err.contains("cannot be attached as a tap"),
+        "{err}"
+    );
+
+    // Busy: a single-queue tap another daemon holds.
+    let _holder = Daemon::start(&ns, "busy0", &[]);
+    let out = in_ns(&ns, &["--socket-path", sock, "--tap", "busy0"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("busy0") && err.contains("busy"), "{err}");
+
+    // No permission: an unprivileged user and a tap owned by someone else (a tap with no owner
+    // is open to anyone who can open /dev/net/tun).
+    ns.ip(&[
+        "tuntap", "add", "root0", "mode", "tap", "user", "root", "vnet_hdr",
+    ]);
+    std::fs::set_permissions(&dir.0, std::fs::Permissions::from_mode(0o777)).unwrap();
+    let out = unprivileged(&ns)
+        .args(["--socket-path", sock, "--tap", "root0"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("root0") && err.contains("no permission"),
+        "{err}"
+    );
+    assert!(
+        err.contains("ip tuntap add root0 mode tap user"),
+        "says how to fix it: {err}"
+    );
+}
+
+#[test]
+fn an_unprivileged_daemon_serves_a_tap_created_for_its_user() {
+    if !root_or_skip("unpriv") {
+        return;
+    }
+    let ns = Netns::new("unpriv");
+    ns.ip(&[
+        "tuntap", "add", TAP, "mode", "tap", "user", "nobody", "vnet_hdr",
+    ]);
+    let dir = TempDir::new("unpriv");
+    std::fs::set_permissions(&dir.0, std::fs::Permissions::from_mode(0o777)).unwrap();
+    let sock = dir.0.join("s.sock");
+    let mut child = unprivileged(&ns)
+        .args(["--tap", TAP, "--socket-path"])
+        .arg(&sock)
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    ns.configure_tap(TAP);
+    let mut cfg = vhost_user_tap::guest::GuestConfig::new(&sock);
+    cfg.read_config = false;
+    let mut g = Guest::connect(cfg).expect("the unprivileged daemon accepts a guest");
+    g.post_rx_buffers(usize::MAX).unwrap();
+    let host = ns.udp_socket(&format!("{HOST_IP}:0"));
+    host.send_to(b"hello from the host", format!("{GUEST_IP}:5000"))
+        .unwrap();
+    let mut seen = false;
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !seen && std::time::Instant::now() < deadline {
+        g.wait_interrupt(0, Duration::from_secs(1)).unwrap();
+        g.poll_rx(|f, _| seen |= f.ends_with(b"hello from the host"))
+            .unwrap();
+    }
+    drop(g);
+    // SAFETY: signalling a child we spawned.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let st = child.wait().unwrap();
+    assert!(seen, "the datagram did not reach the guest");
+    assert!(st.success(), "exit status {st}");
+    assert!(!sock.exists(), "socket left behind");
+}
