@@ -206,8 +206,10 @@ impl<'d> Session<'d> {
         Ok(())
     }
 
+    /// Queue *pairs*: QEMU compares the answer with `-netdev vhost-user,queues=N` (pairs), as
+    /// DPDK's backend answers it, so a frontend asking for too many pairs is refused at start.
     pub fn get_queue_num(&self) -> u64 {
-        self.dev.num_queues() as u64
+        self.dev.pairs.len() as u64
     }
 
     pub fn get_config(&self, offset: u32, size: u32) -> Result<Vec<u8>> {

@@ -534,6 +534,13 @@ mod tests {
     }
 
     #[test]
+    fn guest_and_pairs_are_send() {
+        fn send<T: Send>() {}
+        send::<Guest>();
+        send::<super::super::queue::QueuePair>();
+    }
+
+    #[test]
     fn handshake_in_spec_order() {
         let srv = FakeServer::start(1, DEFAULT_FEATURES, all_proto());
         let g = Guest::connect(cfg(&srv)).unwrap();
@@ -745,6 +752,49 @@ mod tests {
             matches!(e, GuestError::TooManyPairs { pairs: 2, max: 1 }),
             "{e}"
         );
+    }
+
+    #[test]
+    fn raw_indirect_rx_chain_is_filled() {
+        use super::super::ring::{RawDesc, RawNext, VRING_DESC_F_INDIRECT, VRING_DESC_F_WRITE};
+        let srv = FakeServer::start(1, DEFAULT_FEATURES, all_proto());
+        srv.shared.lock().unwrap().loopback = false;
+        let mut g = Guest::connect(cfg(&srv)).unwrap();
+        let table = g.alloc_scratch(32, 16).unwrap();
+        let buf = g.alloc_scratch(4096, 64).unwrap();
+        let entry = |addr: u64, len: u32, flags: u16| RawDesc {
+            addr,
+            len,
+            flags,
+            next: RawNext::Follow,
+        };
+        g.write_desc_table(
+            table,
+            &[
+                entry(buf.0, 12, VRING_DESC_F_WRITE | 1),
+                entry(buf.0 + 64, 2000, VRING_DESC_F_WRITE),
+            ],
+        )
+        .unwrap();
+        let head = g
+            .post_raw_rx_chain(&[entry(table.0, 32, VRING_DESC_F_INDIRECT)])
+            .unwrap();
+        srv.shared.lock().unwrap().inject[0].push_back(frame(500, 1));
+        assert!(g.wait_interrupt(0, Duration::from_secs(5)).unwrap());
+        assert_eq!(g.poll_rx(|_, _| ()).unwrap(), 0);
+        let done = g.take_raw_completions();
+        assert_eq!(done.len(), 1);
+        assert_eq!((done[0].queue, done[0].head, done[0].len), (0, head, 512));
+        let mut got = vec![0u8; 500];
+        use vm_memory::Bytes;
+        g.memory()
+            .read_slice(&mut got, vm_memory::GuestAddress(buf.0 + 64))
+            .unwrap();
+        assert_eq!(got, frame(500, 1));
+        // Normal buffers afterwards.
+        srv.shared.lock().unwrap().loopback = true;
+        let frames: Vec<_> = (0..10).map(|i| frame(80, i)).collect();
+        assert_eq!(echo(&mut g, 0, &frames), frames);
     }
 
     #[test]

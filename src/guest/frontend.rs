@@ -18,7 +18,7 @@ use super::net::{
     VIRTIO_RING_F_INDIRECT_DESC,
 };
 use super::queue::{PairConfig, QueueError, QueuePair, QueueStats, RawCompletion, TxLayout};
-use super::ring::RawDesc;
+use super::ring::{write_desc_table, RawDesc, RingError};
 use super::vhost_user::{proto, req, ConnectError, Connection, ProtoError};
 
 /// In which order the handshake messages are sent.
@@ -165,6 +165,9 @@ pub enum GuestError {
         /// Number available.
         count: usize,
     },
+    /// Writing descriptors into guest memory failed.
+    #[error(transparent)]
+    Ring(#[from] RingError),
     /// The connection was already closed.
     #[error("the guest is not connected")]
     NotConnected,
@@ -602,6 +605,13 @@ impl Guest {
     /// Allocate scratch guest memory (for raw chains, indirect tables, …).
     pub fn alloc_scratch(&mut self, size: u64, align: u64) -> Result<GuestAddress> {
         Ok(self.ram.alloc(size, align, "scratch")?)
+    }
+
+    /// Write a descriptor table (e.g. an indirect table for a raw chain) at `table`, which
+    /// must be memory from [`Guest::alloc_scratch`]. `RawNext::Follow`/`Chain(k)` are indices
+    /// inside the table.
+    pub fn write_desc_table(&self, table: GuestAddress, descs: &[RawDesc]) -> Result<()> {
+        Ok(write_desc_table(self.ram.memory(), table, descs)?)
     }
 
     /// Counters summed over all pairs.

@@ -91,6 +91,16 @@ pub enum QueueError {
         #[source]
         source: vm_memory::GuestMemoryError,
     },
+    /// The device assembled a frame larger than any virtio-net frame can be.
+    #[error("virtqueue {queue}: the device delivered a frame of more than {max} bytes (num_buffers {num_buffers})")]
+    OversizedFrame {
+        /// vring index.
+        queue: u16,
+        /// Limit.
+        max: usize,
+        /// The frame's num_buffers.
+        num_buffers: u16,
+    },
     /// Invalid pair configuration.
     #[error("invalid queue configuration: {0}")]
     Config(String),
@@ -222,6 +232,8 @@ pub struct Wake {
 }
 
 const RAW_TOKEN: u64 = 1 << 63;
+/// Largest frame accepted on RX: 64 KiB GSO packet plus headers.
+pub const MAX_RX_FRAME: usize = 65536 + 256;
 
 #[derive(Debug)]
 struct BufPool {
@@ -604,6 +616,14 @@ impl QueuePair {
             };
             self.rx_pool.free.push(slot);
             copied?;
+            if self.frame.len() > MAX_RX_FRAME {
+                let num_buffers = self.partial.take().map(|p| p.hdr.num_buffers).unwrap_or(1);
+                return Err(QueueError::OversizedFrame {
+                    queue: q,
+                    max: MAX_RX_FRAME,
+                    num_buffers,
+                });
+            }
             if let Some(p) = self.partial.take_if(|p| p.remaining == 0) {
                 self.stats.rx_frames += 1;
                 self.stats.rx_bytes += self.frame.len() as u64;
@@ -1232,6 +1252,38 @@ mod tests {
             }
         ));
         assert!(e.to_string().contains("used len 513"));
+    }
+
+    #[test]
+    fn endless_mergeable_frame_is_an_error() {
+        let (ram, mut pair, mut dev) = setup(cfg(true, true));
+        let mem = ram.memory().clone();
+        let mut first = true;
+        for _ in 0..20 {
+            pair.post_rx_buffers(16).unwrap();
+            while let Some(c) = dev.rxq.pop_descriptor_chain(&mem) {
+                if first {
+                    let addr = c.clone().next().unwrap().addr();
+                    let mut hb = [0u8; 12];
+                    VirtioNetHdr {
+                        num_buffers: 200,
+                        ..Default::default()
+                    }
+                    .write(&mut hb);
+                    mem.write_slice(&hb, addr).unwrap();
+                    first = false;
+                }
+                dev.rxq.add_used(&mem, c.head_index(), 512).unwrap();
+            }
+            match pair.poll_rx(|_, _| panic!("no frame expected")) {
+                Ok(0) => continue,
+                Err(QueueError::OversizedFrame {
+                    num_buffers: 200, ..
+                }) => return,
+                other => panic!("{other:?}"),
+            }
+        }
+        panic!("oversized frame not detected");
     }
 
     #[test]

@@ -884,6 +884,7 @@ impl DriverRing {
 
 #[cfg(test)]
 mod tests {
+    use super::super::testdev::device_queue;
     use super::*;
     use virtio_queue::{Queue, QueueT};
 
@@ -893,16 +894,6 @@ mod tests {
         let ring = DriverRing::new(ram.memory().clone(), layout, event_idx).unwrap();
         let q = device_queue(&layout, event_idx);
         (ram, ring, q)
-    }
-
-    pub(crate) fn device_queue(layout: &RingLayout, event_idx: bool) -> Queue {
-        let mut q = Queue::new(layout.size).unwrap();
-        q.try_set_desc_table_address(layout.desc_table).unwrap();
-        q.try_set_avail_ring_address(layout.avail_ring).unwrap();
-        q.try_set_used_ring_address(layout.used_ring).unwrap();
-        q.set_event_idx(event_idx);
-        q.set_ready(true);
-        q
     }
 
     #[test]
