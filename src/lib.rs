@@ -12,11 +12,13 @@
 //! - [`protocol`]: vhost-user message framing and dispatch.
 //! - [`daemon`]: listener, signals, the session loop.
 //! - [`stats`]: per-queue-pair counters.
+//! - [`ratelog`]: rate limiting for guest-triggered warnings.
 //! - [`guest`]: a synthetic guest (vhost-user frontend) for tests, benchmarks and smoke tests.
 pub mod config;
 pub mod daemon;
 pub mod guest;
 pub mod protocol;
+pub mod ratelog;
 pub mod ring;
 pub mod rx;
 pub mod session;

@@ -29,6 +29,7 @@ use log::{error, warn};
 use thiserror::Error;
 use vm_memory::{Bytes, GuestMemoryMmap};
 
+use crate::ratelog::{self, RateLimited};
 use crate::ring::{ChainError, DeviceQueue, RingError, Segment};
 use crate::stats::{self, PairStats};
 use crate::tap::Tap;
@@ -43,8 +44,8 @@ const MAX_RX_IOVS: usize = 64;
 pub enum RxError {
     #[error("RX ring: {0}")]
     Ring(#[from] RingError),
-    #[error("reading tap {0} failed: {1}")]
-    Tap(String, #[source] io::Error),
+    #[error("reading tap {0} failed: {1} (was the tap deleted?)")]
+    Tap(String, io::Error),
 }
 
 /// What RX keeps across worker restarts and sessions: a frame taken from the tap that is not yet
@@ -134,6 +135,7 @@ pub struct Rx {
     call: Notifier,
     scratch: Vec<Segment>,
     iovs: Vec<iovec>,
+    bad_log: RateLimited,
 }
 
 /// Totals of one batch, added to the shared counters once.
@@ -172,6 +174,7 @@ impl Rx {
             call,
             scratch: Vec::with_capacity(crate::ring::MAX_CHAIN_SEGS),
             iovs: Vec::with_capacity(MAX_RX_IOVS + 1),
+            bad_log: RateLimited::default(),
         }
     }
 
@@ -305,8 +308,8 @@ impl Rx {
                     self.win.cap += cap as usize;
                 }
                 Err(e) => {
-                    if t.bad == 0 {
-                        warn!("RX chain {head} rejected: {e}");
+                    if let Some(n) = self.bad_log.allow() {
+                        warn!("RX chain {head} rejected: {e}{}", ratelog::suppressed(n));
                     }
                     t.bad += 1;
                     self.q.add_used(mem, head, 0)?;

@@ -180,8 +180,15 @@ impl<'d> Session<'d> {
         }
         let nf = NetFeatures { acked: features };
         let tap = &self.dev.pairs[0].tap;
-        tap.set_vnet_hdr_len(nf.hdr_len())?;
-        tap.set_offload(nf.tun_offloads())?;
+        if let Err(e) = tap
+            .set_vnet_hdr_len(nf.hdr_len())
+            .and_then(|_| tap.set_offload(nf.tun_offloads()))
+        {
+            if e.is_gone() {
+                let _ = self.dev.fatal.write(1);
+            }
+            return Err(e.into());
+        }
         info!(
             "features acked {features:#x}: header {} bytes, mergeable RX buffers {}, event idx {}, \
              tap offloads {:#x}",

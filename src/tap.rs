@@ -50,6 +50,13 @@ pub enum TapError {
     },
 }
 
+impl TapError {
+    /// The tap was deleted under us: the kernel answers EBADFD on a detached tun file.
+    pub fn is_gone(&self) -> bool {
+        matches!(self, TapError::Ioctl { err, .. } if err.raw_os_error() == Some(libc::EBADFD))
+    }
+}
+
 /// One queue of a tap device (one file descriptor). With `--queues N` a tap has N of these.
 #[derive(Debug)]
 pub struct Tap {

@@ -4,7 +4,7 @@
 //! included (the tap's header size is set to what the guest negotiated). When the tap would block,
 //! the chain goes back to the avail ring and the worker waits for the tap to become writable: the
 //! frame is kept, not dropped. A malformed chain is completed with length 0, counted, and logged
-//! once per batch.
+//! (at most once a second).
 
 use std::io;
 
@@ -14,6 +14,7 @@ use thiserror::Error;
 use virtio_queue::QueueOwnedT;
 use vm_memory::GuestMemoryMmap;
 
+use crate::ratelog::{self, RateLimited};
 use crate::ring::{ChainError, DeviceQueue, RingError, Segment, MAX_CHAIN_SEGS};
 use crate::rx::Notifier;
 use crate::stats::{self, PairStats};
@@ -27,7 +28,7 @@ pub enum TxError {
     #[error("TX ring: {0}")]
     Ring(#[from] RingError),
     #[error("tap {0} is gone: {1}")]
-    TapGone(String, #[source] io::Error),
+    TapGone(String, io::Error),
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -45,6 +46,8 @@ pub struct Tx {
     call: Notifier,
     segs: Vec<Segment>,
     iovs: Vec<iovec>,
+    bad_log: RateLimited,
+    refused_log: RateLimited,
 }
 
 impl Tx {
@@ -55,6 +58,8 @@ impl Tx {
             call,
             segs: Vec::with_capacity(MAX_CHAIN_SEGS),
             iovs: Vec::with_capacity(MAX_CHAIN_SEGS),
+            bad_log: RateLimited::default(),
+            refused_log: RateLimited::default(),
         }
     }
 
@@ -90,8 +95,8 @@ impl Tx {
                 }) {
                     Ok(len) => len,
                     Err(e) => {
-                        if bad == 0 {
-                            warn!("TX chain {head} rejected: {e}");
+                        if let Some(n) = self.bad_log.allow() {
+                            warn!("TX chain {head} rejected: {e}{}", ratelog::suppressed(n));
                         }
                         bad += 1;
                         self.q.add_used(mem, head, 0)?;
@@ -115,8 +120,12 @@ impl Tx {
                         return Err(TxError::TapGone(tap.name().to_string(), e));
                     }
                     Err(e) => {
-                        if refused == 0 {
-                            warn!("tap {} refused a {len}-byte TX frame: {e}", tap.name());
+                        if let Some(n) = self.refused_log.allow() {
+                            warn!(
+                                "tap {} refused a {len}-byte TX frame: {e}{}",
+                                tap.name(),
+                                ratelog::suppressed(n)
+                            );
                         }
                         refused += 1;
                     }
@@ -131,9 +140,6 @@ impl Tx {
         if let Ok(true) = published {
             self.call.signal();
             stats::inc(&stats.tx_interrupts);
-        }
-        if bad > 1 || refused > 1 {
-            warn!("TX batch: {bad} malformed chains, {refused} frames refused by the tap");
         }
         stats::add(&stats.tx_frames, frames);
         stats::add(&stats.tx_bytes, bytes);

@@ -121,6 +121,26 @@ impl Loop {
     }
 }
 
+/// The one place a worker gives up. A failed tap ends the daemon (the session watches `fatal`);
+/// a broken ring (the guest corrupted an index) stops only this pair, tells the frontend through
+/// the vring's error eventfd (QEMU logs "vhost vring error"), and is counted. The pair runs again
+/// when the frontend reconfigures it, e.g. after a guest reset.
+fn give_up(
+    tap_failed: bool,
+    err_fd: &Option<Arc<File>>,
+    fatal: &EventFd,
+    stats: &PairStats,
+    e: impl std::fmt::Display,
+) -> String {
+    if tap_failed {
+        let _ = fatal.write(1);
+    } else {
+        Notifier(err_fd.clone()).signal();
+        stats::inc(&stats.ring_errors);
+    }
+    e.to_string()
+}
+
 fn run(setup: WorkerSetup, stop: EventFd) -> WorkerExit {
     use std::os::fd::AsRawFd;
     let WorkerSetup {
@@ -209,8 +229,9 @@ fn run(setup: WorkerSetup, stop: EventFd) -> WorkerExit {
                     }
                     TAP => {
                         let set = ev.event_set();
-                        if set.contains(EventSet::IN) {
-                            rx_ready = true;
+                        // ERR/HUP: the tap was deleted; the next read reports it (EBADFD).
+                        if set.intersects(EventSet::IN | EventSet::ERROR | EventSet::HANG_UP) {
+                            rx_ready = rx.is_some();
                         }
                         if set.contains(EventSet::OUT) && tx_blocked {
                             tx_blocked = false;
@@ -225,14 +246,8 @@ fn run(setup: WorkerSetup, stop: EventFd) -> WorkerExit {
                     Ok(RxOutcome::Budget) => {}
                     Ok(RxOutcome::TapEmpty) | Ok(RxOutcome::Stalled) => rx_ready = false,
                     Err(e) => {
-                        if let Some(f) = &rx_err {
-                            Notifier(Some(f.clone())).signal();
-                        }
-                        if matches!(e, crate::rx::RxError::Tap(..)) {
-                            let _ = fatal.write(1);
-                        }
-                        stats::inc(&stats.ring_errors);
-                        return Err(e.to_string());
+                        let tap_failed = matches!(e, crate::rx::RxError::Tap(..));
+                        return Err(give_up(tap_failed, &rx_err, &fatal, &stats, e));
                     }
                 }
             }
@@ -245,14 +260,8 @@ fn run(setup: WorkerSetup, stop: EventFd) -> WorkerExit {
                         tx_blocked = true;
                     }
                     Err(e) => {
-                        if let Some(f) = &tx_err {
-                            Notifier(Some(f.clone())).signal();
-                        }
-                        if matches!(e, crate::tx::TxError::TapGone(..)) {
-                            let _ = fatal.write(1);
-                        }
-                        stats::inc(&stats.ring_errors);
-                        return Err(e.to_string());
+                        let tap_failed = matches!(e, crate::tx::TxError::TapGone(..));
+                        return Err(give_up(tap_failed, &tx_err, &fatal, &stats, e));
                     }
                 }
             }

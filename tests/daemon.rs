@@ -526,3 +526,50 @@ fn slow_guest_receives_every_frame_the_daemon_took_from_the_tap() {
         tap.tx_dropped, c["rx_stops"], c["rx_wakes"]
     );
 }
+
+#[test]
+fn a_deleted_tap_ends_the_daemon_with_a_clear_error() {
+    let Some(mut r) = rig("tapgone") else { return };
+    r.guest.post_rx_buffers(usize::MAX).unwrap();
+    r.ns.ip(&["link", "del", TAP]);
+    let st = r.daemon.wait_exit(WAIT);
+    assert_eq!(st.code(), Some(1), "log:\n{}", r.daemon.log());
+    let log = r.daemon.log();
+    assert!(log.contains("tap vut0 failed"), "{log}");
+    assert!(log.contains("was the tap deleted?"), "{log}");
+}
+
+#[test]
+fn a_corrupted_avail_index_stops_the_pair_and_the_next_guest_is_served() {
+    let Some(mut r) = rig("corrupt") else { return };
+    r.guest.post_rx_buffers(8).unwrap();
+    let (avail, kick) = {
+        let p = r.guest.pair(0).unwrap();
+        (p.rx_ring().layout().avail_ring, p.rx_kick_fd())
+    };
+    // avail.idx 1000 ahead of what was posted: impossible for a sane driver.
+    let bogus: u16 = 1008;
+    vm_memory::Bytes::store(
+        r.guest.memory(),
+        bogus.to_le(),
+        vm_memory::GuestAddress(avail.0 + 2),
+        std::sync::atomic::Ordering::Release,
+    )
+    .unwrap();
+    // SAFETY: writing 8 bytes to the guest's kick eventfd, which it keeps open.
+    let n = unsafe { libc::write(kick, 1u64.to_ne_bytes().as_ptr().cast(), 8) };
+    assert_eq!(n, 8);
+    r.daemon.wait_for_log("ring corrupted", WAIT);
+    // The daemon lives on: the broken guest leaves, a new one is served.
+    drop(r.guest);
+    r.daemon.wait_for_log("frontend disconnected", WAIT);
+    let mut g = Guest::connect(guest_config(&r.daemon)).expect("a new guest connects");
+    g.post_rx_buffers(usize::MAX).unwrap();
+    send_to_guest(&r.host, 0..50);
+    let (got, _) = receive(&mut g, 50, true);
+    assert_in_order(&got, 0);
+    drop(g);
+    let st = r.daemon.terminate();
+    assert!(st.success());
+    assert_eq!(r.daemon.final_counters(0)["ring_errors"], 1);
+}
