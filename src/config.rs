@@ -9,7 +9,19 @@ use std::path::PathBuf;
 use clap::{ArgGroup, Parser};
 use thiserror::Error;
 
+use crate::metrics::MetricsAddr;
 use crate::tap;
+
+/// Whether to ask tun to stop its queue instead of tail-dropping (IFF_BACKPRESSURE).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Backpressure {
+    /// Use it when the kernel has it.
+    Auto,
+    /// Require it; fail on a kernel without it.
+    On,
+    /// Never (stock tail-drop behaviour).
+    Off,
+}
 
 /// A vhost-user network backend: moves frames between a Linux tap and a guest's virtio-net rings.
 ///
@@ -46,6 +58,20 @@ pub struct Args {
     #[arg(long, value_name = "N", default_value_t = 1024)]
     pub queue_size: u16,
 
+    /// IFF_BACKPRESSURE: with it (Linux 7.3+) a full tun ring stops the tap's queue and its qdisc
+    /// holds the frames instead of tun tail-dropping them. auto: use it when the kernel has it.
+    #[arg(long, value_enum, default_value_t = Backpressure::Auto)]
+    pub backpressure: Backpressure,
+
+    /// Install this root qdisc on the tap at start (e.g. fq_codel, pfifo), like
+    /// `tc qdisc replace dev TAP root KIND`. Backpressure needs a qdisc to hold frames.
+    #[arg(long, value_name = "KIND")]
+    pub qdisc: Option<String>,
+
+    /// Serve Prometheus metrics at GET /metrics on IP:PORT or unix:PATH.
+    #[arg(long, value_name = "ADDR")]
+    pub metrics: Option<MetricsAddr>,
+
     /// Print the backend's capabilities as JSON (vhost-user convention) and exit.
     #[arg(long)]
     pub print_capabilities: bool,
@@ -68,6 +94,9 @@ pub struct Config {
     pub mtu: u16,
     pub queue_size: u16,
     pub queue_pairs: usize,
+    pub backpressure: Backpressure,
+    pub qdisc: Option<String>,
+    pub metrics: Option<MetricsAddr>,
 }
 
 #[derive(Debug, Error, PartialEq, Eq)]
@@ -86,6 +115,8 @@ pub enum ConfigError {
     BadQueueSize(u16),
     #[error("--fd {0}: must be an inherited descriptor number of 3 or more")]
     BadFd(RawFd),
+    #[error("--qdisc {0:?}: expected a qdisc kind such as fq_codel or pfifo")]
+    BadQdisc(String),
 }
 
 pub fn parse_mac(s: &str) -> Option<[u8; 6]> {
@@ -137,6 +168,15 @@ impl TryFrom<Args> for Config {
         if !a.queue_size.is_power_of_two() || a.queue_size < 2 || a.queue_size > 32768 {
             return Err(ConfigError::BadQueueSize(a.queue_size));
         }
+        if let Some(q) = &a.qdisc {
+            let ok = !q.is_empty()
+                && q.len() < 16
+                && q.bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_');
+            if !ok {
+                return Err(ConfigError::BadQdisc(q.clone()));
+            }
+        }
         Ok(Config {
             listen,
             tap,
@@ -145,6 +185,9 @@ impl TryFrom<Args> for Config {
             mtu: a.mtu,
             queue_size: a.queue_size,
             queue_pairs: 1,
+            backpressure: a.backpressure,
+            qdisc: a.qdisc,
+            metrics: a.metrics,
         })
     }
 }
@@ -169,6 +212,8 @@ mod tests {
         assert_eq!(c.mtu, 1500);
         assert_eq!(c.queue_size, 1024);
         assert_eq!(c.mac, mac_for_tap("vut0"));
+        assert_eq!(c.backpressure, Backpressure::Auto);
+        assert_eq!(c.metrics, None);
         assert_eq!(c.mac[0] & 0x03, 0x02, "locally administered unicast");
     }
 
@@ -215,6 +260,10 @@ mod tests {
         assert_eq!(
             parse(&["--socket-path", "/s"]).unwrap_err(),
             ConfigError::NoTap
+        );
+        assert_eq!(
+            with(&["--qdisc", "fq codel"]),
+            ConfigError::BadQdisc("fq codel".into())
         );
     }
 

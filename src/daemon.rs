@@ -19,7 +19,11 @@ use log::{error, info, warn};
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use crate::backpressure;
 use crate::config::{Config, Listen};
+use crate::metrics::{self, MetricsServer};
 use crate::protocol::Connection;
 use crate::session::{Device, PairSlot, Session};
 use crate::stats::PairStats;
@@ -169,19 +173,27 @@ pub struct Daemon {
     dev: Device,
     listener: Listener,
     signals: SignalFd,
+    backpressure: bool,
+    connected: Arc<AtomicBool>,
+    _metrics: Option<MetricsServer>,
 }
 
 impl Daemon {
     /// Open the tap and the listener; nothing is served yet.
     pub fn new(config: Config) -> anyhow::Result<Daemon> {
         let signals = SignalFd::new().context("setting up signal handling")?;
-        let taps = Tap::open_queues(&config.tap, config.queue_pairs)?;
+        let (taps, backpressure) =
+            backpressure::open_tap(&config.tap, config.queue_pairs, config.backpressure)?;
+        if let Some(kind) = &config.qdisc {
+            backpressure::install_qdisc(&config.tap, kind)?;
+        }
+        backpressure::check_qdisc(&config.tap, backpressure);
         let offered = offered_features(&taps[0], taps.len());
         let listener = match &config.listen {
             Listen::Path(p) => Listener::bind(p)?,
             Listen::Fd(fd) => Listener::from_fd(*fd)?,
         };
-        let pairs = taps
+        let pairs: Vec<PairSlot> = taps
             .into_iter()
             .map(|t| PairSlot {
                 tap: Arc::new(t),
@@ -190,6 +202,19 @@ impl Daemon {
             })
             .collect();
         let fatal = Arc::new(EventFd::new(EFD_NONBLOCK).context("creating eventfd")?);
+        let connected = Arc::new(AtomicBool::new(false));
+        let metrics = match &config.metrics {
+            Some(addr) => {
+                let source = metrics::Source {
+                    tap: config.tap.clone(),
+                    pairs: pairs.iter().map(|p| p.stats.clone()).collect(),
+                    backpressure,
+                    connected: connected.clone(),
+                };
+                Some(MetricsServer::start(addr, Arc::new(source))?)
+            }
+            None => None,
+        };
         info!(
             "tap {} ({} queue pair(s)), offering features {offered:#x}; listening on {}",
             config.tap,
@@ -208,6 +233,9 @@ impl Daemon {
             },
             listener,
             signals,
+            backpressure,
+            connected,
+            _metrics: metrics,
         })
     }
 
@@ -253,7 +281,11 @@ impl Daemon {
                 }
             };
             info!("frontend connected");
-            match self.serve(stream) {
+            backpressure::check_qdisc(&self.dev.config.tap, self.backpressure);
+            self.connected.store(true, Ordering::Relaxed);
+            let end = self.serve(stream);
+            self.connected.store(false, Ordering::Relaxed);
+            match end {
                 Ok(SessionEnd::Disconnected) => {
                     info!("frontend disconnected; waiting for the next")
                 }

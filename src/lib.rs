@@ -2,6 +2,9 @@
 //!
 //! Module map:
 //! - [`config`]: command line and validated configuration.
+//! - [`backpressure`]: IFF_BACKPRESSURE mode and the tap's qdisc.
+//! - [`netlink`]: the tap's kernel and qdisc counters over rtnetlink.
+//! - [`metrics`]: the Prometheus endpoint.
 //! - [`tap`]: the tap device (the only ioctl code).
 //! - [`virtio_net`]: feature bits, header sizes, config space.
 //! - [`ring`]: device side of a split virtqueue on top of `virtio_queue::Queue`.
@@ -14,9 +17,12 @@
 //! - [`stats`]: per-queue-pair counters.
 //! - [`ratelog`]: rate limiting for guest-triggered warnings.
 //! - [`guest`]: a synthetic guest (vhost-user frontend) for tests, benchmarks and smoke tests.
+pub mod backpressure;
 pub mod config;
 pub mod daemon;
 pub mod guest;
+pub mod metrics;
+pub mod netlink;
 pub mod protocol;
 pub mod ratelog;
 pub mod ring;

@@ -15,6 +15,11 @@ use thiserror::Error;
 
 const TUN_PATH: &str = "/dev/net/tun";
 
+/// The seed series' opt-in flag (Linux 7.3+): when the tun ring is full, stop the device queue
+/// instead of tail-dropping, so a qdisc holds the frames. Older kernels ignore unknown flags at
+/// TUNSETIFF, so support is probed with TUNGETFEATURES, and its effect read back with TUNGETIFF.
+pub const IFF_BACKPRESSURE: c_int = 0x0080;
+
 #[derive(Debug, Error)]
 pub enum TapError {
     #[error("tap name {0:?} is invalid: 1 to 15 bytes, no '/', ':' or whitespace")]
@@ -48,6 +53,22 @@ pub enum TapError {
         name: String,
         err: io::Error,
     },
+}
+
+/// The IFF_* flags this kernel's tun driver understands (TUNGETFEATURES, no tap needed).
+pub fn tun_features() -> Result<c_uint, TapError> {
+    let file = Tap::open_tun()?;
+    let mut features: c_uint = 0;
+    // SAFETY: TUNGETFEATURES writes one unsigned int, which `features` is and outlives.
+    let ret = unsafe {
+        vmm_sys_util::ioctl::ioctl_with_mut_ref(&file, libc::TUNGETFEATURES, &mut features)
+    };
+    check(ret).map_err(|err| TapError::Ioctl {
+        step: "TUNGETFEATURES",
+        name: TUN_PATH.into(),
+        err,
+    })?;
+    Ok(features)
 }
 
 impl TapError {
@@ -99,14 +120,16 @@ impl Tap {
     ///
     /// Flags: IFF_TAP | IFF_NO_PI | IFF_VNET_HDR, plus IFF_MULTI_QUEUE when `queues > 1`; each fd is
     /// non-blocking so the workers can poll them.
-    pub fn open_queues(name: &str, queues: usize) -> Result<Vec<Tap>, TapError> {
+    pub fn open_queues(name: &str, queues: usize, extra: c_int) -> Result<Vec<Tap>, TapError> {
         validate_name(name)?;
         let multi = queues > 1;
-        (0..queues).map(|_| Tap::open_one(name, multi)).collect()
+        (0..queues)
+            .map(|_| Tap::open_one(name, multi, extra))
+            .collect()
     }
 
-    fn open_one(name: &str, multi_queue: bool) -> Result<Tap, TapError> {
-        let file = OpenOptions::new()
+    fn open_tun() -> Result<File, TapError> {
+        OpenOptions::new()
             .read(true)
             .write(true)
             .custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC)
@@ -114,8 +137,12 @@ impl Tap {
             .map_err(|e| match e.kind() {
                 io::ErrorKind::PermissionDenied => TapError::OpenTunDenied,
                 _ => TapError::OpenTun(e),
-            })?;
-        let mut flags = libc::IFF_TAP | libc::IFF_NO_PI | libc::IFF_VNET_HDR;
+            })
+    }
+
+    fn open_one(name: &str, multi_queue: bool, extra: c_int) -> Result<Tap, TapError> {
+        let file = Tap::open_tun()?;
+        let mut flags = libc::IFF_TAP | libc::IFF_NO_PI | libc::IFF_VNET_HDR | extra;
         if multi_queue {
             flags |= libc::IFF_MULTI_QUEUE;
         }
@@ -192,19 +219,20 @@ impl Tap {
         supported
     }
 
-    /// Features the tun driver reports (TUNGETFEATURES): IFF_* bits it understands.
-    pub fn kernel_features(&self) -> Result<c_uint, TapError> {
-        let mut features: c_uint = 0;
-        // SAFETY: TUNGETFEATURES writes one unsigned int, which `features` is and outlives.
+    /// The IFF_* flags in force on this tap queue (TUNGETIFF).
+    pub fn flags(&self) -> Result<c_int, TapError> {
+        let mut ifr = ifreq_for(&self.name);
+        // SAFETY: TUNGETIFF writes an ifreq, which `ifr` is and outlives the call.
         let ret = unsafe {
-            vmm_sys_util::ioctl::ioctl_with_mut_ref(&self.file, libc::TUNGETFEATURES, &mut features)
+            vmm_sys_util::ioctl::ioctl_with_mut_ref(&self.file, libc::TUNGETIFF, &mut ifr)
         };
         check(ret).map_err(|err| TapError::Ioctl {
-            step: "TUNGETFEATURES",
+            step: "TUNGETIFF",
             name: self.name.clone(),
             err,
         })?;
-        Ok(features)
+        // SAFETY: the kernel filled the flags member of the union.
+        Ok(c_int::from(unsafe { ifr.ifr_ifru.ifru_flags }) & 0xffff)
     }
 
     /// Read one frame (vnet header first) into `iov`.

@@ -191,3 +191,51 @@ fn an_unprivileged_daemon_serves_a_tap_created_for_its_user() {
     assert!(st.success(), "exit status {st}");
     assert!(!sock.exists(), "socket left behind");
 }
+
+#[test]
+fn backpressure_mode_follows_the_kernel_and_says_why() {
+    if !root_or_skip("bpmode") {
+        return;
+    }
+    let kernel_has = vhost_user_tap::tap::tun_features().unwrap()
+        & vhost_user_tap::tap::IFF_BACKPRESSURE as u32
+        != 0;
+    let ns = Netns::new("bpmode");
+    let dir = TempDir::new("bpmode");
+    let sock = dir.0.join("s.sock");
+    let sock = sock.to_str().unwrap();
+    let mut auto = Daemon::start(&ns, "bp0", &["--backpressure", "auto"]);
+    let expect = if kernel_has {
+        "backpressure on: tap bp0 has IFF_BACKPRESSURE"
+    } else {
+        "backpressure off (stock mode): this kernel's tun lacks IFF_BACKPRESSURE"
+    };
+    assert!(auto.log().contains(expect), "{}", auto.log());
+    assert!(auto.terminate().success());
+
+    if kernel_has {
+        let mut on = Daemon::start(&ns, "bp1", &["--backpressure", "on"]);
+        assert!(
+            on.log().contains("backpressure on: tap bp1"),
+            "{}",
+            on.log()
+        );
+        assert!(on.terminate().success());
+    } else {
+        let args = [
+            "--socket-path",
+            sock,
+            "--tap",
+            "bp1",
+            "--backpressure",
+            "on",
+        ];
+        let out = in_ns(&ns, &args);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{err}");
+        assert!(
+            err.contains("--backpressure on: this kernel's tun has no IFF_BACKPRESSURE"),
+            "{err}"
+        );
+    }
+}

@@ -33,11 +33,15 @@ fn rig(test: &str) -> Option<Rig> {
 }
 
 fn rig_with(test: &str, tweak: impl FnOnce(&mut GuestConfig)) -> Option<Rig> {
+    rig_full(test, &[], tweak)
+}
+
+fn rig_full(test: &str, args: &[&str], tweak: impl FnOnce(&mut GuestConfig)) -> Option<Rig> {
     if !root_or_skip(test) {
         return None;
     }
     let ns = Netns::new(test);
-    let mut daemon = Daemon::start(&ns, TAP, &[]);
+    let mut daemon = Daemon::start(&ns, TAP, args);
     ns.configure_tap(TAP);
     let mut cfg = guest_config(&daemon);
     tweak(&mut cfg);
@@ -572,4 +576,96 @@ fn a_corrupted_avail_index_stops_the_pair_and_the_next_guest_is_served() {
     let st = r.daemon.terminate();
     assert!(st.success());
     assert_eq!(r.daemon.final_counters(0)["ring_errors"], 1);
+}
+
+#[test]
+fn metrics_show_where_frames_went_and_move_with_traffic() {
+    let dir = TempDir::new("metrics");
+    let msock = dir.0.join("metrics.sock");
+    let arg = format!("unix:{}", msock.display());
+    let Some(mut r) = rig_full("metrics", &["--metrics", &arg, "--qdisc", "pfifo"], |c| {
+        c.queue_size = 64
+    }) else {
+        return;
+    };
+    let before = scrape(&msock);
+    let names = [
+        "vhost_user_tap_build_info{version=\"0.1.0\"}",
+        "vhost_user_tap_frontend_connected",
+        "vhost_user_tap_backpressure{tap=\"vut0\"}",
+        "vhost_user_tap_rx_frames_total{queue=\"0\"}",
+        "vhost_user_tap_tx_frames_total{queue=\"0\"}",
+        "vhost_user_tap_rx_stops_total{queue=\"0\"}",
+        "vhost_user_tap_rx_wakes_total{queue=\"0\"}",
+        "vhost_user_tap_rx_kicks_total{queue=\"0\"}",
+        "vhost_user_tap_rx_interrupts_total{queue=\"0\"}",
+        "vhost_user_tap_daemon_dropped_frames_total{queue=\"0\",direction=\"rx\",reason=\"oversize\"}",
+        "vhost_user_tap_tap_tx_packets_total{tap=\"vut0\"}",
+        "vhost_user_tap_tap_tx_dropped_total{tap=\"vut0\"}",
+        "vhost_user_tap_qdisc_dropped_packets_total{tap=\"vut0\",qdisc=\"pfifo\",reason=\"limit\"}",
+        "vhost_user_tap_qdisc_backlog_packets{tap=\"vut0\",qdisc=\"pfifo\"}",
+    ];
+    for n in names {
+        assert!(
+            before.contains_key(n),
+            "{n} missing from the scrape: {before:?}"
+        );
+    }
+    assert_eq!(before["vhost_user_tap_frontend_connected"], 1.0);
+    // Overload with a 64-entry ring the guest does not refill: tun must tail-drop (stock kernel).
+    r.guest.post_rx_buffers(usize::MAX).unwrap();
+    send_to_guest(&r.host, 0..3000);
+    let (got, _) = receive(&mut r.guest, 64, false);
+    assert_eq!(got.len(), 64);
+    let mid = scrape(&msock);
+    let rx = |m: &std::collections::HashMap<String, f64>| {
+        m["vhost_user_tap_rx_frames_total{queue=\"0\"}"]
+    };
+    let taken = |m: &std::collections::HashMap<String, f64>| {
+        m["vhost_user_tap_tap_tx_packets_total{tap=\"vut0\"}"]
+    };
+    let tun_drops = |m: &std::collections::HashMap<String, f64>| {
+        m["vhost_user_tap_tap_tx_dropped_total{tap=\"vut0\"}"]
+    };
+    assert_eq!(rx(&mid) - rx(&before), 64.0);
+    assert_eq!(
+        taken(&mid) - taken(&before),
+        64.0,
+        "the daemon took only what it delivered"
+    );
+    assert!(
+        tun_drops(&mid) > tun_drops(&before),
+        "stock tun should have tail-dropped: {mid:?}"
+    );
+    assert!(mid["vhost_user_tap_rx_stops_total{queue=\"0\"}"] >= 1.0);
+    // Drain: every frame the kernel queued reaches the guest, and the numbers add up.
+    r.guest.post_rx_buffers(usize::MAX).unwrap();
+    let end_deadline = Instant::now() + WAIT;
+    let mut delivered = 64.0;
+    loop {
+        r.guest
+            .wait_interrupt(0, Duration::from_millis(200))
+            .unwrap();
+        let n = r.guest.poll_rx(|_, _| {}).unwrap();
+        r.guest.post_rx_buffers(n).unwrap();
+        delivered += n as f64;
+        let m = scrape(&msock);
+        if taken(&m) - taken(&before) + tun_drops(&m) - tun_drops(&before) >= 3000.0
+            && rx(&m) - rx(&before) == delivered
+        {
+            assert_eq!(rx(&m), taken(&m), "delivered = taken from the tap");
+            let daemon_drops: f64 = m
+                .iter()
+                .filter(|(k, _)| k.starts_with("vhost_user_tap_daemon_dropped_frames_total"))
+                .map(|(_, v)| v)
+                .sum();
+            assert_eq!(daemon_drops, 0.0);
+            assert!(m["vhost_user_tap_rx_wakes_total{queue=\"0\"}"] >= 1.0);
+            break;
+        }
+        assert!(
+            Instant::now() < end_deadline,
+            "numbers never added up: {m:?}"
+        );
+    }
 }

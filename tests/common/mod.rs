@@ -332,3 +332,23 @@ impl Drop for Daemon {
 pub fn socket_gone(p: &Path) -> bool {
     !p.exists()
 }
+
+/// Scrape a metrics endpoint on a unix socket; returns `name{labels}` → value.
+pub fn scrape(path: &Path) -> HashMap<String, f64> {
+    use std::io::{Read, Write};
+    let mut s = std::os::unix::net::UnixStream::connect(path)
+        .unwrap_or_else(|e| panic!("metrics socket {}: {e}", path.display()));
+    s.write_all(b"GET /metrics HTTP/1.0\r\nHost: x\r\n\r\n")
+        .unwrap();
+    let mut body = String::new();
+    s.read_to_string(&mut body).unwrap();
+    assert!(
+        body.starts_with("HTTP/1.0 200") || body.starts_with("HTTP/1.1 200"),
+        "{body}"
+    );
+    body.lines()
+        .filter(|l| l.starts_with("vhost_user_tap_"))
+        .filter_map(|l| l.rsplit_once(' '))
+        .map(|(k, v)| (k.to_string(), v.parse().unwrap_or(f64::NAN)))
+        .collect()
+}
