@@ -54,6 +54,17 @@ pub struct Args {
     #[arg(long, value_name = "N", default_value_t = 1500)]
     pub mtu: u16,
 
+    /// Queue pairs (RX+TX virtqueues), each served by its own thread and its own tap queue
+    /// (IFF_MULTI_QUEUE when more than one). QEMU: `-netdev vhost-user,queues=N` and
+    /// `-device virtio-net-pci,mq=on,vectors=2N+2`.
+    #[arg(long, value_name = "N", default_value_t = 1)]
+    pub queues: usize,
+
+    /// Before sleeping, spin up to this many microseconds polling the tap and the guest's rings
+    /// (like vhost-net's busyloop_timeout): lower latency for a core's worth of CPU. 0: off.
+    #[arg(long, value_name = "US", default_value_t = 0)]
+    pub busy_poll_us: u64,
+
     /// Largest virtqueue size accepted from the frontend (power of two).
     #[arg(long, value_name = "N", default_value_t = 1024)]
     pub queue_size: u16,
@@ -94,6 +105,7 @@ pub struct Config {
     pub mtu: u16,
     pub queue_size: u16,
     pub queue_pairs: usize,
+    pub busy_poll_us: u64,
     pub backpressure: Backpressure,
     pub qdisc: Option<String>,
     pub metrics: Option<MetricsAddr>,
@@ -115,6 +127,10 @@ pub enum ConfigError {
     BadQueueSize(u16),
     #[error("--fd {0}: must be an inherited descriptor number of 3 or more")]
     BadFd(RawFd),
+    #[error("--queues {0}: must be between 1 and {MAX_QUEUE_PAIRS}")]
+    BadQueues(usize),
+    #[error("--busy-poll-us {0}: at most 1000000")]
+    BadBusyPoll(u64),
     #[error("--qdisc {0:?}: expected a qdisc kind such as fq_codel or pfifo")]
     BadQdisc(String),
 }
@@ -168,6 +184,12 @@ impl TryFrom<Args> for Config {
         if !a.queue_size.is_power_of_two() || a.queue_size < 2 || a.queue_size > 32768 {
             return Err(ConfigError::BadQueueSize(a.queue_size));
         }
+        if a.queues == 0 || a.queues > MAX_QUEUE_PAIRS {
+            return Err(ConfigError::BadQueues(a.queues));
+        }
+        if a.busy_poll_us > 1_000_000 {
+            return Err(ConfigError::BadBusyPoll(a.busy_poll_us));
+        }
         if let Some(q) = &a.qdisc {
             let ok = !q.is_empty()
                 && q.len() < 16
@@ -184,13 +206,17 @@ impl TryFrom<Args> for Config {
             serve_config,
             mtu: a.mtu,
             queue_size: a.queue_size,
-            queue_pairs: 1,
+            queue_pairs: a.queues,
+            busy_poll_us: a.busy_poll_us,
             backpressure: a.backpressure,
             qdisc: a.qdisc,
             metrics: a.metrics,
         })
     }
 }
+
+/// Most queue pairs: tun allows 256 queues; a worker thread each makes more pointless here.
+pub const MAX_QUEUE_PAIRS: usize = 64;
 
 /// What `--print-capabilities` prints: the vhost-user schema defines no features for `net`.
 pub const CAPABILITIES_JSON: &str = "{\"type\": \"net\"}";
@@ -260,6 +286,12 @@ mod tests {
         assert_eq!(
             parse(&["--socket-path", "/s"]).unwrap_err(),
             ConfigError::NoTap
+        );
+        assert_eq!(with(&["--queues", "0"]), ConfigError::BadQueues(0));
+        assert_eq!(with(&["--queues", "65"]), ConfigError::BadQueues(65));
+        assert_eq!(
+            with(&["--busy-poll-us", "2000000"]),
+            ConfigError::BadBusyPoll(2_000_000)
         );
         assert_eq!(
             with(&["--qdisc", "fq codel"]),

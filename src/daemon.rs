@@ -193,14 +193,21 @@ impl Daemon {
             Listen::Path(p) => Listener::bind(p)?,
             Listen::Fd(fd) => Listener::from_fd(*fd)?,
         };
-        let pairs: Vec<PairSlot> = taps
+        let mut pairs: Vec<PairSlot> = taps
             .into_iter()
             .map(|t| PairSlot {
                 tap: Arc::new(t),
                 stats: Arc::new(PairStats::default()),
                 carry: None,
+                attached: true,
             })
             .collect();
+        // A fresh multiqueue tap has every queue attached; until the guest enables a pair only
+        // queue 0 may receive flows.
+        for slot in pairs.iter_mut().skip(1) {
+            slot.tap.set_attached(false)?;
+            slot.attached = false;
+        }
         let fatal = Arc::new(EventFd::new(EFD_NONBLOCK).context("creating eventfd")?);
         let connected = Arc::new(AtomicBool::new(false));
         let metrics = match &config.metrics {

@@ -65,6 +65,10 @@ pub struct PairSlot {
     pub stats: Arc<PairStats>,
     /// A frame taken from the tap and not yet delivered; `None` while a worker holds it.
     pub carry: Option<RxCarry>,
+    /// Whether the tap queue is attached (multiqueue): the kernel steers flows only to attached
+    /// queues, so only pairs whose RX ring runs are attached. Queue 0 always is, so a tap with
+    /// no reader behaves like a single-queue tap.
+    pub attached: bool,
 }
 
 /// What the daemon knows before any frontend connects.
@@ -78,6 +82,25 @@ pub struct Device {
 }
 
 impl Device {
+    /// Attach pair `p`'s tap queue while its RX ring runs, detach it otherwise (never pair 0).
+    fn sync_attach(&mut self, p: usize, reading: bool) {
+        let want = reading || p == 0;
+        let multi = self.pairs.len() > 1;
+        let slot = &mut self.pairs[p];
+        if multi && slot.attached != want {
+            match slot.tap.set_attached(want) {
+                Ok(()) => {
+                    slot.attached = want;
+                    debug!(
+                        "queue pair {p}: tap queue {}",
+                        if want { "attached" } else { "detached" }
+                    );
+                }
+                Err(e) => warn!("queue pair {p}: {e}"),
+            }
+        }
+    }
+
     pub fn protocol_features(&self) -> VhostUserProtocolFeatures {
         let base = VhostUserProtocolFeatures::MQ
             | VhostUserProtocolFeatures::REPLY_ACK
@@ -443,6 +466,7 @@ impl<'d> Session<'d> {
             })
         };
         let (rx, tx) = (run(self, 2 * p), run(self, 2 * p + 1));
+        self.dev.sync_attach(p, rx.is_some());
         if rx.is_none() && tx.is_none() {
             for i in [2 * p, 2 * p + 1] {
                 let v = &self.vrings[i];
@@ -483,5 +507,8 @@ impl<'d> Session<'d> {
 impl Drop for Session<'_> {
     fn drop(&mut self) {
         self.stop_all();
+        for p in 0..self.dev.pairs.len() {
+            self.dev.sync_attach(p, false);
+        }
     }
 }

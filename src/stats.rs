@@ -42,7 +42,9 @@ macro_rules! counters {
 }
 
 counters! {
-    /// Counters of one queue pair (RX queue 2p, TX queue 2p+1).
+    /// Counters of one queue pair (RX queue 2p, TX queue 2p+1). Cache-line aligned: each pair's
+    /// worker writes only its own, and must not share a line with another pair's.
+    #[repr(align(64))]
     PairStats / PairSnapshot {
         /// Frames delivered to the guest (taken from the tap and published in the RX used ring).
         rx_frames,

@@ -219,6 +219,31 @@ impl Tap {
         supported
     }
 
+    /// Attach or detach this queue (multiqueue taps): the kernel steers flows only to attached
+    /// queues, so a queue nobody reads must be detached.
+    pub fn set_attached(&self, attach: bool) -> Result<(), TapError> {
+        let mut ifr = ifreq_for(&self.name);
+        let flag = if attach {
+            libc::IFF_ATTACH_QUEUE
+        } else {
+            libc::IFF_DETACH_QUEUE
+        };
+        ifr.ifr_ifru.ifru_flags = flag as c_short;
+        // SAFETY: TUNSETQUEUE reads an ifreq, which `ifr` is and outlives the call.
+        let ret = unsafe {
+            vmm_sys_util::ioctl::ioctl_with_mut_ref(&self.file, libc::TUNSETQUEUE, &mut ifr)
+        };
+        check(ret).map(drop).map_err(|err| TapError::Ioctl {
+            step: if attach {
+                "TUNSETQUEUE attach"
+            } else {
+                "TUNSETQUEUE detach"
+            },
+            name: self.name.clone(),
+            err,
+        })
+    }
+
     /// The IFF_* flags in force on this tap queue (TUNGETIFF).
     pub fn flags(&self) -> Result<c_int, TapError> {
         let mut ifr = ifreq_for(&self.name);

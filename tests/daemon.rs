@@ -669,3 +669,65 @@ fn metrics_show_where_frames_went_and_move_with_traffic() {
         );
     }
 }
+
+#[test]
+fn flows_spread_over_four_queue_pairs_all_arrive() {
+    if !root_or_skip("mq") {
+        return;
+    }
+    const PAIRS: usize = 4;
+    let ns = Netns::new("mq");
+    let mut daemon = Daemon::start(&ns, TAP, &["--queues", "4"]);
+    ns.configure_tap(TAP);
+    let mut cfg = guest_config(&daemon);
+    cfg.queue_pairs = PAIRS as u16;
+    let mut g = Guest::connect(cfg).expect("guest connects with 4 pairs");
+    daemon.wait_for_log("features acked", WAIT);
+    for p in 0..PAIRS {
+        g.pair_mut(p).unwrap().post_rx_buffers(usize::MAX).unwrap();
+    }
+    // 64 flows (source ports), 50 datagrams each.
+    let socks: Vec<UdpSocket> = (0..64)
+        .map(|_| ns.udp_socket(&format!("{HOST_IP}:0")))
+        .collect();
+    let dst = SocketAddrV4::new(GUEST_IP.parse().unwrap(), GUEST_PORT);
+    let mut per_pair = [0usize; PAIRS];
+    let mut total = 0;
+    for round in 0..50 {
+        for s in &socks {
+            s.send_to(&payload(round), dst).unwrap();
+        }
+        // Keep up so no ring overflows: this test is about steering, not overload.
+        let want = (round + 1) * socks.len();
+        let deadline = Instant::now() + WAIT;
+        while total < want {
+            assert!(
+                Instant::now() < deadline,
+                "{total} of {want} arrived: {per_pair:?}"
+            );
+            for (p, count) in per_pair.iter_mut().enumerate() {
+                let pair = g.pair_mut(p).unwrap();
+                pair.wait_rx_interrupt(Some(Duration::from_millis(1)))
+                    .unwrap();
+                let n = pair
+                    .poll_rx(|f, _| assert!(udp_payload_to_guest(f).is_some()))
+                    .unwrap();
+                pair.post_rx_buffers(n).unwrap();
+                *count += n;
+                total += n;
+            }
+        }
+    }
+    assert_eq!(total, 50 * 64);
+    assert!(
+        per_pair.iter().all(|&n| n > 0),
+        "every pair should carry some flows: {per_pair:?}"
+    );
+    drop(g);
+    assert!(daemon.terminate().success());
+    let delivered: u64 = (0..PAIRS)
+        .map(|p| daemon.final_counters(p)["rx_frames"])
+        .sum();
+    assert_eq!(delivered, 50 * 64);
+    eprintln!("frames per pair: {per_pair:?}");
+}

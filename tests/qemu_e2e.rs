@@ -97,20 +97,28 @@ fn qemu10_wrapper() -> PathBuf {
 
 #[test]
 fn vhost_user_backend_with_system_qemu_7_2() {
-    run_e2e(Path::new(SYSTEM_QEMU), Backend::VhostUser);
+    run_e2e(Path::new(SYSTEM_QEMU), Backend::VhostUser, 1);
 }
 
 #[test]
 fn vhost_user_backend_with_qemu_10_0_2() {
-    run_e2e(&qemu10_wrapper(), Backend::VhostUser);
+    run_e2e(&qemu10_wrapper(), Backend::VhostUser, 1);
+}
+
+/// Two vCPUs and `queues=2`: the guest brings up both queue pairs (Linux enables one per CPU)
+/// and both carry traffic. QEMU 10 only: under TCG QEMU 7.2 needs vectors=0 (see run_case),
+/// and without MSI-X the guest has no per-queue interrupts to spread work with.
+#[test]
+fn two_queue_pairs_with_qemu_10_0_2() {
+    run_e2e(&qemu10_wrapper(), Backend::VhostUser, 2);
 }
 
 /// Checks the guest image and this harness with QEMU's own tap backend, for
 /// both QEMUs; needs no daemon.
 #[test]
 fn qemu_tap_backend_baseline() {
-    run_e2e(Path::new(SYSTEM_QEMU), Backend::QemuTap);
-    run_e2e(&qemu10_wrapper(), Backend::QemuTap);
+    run_e2e(Path::new(SYSTEM_QEMU), Backend::QemuTap, 1);
+    run_e2e(&qemu10_wrapper(), Backend::QemuTap, 1);
 }
 
 // --- prerequisites -------------------------------------------------------------
@@ -527,7 +535,7 @@ fn field(line: &str, key: &str) -> Option<u64> {
 /// Sends `UDP_COUNT` datagrams from a socket inside the namespace. Each
 /// payload starts with its decimal sequence number and a newline, padded to a
 /// random length; the guest counts distinct sequence numbers.
-fn send_udp(netns: &str, seed: u64) -> Result<u32, String> {
+fn send_udp(netns: &str, seed: u64, flows: usize) -> Result<u32, String> {
     let ns_path = PathBuf::from("/run/netns").join(netns);
     // setns changes only the calling thread's namespace, and a socket stays in
     // the namespace it was created in: a dedicated thread keeps the test's
@@ -539,7 +547,10 @@ fn send_udp(netns: &str, seed: u64) -> Result<u32, String> {
         if unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
             return Err(format!("setns: {}", std::io::Error::last_os_error()));
         }
-        let sock = UdpSocket::bind(SocketAddrV4::new(HOST_IP, 0))
+        // One socket per flow: tun steers flows (not datagrams) across queue pairs.
+        let socks = (0..flows)
+            .map(|_| UdpSocket::bind(SocketAddrV4::new(HOST_IP, 0)))
+            .collect::<Result<Vec<_>, _>>()
             .map_err(|e| format!("bind UDP socket to {HOST_IP}: {e}"))?;
         let dest = SocketAddrV4::new(GUEST_IP, UDP_PORT);
         let mut rng = StdRng::seed_from_u64(seed);
@@ -550,7 +561,8 @@ fn send_udp(netns: &str, seed: u64) -> Result<u32, String> {
             payload.extend_from_slice(format!("{seq}\n").as_bytes());
             let len = rng.random_range(payload.len()..=UDP_MAX_PAYLOAD);
             payload.resize(len, b'.');
-            sock.send_to(&payload, dest)
+            socks[seq as usize % flows]
+                .send_to(&payload, dest)
                 .map_err(|e| format!("send_to {dest} (datagram {seq}): {e}"))?;
             sent += 1;
             if sent % UDP_BURST == 0 {
@@ -568,13 +580,17 @@ fn send_udp(netns: &str, seed: u64) -> Result<u32, String> {
 
 /// One end-to-end run: boot the guest behind `backend` with `qemu`, ping both
 /// ways, send UDP, shut everything down. Panics with diagnostics on failure.
-fn run_e2e(qemu: &Path, backend: Backend) {
+fn run_e2e(qemu: &Path, backend: Backend, queues: usize) {
     let qemu_label = if qemu == Path::new(SYSTEM_QEMU) {
         "q72"
     } else {
         "q10"
     };
-    let tag = format!("{}-{qemu_label}", backend.short());
+    let tag = if queues > 1 {
+        format!("{}-{qemu_label}-mq{queues}", backend.short())
+    } else {
+        format!("{}-{qemu_label}", backend.short())
+    };
     let guest = match check_prerequisites(qemu) {
         Ok(g) => g,
         Err(reason) => {
@@ -601,6 +617,7 @@ fn run_e2e(qemu: &Path, backend: Backend) {
     match run_case(
         qemu,
         backend,
+        queues,
         &tag,
         &guest,
         &name,
@@ -657,6 +674,7 @@ impl Diagnostics {
 fn run_case(
     qemu: &Path,
     backend: Backend,
+    queues: usize,
     tag: &str,
     guest: &Guest,
     name: &str,
@@ -681,7 +699,7 @@ fn run_case(
             let mut cmd = netns.exec_command(Path::new(env!("CARGO_BIN_EXE_vhost-user-tap")));
             cmd.arg("--socket-path")
                 .arg(&socket)
-                .args(["--tap", TAP])
+                .args(["--tap", TAP, "--queues", &queues.to_string()])
                 .env("RUST_LOG", "info")
                 .stdin(Stdio::null())
                 .stdout(out)
@@ -732,7 +750,7 @@ fn run_case(
         // QEMU opens the tap itself, so it must run inside the namespace.
         Backend::QemuTap => netns.exec_command(qemu),
     };
-    cmd.args(["-accel", "tcg", "-m", "256", "-smp", "1"])
+    cmd.args(["-accel", "tcg", "-m", "256", "-smp", &queues.to_string()])
         .args(["-nographic", "-no-reboot"])
         .arg("-kernel")
         .arg(&guest.kernel)
@@ -744,8 +762,8 @@ fn run_case(
     match backend {
         Backend::VhostUser => {
             let chardev = format!("socket,id=chr0,path={}", socket.display());
-            cmd.args(["-chardev", &chardev])
-                .args(["-netdev", "vhost-user,id=net0,chardev=chr0"]);
+            let netdev = format!("vhost-user,id=net0,chardev=chr0,queues={queues}");
+            cmd.args(["-chardev", &chardev]).args(["-netdev", &netdev]);
         }
         Backend::QemuTap => {
             let netdev = format!("tap,id=net0,ifname={TAP},script=no,downscript=no,vhost=off");
@@ -753,6 +771,9 @@ fn run_case(
         }
     }
     let mut device = format!("virtio-net-pci,netdev=net0,mac={GUEST_MAC}");
+    if queues > 1 {
+        device.push_str(&format!(",mq=on,vectors={}", 2 * queues + 2));
+    }
     let version = qemu_version(qemu)?;
     if backend == Backend::VhostUser && version.0 < 8 {
         // QEMU 7.2 + vhost-user + TCG + MSI-X = SIGSEGV in QEMU when the guest
@@ -781,7 +802,7 @@ fn run_case(
     let (mut qemu_proc, stdout) = Proc::spawn("qemu", &mut cmd)?;
     let mut console = Console::new(stdout.expect("stdout is piped"), tag, start);
 
-    let result = drive_guest(&netns, &mut console, &log);
+    let result = drive_guest(&netns, &mut console, &log, if queues > 1 { 16 } else { 1 });
     diag.tap_stats = netns.ip(&["-s", "link", "show", "dev", TAP]).ok();
     let summary = result.map_err(|e| {
         if console.closed {
@@ -838,6 +859,18 @@ fn run_case(
         if let Some(path) = &diag.daemon_log {
             let text = fs::read_to_string(path).unwrap_or_default();
             println!("----- [{tag}] daemon log -----\n{}", text.trim_end());
+            for pair in 0..queues {
+                let line = text
+                    .lines()
+                    .find(|l| l.contains(&format!("queue pair {pair}: rx_frames=")))
+                    .ok_or(format!(
+                        "no counters for queue pair {pair} in the daemon log"
+                    ))?;
+                let rx = field(line, "rx_frames").unwrap_or(0);
+                if rx == 0 {
+                    return Err(format!("queue pair {pair} carried no RX traffic: {line}"));
+                }
+            }
         }
     }
     Ok(summary)
@@ -859,7 +892,12 @@ fn describe(status: ExitStatus) -> String {
 }
 
 /// The guest-visible part of the test, from boot to the UDP result.
-fn drive_guest(netns: &Netns, console: &mut Console, log: &dyn Fn(&str)) -> Result<String, String> {
+fn drive_guest(
+    netns: &Netns,
+    console: &mut Console,
+    log: &dyn Fn(&str),
+    flows: usize,
+) -> Result<String, String> {
     let deadline = Instant::now() + BOOT_DEADLINE;
     let net = console.wait_for("VUT-NET", deadline)?;
     let guest_mac = after(&net, "mac=")
@@ -929,7 +967,7 @@ fn drive_guest(netns: &Netns, console: &mut Console, log: &dyn Fn(&str)) -> Resu
         Err(_) => rand::rng().random(),
     };
     let send_start = Instant::now();
-    let sent = send_udp(&netns.name, seed)?;
+    let sent = send_udp(&netns.name, seed, flows)?;
     log(&format!(
         "sent {sent} datagrams to {GUEST_IP}:{UDP_PORT} in {:.2}s (VUT_E2E_SEED={seed})",
         send_start.elapsed().as_secs_f64()
