@@ -193,14 +193,29 @@ impl Rx {
         self.state == RxState::Running && self.carry.staged == 0
     }
 
-    /// The guest kicked the RX queue: it posted buffers.
+    /// The guest kicked the RX queue: it posted buffers. The avail index is checked here even
+    /// when the window holds enough buffers, so a corrupted index is caught at the kick.
     pub fn on_kick(&mut self, mem: &GuestMemoryMmap, stats: &PairStats) -> Result<(), RxError> {
+        self.q.pending(mem)?;
         if self.state == RxState::WaitingForBuffers {
             self.state = RxState::Running;
             stats::inc(&stats.rx_wakes);
             self.q.suppress_kicks(mem)?;
         }
         Ok(())
+    }
+
+    /// Busy polling: resume a stalled RX when the guest posted buffers (it may not kick yet).
+    pub fn poll_guest(
+        &mut self,
+        mem: &GuestMemoryMmap,
+        stats: &PairStats,
+    ) -> Result<bool, RxError> {
+        if self.state == RxState::WaitingForBuffers && self.q.pending(mem)? > 0 {
+            self.on_kick(mem, stats)?;
+            return Ok(true);
+        }
+        Ok(false)
     }
 
     /// Move frames until the tap is empty, the guest is full, or the budget is spent.

@@ -492,6 +492,7 @@ impl<'d> Session<'d> {
             mrg_rxbuf: nf.mrg_rxbuf(),
             event_idx: nf.event_idx(),
             rx_target: nf.max_rx_frame(self.dev.config.mtu),
+            busy_poll: std::time::Duration::from_micros(self.dev.config.busy_poll_us),
             fatal: self.dev.fatal.clone(),
         };
         debug!(

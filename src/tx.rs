@@ -67,6 +67,11 @@ impl Tx {
         self.q.into_queue(0)
     }
 
+    /// Busy polling: whether the guest posted frames.
+    pub fn poll_guest(&self, mem: &GuestMemoryMmap) -> Result<bool, TxError> {
+        Ok(self.q.pending(mem)? > 0)
+    }
+
     pub fn process(
         &mut self,
         mem: &GuestMemoryMmap,

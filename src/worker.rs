@@ -12,6 +12,7 @@ use std::fs::File;
 use std::io::Read;
 use std::sync::Arc;
 use std::thread::{self, JoinHandle};
+use std::time::Instant;
 
 use log::{debug, error};
 use vm_memory::GuestMemoryMmap;
@@ -50,6 +51,8 @@ pub struct WorkerSetup {
     pub mrg_rxbuf: bool,
     pub event_idx: bool,
     pub rx_target: usize,
+    /// Spin this long polling the tap and the rings before sleeping (0: never).
+    pub busy_poll: std::time::Duration,
     /// Written when the worker stops on its own because the tap failed.
     pub fatal: Arc<EventFd>,
 }
@@ -155,6 +158,7 @@ fn run(setup: WorkerSetup, stop: EventFd) -> WorkerExit {
         mrg_rxbuf,
         event_idx,
         rx_target,
+        busy_poll,
         fatal,
     } = setup;
     let rx_kick = rx.as_ref().map(|q| q.kick.clone());
@@ -201,14 +205,35 @@ fn run(setup: WorkerSetup, stop: EventFd) -> WorkerExit {
         let mut rx_ready = rx.is_some();
         let mut tx_ready = tx.is_some();
         let mut tx_blocked = false;
+        let mut idle_since: Option<Instant> = None;
         let mut events = vec![EpollEvent::default(); 8];
         loop {
-            let timeout = if rx_ready || tx_ready { 0 } else { -1 };
+            let idle = !rx_ready && !tx_ready;
+            // Busy polling: instead of sleeping right away, keep looking (epoll without
+            // blocking, plus the guest's avail rings, which a guest under EVENT_IDX may fill
+            // without kicking) for up to `busy_poll`.
+            let spinning = idle && idle_since.is_some_and(|t| t.elapsed() < busy_poll);
+            let timeout = if !idle || spinning { 0 } else { -1 };
             let n = match lp.epoll.wait(timeout, &mut events) {
                 Ok(n) => n,
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
                 Err(e) => return Err(format!("epoll wait: {e}")),
             };
+            if spinning && n == 0 {
+                if let Some(r) = rx.as_mut() {
+                    match r.poll_guest(&mem, &stats) {
+                        Ok(work) => rx_ready |= work,
+                        Err(e) => return Err(give_up(false, &rx_err, &fatal, &stats, e)),
+                    }
+                }
+                if let Some(t) = tx.as_ref() {
+                    match t.poll_guest(&mem) {
+                        Ok(work) => tx_ready |= work && !tx_blocked,
+                        Err(e) => return Err(give_up(false, &tx_err, &fatal, &stats, e)),
+                    }
+                }
+                std::hint::spin_loop();
+            }
             for ev in &events[..n] {
                 match ev.data() {
                     STOP => return Ok(()),
@@ -216,7 +241,9 @@ fn run(setup: WorkerSetup, stop: EventFd) -> WorkerExit {
                         if let (Some(k), Some(rx)) = (&rx_kick, rx.as_mut()) {
                             drain(k);
                             stats::inc(&stats.rx_kicks);
-                            rx.on_kick(&mem, &stats).map_err(|e| e.to_string())?;
+                            if let Err(e) = rx.on_kick(&mem, &stats) {
+                                return Err(give_up(false, &rx_err, &fatal, &stats, e));
+                            }
                             rx_ready = true;
                         }
                     }
@@ -264,6 +291,11 @@ fn run(setup: WorkerSetup, stop: EventFd) -> WorkerExit {
                         return Err(give_up(tap_failed, &tx_err, &fatal, &stats, e));
                     }
                 }
+            }
+            if rx_ready || tx_ready {
+                idle_since = None;
+            } else if idle_since.is_none() && !busy_poll.is_zero() {
+                idle_since = Some(Instant::now());
             }
             let mut want = EventSet::empty();
             if rx.as_ref().is_some_and(|r| r.wants_tap()) {

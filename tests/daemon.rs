@@ -160,7 +160,11 @@ const FEATURE_SETS: [(bool, bool); 4] =
     [(true, true), (false, true), (true, false), (false, false)];
 
 fn stop_wake_body(tag: &str, mrg: bool, event_idx: bool, iterations: usize) {
-    let Some(mut r) = rig_with(tag, |c| {
+    stop_wake_body_with(tag, &[], mrg, event_idx, iterations)
+}
+
+fn stop_wake_body_with(tag: &str, args: &[&str], mrg: bool, event_idx: bool, iterations: usize) {
+    let Some(mut r) = rig_full(tag, args, |c| {
         c.mrg_rxbuf = mrg;
         c.event_idx = event_idx;
     }) else {
@@ -218,6 +222,17 @@ fn stop_and_wake_hold_for_every_feature_set() {
     for (i, (mrg, event_idx)) in FEATURE_SETS.into_iter().enumerate().skip(1) {
         stop_wake_body(&format!("stopwake{i}"), mrg, event_idx, iterations(300));
     }
+}
+
+#[test]
+fn stop_and_wake_hold_with_busy_polling() {
+    stop_wake_body_with(
+        "busypoll",
+        &["--busy-poll-us", "200"],
+        true,
+        true,
+        iterations(300),
+    );
 }
 
 #[test]
