@@ -16,11 +16,13 @@
 //! - [`daemon`]: listener, signals, the session loop.
 //! - [`stats`]: per-queue-pair counters.
 //! - [`ratelog`]: rate limiting for guest-triggered warnings.
+//! - [`loopback`]: the data path wired in-process (tests, micro-benchmarks).
 //! - [`guest`]: a synthetic guest (vhost-user frontend) for tests, benchmarks and smoke tests.
 pub mod backpressure;
 pub mod config;
 pub mod daemon;
 pub mod guest;
+pub mod loopback;
 pub mod metrics;
 pub mod netlink;
 pub mod protocol;

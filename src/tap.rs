@@ -173,6 +173,15 @@ impl Tap {
         Ok(Tap { file, name: actual })
     }
 
+    /// Wrap an already open, non-blocking tap-like descriptor (tests and benchmarks use a
+    /// SOCK_SEQPACKET socketpair, which keeps frame boundaries as a tap does).
+    pub fn from_file(file: File, name: &str) -> Tap {
+        Tap {
+            file,
+            name: name.to_string(),
+        }
+    }
+
     pub fn name(&self) -> &str {
         &self.name
     }
