@@ -1,0 +1,474 @@
+//! End-to-end benchmarks through the real daemon, each against the tap's own floor measured in
+//! the same run (the machine is noisy; only same-run ratios mean something).
+//!
+//! - RX: UDP generator threads (sendmmsg, 64-byte frames) in a private network namespace → tap →
+//!   daemon → synthetic guest recycling buffers as fast as it can (the XDP-drop equivalent).
+//!   Floor: a plain loop reading the same tap under the same generator.
+//! - TX: synthetic guest sending 64-byte frames as fast as it can → daemon → tap. Floor: a plain
+//!   loop writing the same frames to the tap.
+//!
+//! `sudo cargo bench --bench e2e` (root: taps and namespaces). VUT_BENCH_SECS (default 5) and
+//! VUT_BENCH_RUNS (default 3) set the length; the median run is reported. Results also go to
+//! target/vut-bench/e2e.json.
+
+use std::fs::File;
+use std::io::Read;
+use std::net::UdpSocket;
+use std::os::fd::AsRawFd;
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use vhost_user_tap::netlink;
+use vhost_user_tap::tap::Tap;
+
+const DAEMON: &str = env!("CARGO_BIN_EXE_vhost-user-tap");
+const GUEST: &str = env!("CARGO_BIN_EXE_vhost-user-tap-guest");
+const TAP: &str = "vutb0";
+const HOST_IP: &str = "10.98.0.1";
+const GUEST_IP: &str = "10.98.0.2";
+const GUEST_MAC: &str = "52:54:00:12:34:56";
+/// 18 bytes of UDP payload: 14 + 20 + 8 + 18 = 60 bytes on the wire, 64 with the FCS.
+const PAYLOAD: usize = 18;
+
+fn sh(args: &[&str]) -> String {
+    let out = Command::new(args[0])
+        .args(&args[1..])
+        .output()
+        .unwrap_or_else(|e| panic!("{args:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+struct Netns(String);
+
+impl Netns {
+    fn new() -> Netns {
+        let name = format!("vut-bench-{}", std::process::id());
+        sh(&["ip", "netns", "add", &name]);
+        let ns = Netns(name);
+        let ip = |a: &[&str]| {
+            let mut v = vec!["ip", "-n", &ns.0];
+            v.extend_from_slice(a);
+            sh(&v)
+        };
+        ip(&["link", "set", "lo", "up"]);
+        // A persistent tap both the floor loops and the daemon attach to.
+        ip(&["tuntap", "add", TAP, "mode", "tap", "vnet_hdr"]);
+        ip(&["addr", "add", &format!("{HOST_IP}/24"), "dev", TAP]);
+        ip(&["link", "set", TAP, "up"]);
+        ip(&[
+            "neigh",
+            "replace",
+            GUEST_IP,
+            "lladdr",
+            GUEST_MAC,
+            "dev",
+            TAP,
+            "nud",
+            "permanent",
+        ]);
+        ns
+    }
+
+    /// Run `f` on a thread inside the namespace.
+    fn within<T: Send + 'static>(
+        &self,
+        f: impl FnOnce() -> T + Send + 'static,
+    ) -> thread::JoinHandle<T> {
+        let path = format!("/run/netns/{}", self.0);
+        thread::spawn(move || {
+            let ns = File::open(&path).expect("netns");
+            // SAFETY: setns with a valid netns fd only changes this thread's namespace.
+            let r = unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) };
+            assert_eq!(r, 0, "setns");
+            f()
+        })
+    }
+
+    fn tap_counters(&self) -> netlink::LinkCounters {
+        self.within(|| netlink::link_counters(netlink::ifindex(TAP).unwrap()).unwrap())
+            .join()
+            .unwrap()
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip")
+            .args(["netns", "delete", &self.0])
+            .status();
+    }
+}
+
+/// UDP senders: `threads` sockets blasting 64-byte frames with sendmmsg until stopped.
+struct Generator {
+    stop: Arc<AtomicBool>,
+    sent: Arc<AtomicU64>,
+    threads: Vec<thread::JoinHandle<()>>,
+}
+
+impl Generator {
+    fn start(ns: &Netns, threads: usize) -> Generator {
+        let stop = Arc::new(AtomicBool::new(false));
+        let sent = Arc::new(AtomicU64::new(0));
+        let threads = (0..threads)
+            .map(|_| {
+                let (stop, sent) = (stop.clone(), sent.clone());
+                ns.within(move || {
+                    let s = UdpSocket::bind(format!("{HOST_IP}:0")).unwrap();
+                    s.connect(format!("{GUEST_IP}:9")).unwrap();
+                    const BATCH: usize = 64;
+                    let payload = [0x5au8; PAYLOAD];
+                    let mut iov = [libc::iovec {
+                        iov_base: payload.as_ptr() as *mut _,
+                        iov_len: PAYLOAD,
+                    }; BATCH];
+                    // SAFETY: mmsghdr is plain data; zero is a valid value.
+                    let mut msgs: [libc::mmsghdr; BATCH] = unsafe { std::mem::zeroed() };
+                    for (m, v) in msgs.iter_mut().zip(iov.iter_mut()) {
+                        m.msg_hdr.msg_iov = v;
+                        m.msg_hdr.msg_iovlen = 1;
+                    }
+                    while !stop.load(Ordering::Relaxed) {
+                        // SAFETY: every header points at one live iovec of the stated length.
+                        let n = unsafe {
+                            libc::sendmmsg(s.as_raw_fd(), msgs.as_mut_ptr(), BATCH as u32, 0)
+                        };
+                        if n > 0 {
+                            sent.fetch_add(n as u64, Ordering::Relaxed);
+                        }
+                    }
+                })
+            })
+            .collect();
+        Generator {
+            stop,
+            sent,
+            threads,
+        }
+    }
+
+    fn stop(self) -> u64 {
+        self.stop.store(true, Ordering::Relaxed);
+        for t in self.threads {
+            t.join().unwrap();
+        }
+        self.sent.load(Ordering::Relaxed)
+    }
+}
+
+#[derive(Clone, Copy, Debug, Default, serde::Serialize)]
+struct Rate {
+    pps: f64,
+    /// Frames lost in tun (ring tail-drops) per second.
+    tun_drops_pps: f64,
+    daemon_drops: u64,
+    /// Daemon CPU time per frame, ns (0 for the floor).
+    cpu_ns_per_frame: f64,
+}
+
+fn cpu_ticks(pid: u32) -> u64 {
+    let mut s = String::new();
+    File::open(format!("/proc/{pid}/stat"))
+        .and_then(|mut f| f.read_to_string(&mut s))
+        .unwrap();
+    let after = &s[s.rfind(')').unwrap() + 2..];
+    let f: Vec<&str> = after.split_whitespace().collect();
+    f[11].parse::<u64>().unwrap() + f[12].parse::<u64>().unwrap()
+}
+
+fn floor_rx(ns: &Netns, threads: usize, secs: f64) -> Rate {
+    let gen = Generator::start(ns, threads);
+    thread::sleep(Duration::from_millis(300));
+    let before = ns.tap_counters();
+    let frames = ns
+        .within(move || {
+            let tap = Tap::open_queues(TAP, 1, 0).unwrap().pop().unwrap();
+            let mut buf = vec![0u8; 65_600];
+            let iov = [libc::iovec {
+                iov_base: buf.as_mut_ptr().cast(),
+                iov_len: buf.len(),
+            }];
+            let start = Instant::now();
+            let mut n = 0u64;
+            // Sleep when the tap is empty, as the daemon does (spinning would steal the
+            // generator's core on a small machine).
+            let mut pfd = libc::pollfd {
+                fd: tap.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            };
+            while start.elapsed().as_secs_f64() < secs {
+                match tap.readv(&iov) {
+                    Ok(_) => n += 1,
+                    Err(_) => {
+                        // SAFETY: one valid pollfd.
+                        unsafe { libc::poll(&mut pfd, 1, 100) };
+                    }
+                }
+            }
+            n as f64 / start.elapsed().as_secs_f64()
+        })
+        .join()
+        .unwrap();
+    let after = ns.tap_counters();
+    gen.stop();
+    Rate {
+        pps: frames,
+        tun_drops_pps: (after.tx_dropped - before.tx_dropped) as f64 / secs,
+        ..Rate::default()
+    }
+}
+
+struct DaemonProc {
+    child: std::process::Child,
+    sock: String,
+    log: String,
+}
+
+impl DaemonProc {
+    fn start(ns: &Netns, tag: &str) -> DaemonProc {
+        let sock = format!("/tmp/vut-bench-{}-{tag}.sock", std::process::id());
+        let log = format!("/tmp/vut-bench-{}-{tag}.log", std::process::id());
+        let child = Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                &ns.0,
+                DAEMON,
+                "--tap",
+                TAP,
+                "--socket-path",
+                &sock,
+            ])
+            .stderr(File::create(&log).unwrap())
+            .spawn()
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !std::path::Path::new(&sock).exists() {
+            assert!(Instant::now() < deadline, "daemon did not start");
+            thread::sleep(Duration::from_millis(10));
+        }
+        DaemonProc { child, sock, log }
+    }
+
+    /// SIGTERM, wait, and the sum of its drop counters from the final log line.
+    fn stop(mut self) -> u64 {
+        // SAFETY: signalling our own child.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        self.child.wait().unwrap();
+        let log = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let _ = std::fs::remove_file(&self.log);
+        log.lines()
+            .filter(|l| l.contains("queue pair 0: rx_frames="))
+            .flat_map(|l| l.split_whitespace())
+            .filter_map(|kv| kv.split_once('='))
+            .filter(|(k, _)| k.contains("dropped"))
+            .map(|(_, v)| v.parse::<u64>().unwrap_or(0))
+            .sum()
+    }
+}
+
+fn guest_json(args: &[&str]) -> serde_json::Value {
+    let out = Command::new(GUEST)
+        .args(args)
+        .stderr(Stdio::inherit())
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    serde_json::from_str(text.lines().last().unwrap_or("{}")).expect("guest JSON")
+}
+
+fn daemon_rx(ns: &Netns, threads: usize, secs: f64) -> Rate {
+    let d = DaemonProc::start(ns, "rx");
+    let gen = Generator::start(ns, threads);
+    let before = ns.tap_counters();
+    let cpu0 = cpu_ticks(d.child.id());
+    let v = guest_json(&[
+        "--socket-path",
+        &d.sock,
+        "--duration",
+        &secs.to_string(),
+        "--json",
+    ]);
+    let cpu1 = cpu_ticks(d.child.id());
+    let after = ns.tap_counters();
+    gen.stop();
+    let drops = d.stop();
+    let frames = v["rx_frames"].as_u64().unwrap_or(0) as f64;
+    let elapsed = v["elapsed_secs"].as_f64().unwrap_or(secs);
+    let tick_ns = 1e9 / 100.0;
+    Rate {
+        pps: frames / elapsed,
+        tun_drops_pps: (after.tx_dropped - before.tx_dropped) as f64 / elapsed,
+        daemon_drops: drops,
+        cpu_ns_per_frame: (cpu1 - cpu0) as f64 * tick_ns / frames.max(1.0),
+    }
+}
+
+fn frame_64() -> Vec<u8> {
+    // vnet header (12 zero bytes) + a 60-byte frame to a MAC nobody has: the host drops it
+    // right after the tap, so the kernel's cost stays small and equal for both sides.
+    let mut f = vec![0u8; 12];
+    f.extend_from_slice(&[
+        0x02, 0, 0, 0, 0, 0x99, 0x52, 0x54, 0, 0x12, 0x34, 0x56, 0x88, 0xb5,
+    ]);
+    f.resize(12 + 60, 0x5a);
+    f
+}
+
+fn floor_tx(ns: &Netns, secs: f64) -> Rate {
+    let pps = ns
+        .within(move || {
+            let tap = Tap::open_queues(TAP, 1, 0).unwrap().pop().unwrap();
+            tap.set_vnet_hdr_len(12).unwrap();
+            let f = frame_64();
+            let iov = [libc::iovec {
+                iov_base: f.as_ptr() as *mut _,
+                iov_len: f.len(),
+            }];
+            let start = Instant::now();
+            let mut n = 0u64;
+            while start.elapsed().as_secs_f64() < secs {
+                if tap.writev(&iov).is_ok() {
+                    n += 1;
+                }
+            }
+            n as f64 / start.elapsed().as_secs_f64()
+        })
+        .join()
+        .unwrap();
+    Rate {
+        pps,
+        ..Rate::default()
+    }
+}
+
+fn daemon_tx(ns: &Netns, secs: f64) -> Rate {
+    let d = DaemonProc::start(ns, "tx");
+    let cpu0 = cpu_ticks(d.child.id());
+    let v = guest_json(&[
+        "--socket-path",
+        &d.sock,
+        "--duration",
+        &secs.to_string(),
+        "--tx-frames",
+        "4000000000",
+        "--tx-size",
+        "60",
+        "--tx-batch",
+        "32",
+        "--tx-dst-mac",
+        "02:00:00:00:00:99",
+        "--json",
+    ]);
+    let cpu1 = cpu_ticks(d.child.id());
+    let drops = d.stop();
+    let frames = v["tx_frames"].as_u64().unwrap_or(0) as f64;
+    let elapsed = v["elapsed_secs"].as_f64().unwrap_or(secs);
+    Rate {
+        pps: frames / elapsed,
+        daemon_drops: drops,
+        cpu_ns_per_frame: (cpu1 - cpu0) as f64 * 1e7 / frames.max(1.0),
+        ..Rate::default()
+    }
+}
+
+fn median(mut v: Vec<Rate>) -> Rate {
+    v.sort_by(|a, b| a.pps.total_cmp(&b.pps));
+    v[v.len() / 2]
+}
+
+#[derive(serde::Serialize)]
+struct Row {
+    case: String,
+    floor: Rate,
+    daemon: Rate,
+    ratio: f64,
+}
+
+fn main() {
+    if !std::env::args().any(|a| a == "--bench") {
+        println!("e2e: a benchmark; run it with `cargo bench --bench e2e` (root)");
+        return;
+    }
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("e2e benchmark: needs root (taps, network namespaces)");
+        std::process::exit(1);
+    }
+    let secs: f64 = std::env::var("VUT_BENCH_SECS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(5.0);
+    let runs: usize = std::env::var("VUT_BENCH_RUNS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(3);
+    let ns = Netns::new();
+    let mut rows = Vec::new();
+    for threads in [1, 2] {
+        let (mut f, mut d) = (Vec::new(), Vec::new());
+        for _ in 0..runs {
+            f.push(floor_rx(&ns, threads, secs));
+            d.push(daemon_rx(&ns, threads, secs));
+        }
+        let (floor, daemon) = (median(f), median(d));
+        rows.push(Row {
+            case: format!("RX 64B, {threads} sender thread(s)"),
+            ratio: daemon.pps / floor.pps,
+            floor,
+            daemon,
+        });
+    }
+    let (mut f, mut d) = (Vec::new(), Vec::new());
+    for _ in 0..runs {
+        f.push(floor_tx(&ns, secs));
+        d.push(daemon_tx(&ns, secs));
+    }
+    let (floor, daemon) = (median(f), median(d));
+    rows.push(Row {
+        case: "TX 64B".into(),
+        ratio: daemon.pps / floor.pps,
+        floor,
+        daemon,
+    });
+
+    println!(
+        "\n{} s per run, median of {runs} runs, {} CPUs",
+        secs,
+        thread::available_parallelism().map_or(0, |n| n.get())
+    );
+    println!(
+        "| case | floor Mpps | daemon Mpps | daemon/floor | tun drops/s (floor, daemon) | daemon drops | daemon CPU ns/frame |"
+    );
+    println!("|---|---|---|---|---|---|---|");
+    for r in &rows {
+        println!(
+            "| {} | {:.3} | {:.3} | {:.2} | {:.0}, {:.0} | {} | {:.0} |",
+            r.case,
+            r.floor.pps / 1e6,
+            r.daemon.pps / 1e6,
+            r.ratio,
+            r.floor.tun_drops_pps,
+            r.daemon.tun_drops_pps,
+            r.daemon.daemon_drops,
+            r.daemon.cpu_ns_per_frame
+        );
+    }
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("target/vut-bench");
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(
+        dir.join("e2e.json"),
+        serde_json::to_string_pretty(&rows).unwrap(),
+    )
+    .unwrap();
+    println!("raw numbers: {}", dir.join("e2e.json").display());
+}
