@@ -24,7 +24,11 @@ use std::time::{Duration, Instant};
 use vhost_user_tap::netlink;
 use vhost_user_tap::tap::Tap;
 
-const DAEMON: &str = env!("CARGO_BIN_EXE_vhost-user-tap");
+#[path = "../tests/common/mod.rs"]
+mod common;
+
+use common::{tcp_through_daemon, Daemon, Netns};
+
 const GUEST: &str = env!("CARGO_BIN_EXE_vhost-user-tap-guest");
 const TAP: &str = "vutb0";
 const HOST_IP: &str = "10.98.0.1";
@@ -33,78 +37,29 @@ const GUEST_MAC: &str = "52:54:00:12:34:56";
 /// 18 bytes of UDP payload: 14 + 20 + 8 + 18 = 60 bytes on the wire, 64 with the FCS.
 const PAYLOAD: usize = 18;
 
-fn sh(args: &[&str]) -> String {
-    let out = Command::new(args[0])
-        .args(&args[1..])
-        .output()
-        .unwrap_or_else(|e| panic!("{args:?}: {e}"));
-    assert!(
-        out.status.success(),
-        "{args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
+/// The network namespace of the bench: a persistent tap both the floor loops and the daemon
+/// attach to, with the guest's address reachable through a permanent neighbour entry.
+fn bench_netns() -> Netns {
+    let ns = Netns::new("bench");
+    ns.ip(&["tuntap", "add", TAP, "mode", "tap", "vnet_hdr"]);
+    ns.ip(&["addr", "add", &format!("{HOST_IP}/24"), "dev", TAP]);
+    ns.ip(&["link", "set", TAP, "up"]);
+    ns.ip(&[
+        "neigh",
+        "replace",
+        GUEST_IP,
+        "lladdr",
+        GUEST_MAC,
+        "dev",
+        TAP,
+        "nud",
+        "permanent",
+    ]);
+    ns
 }
 
-struct Netns(String);
-
-impl Netns {
-    fn new() -> Netns {
-        let name = format!("vut-bench-{}", std::process::id());
-        sh(&["ip", "netns", "add", &name]);
-        let ns = Netns(name);
-        let ip = |a: &[&str]| {
-            let mut v = vec!["ip", "-n", &ns.0];
-            v.extend_from_slice(a);
-            sh(&v)
-        };
-        ip(&["link", "set", "lo", "up"]);
-        // A persistent tap both the floor loops and the daemon attach to.
-        ip(&["tuntap", "add", TAP, "mode", "tap", "vnet_hdr"]);
-        ip(&["addr", "add", &format!("{HOST_IP}/24"), "dev", TAP]);
-        ip(&["link", "set", TAP, "up"]);
-        ip(&[
-            "neigh",
-            "replace",
-            GUEST_IP,
-            "lladdr",
-            GUEST_MAC,
-            "dev",
-            TAP,
-            "nud",
-            "permanent",
-        ]);
-        ns
-    }
-
-    /// Run `f` on a thread inside the namespace.
-    fn within<T: Send + 'static>(
-        &self,
-        f: impl FnOnce() -> T + Send + 'static,
-    ) -> thread::JoinHandle<T> {
-        let path = format!("/run/netns/{}", self.0);
-        thread::spawn(move || {
-            let ns = File::open(&path).expect("netns");
-            // SAFETY: setns with a valid netns fd only changes this thread's namespace.
-            let r = unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) };
-            assert_eq!(r, 0, "setns");
-            f()
-        })
-    }
-
-    fn tap_counters(&self) -> netlink::LinkCounters {
-        self.within(|| netlink::link_counters(netlink::ifindex(TAP).unwrap()).unwrap())
-            .join()
-            .unwrap()
-    }
-}
-
-impl Drop for Netns {
-    fn drop(&mut self) {
-        let _ = Command::new("ip")
-            .args(["netns", "delete", &self.0])
-            .status();
-    }
+fn tap_counters(ns: &Netns) -> netlink::LinkCounters {
+    ns.within(|| netlink::link_counters(netlink::ifindex(TAP).unwrap()).unwrap())
 }
 
 /// UDP senders: `threads` sockets blasting 64-byte frames with sendmmsg until stopped.
@@ -121,7 +76,7 @@ impl Generator {
         let threads = (0..threads)
             .map(|_| {
                 let (stop, sent) = (stop.clone(), sent.clone());
-                ns.within(move || {
+                ns.spawn_within(move || {
                     let s = UdpSocket::bind(format!("{HOST_IP}:0")).unwrap();
                     s.connect(format!("{GUEST_IP}:9")).unwrap();
                     const BATCH: usize = 64;
@@ -187,38 +142,35 @@ fn cpu_ticks(pid: u32) -> u64 {
 fn floor_rx(ns: &Netns, threads: usize, secs: f64) -> Rate {
     let gen = Generator::start(ns, threads);
     thread::sleep(Duration::from_millis(300));
-    let before = ns.tap_counters();
-    let frames = ns
-        .within(move || {
-            let tap = Tap::open_queues(TAP, 1, 0).unwrap().pop().unwrap();
-            let mut buf = vec![0u8; 65_600];
-            let iov = [libc::iovec {
-                iov_base: buf.as_mut_ptr().cast(),
-                iov_len: buf.len(),
-            }];
-            let start = Instant::now();
-            let mut n = 0u64;
-            // Sleep when the tap is empty, as the daemon does (spinning would steal the
-            // generator's core on a small machine).
-            let mut pfd = libc::pollfd {
-                fd: tap.as_raw_fd(),
-                events: libc::POLLIN,
-                revents: 0,
-            };
-            while start.elapsed().as_secs_f64() < secs {
-                match tap.readv(&iov) {
-                    Ok(_) => n += 1,
-                    Err(_) => {
-                        // SAFETY: one valid pollfd.
-                        unsafe { libc::poll(&mut pfd, 1, 100) };
-                    }
+    let before = tap_counters(ns);
+    let frames = ns.within(move || {
+        let tap = Tap::open_queues(TAP, 1, 0).unwrap().pop().unwrap();
+        let mut buf = vec![0u8; 65_600];
+        let iov = [libc::iovec {
+            iov_base: buf.as_mut_ptr().cast(),
+            iov_len: buf.len(),
+        }];
+        let start = Instant::now();
+        let mut n = 0u64;
+        // Sleep when the tap is empty, as the daemon does (spinning would steal the
+        // generator's core on a small machine).
+        let mut pfd = libc::pollfd {
+            fd: tap.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        while start.elapsed().as_secs_f64() < secs {
+            match tap.readv(&iov) {
+                Ok(_) => n += 1,
+                Err(_) => {
+                    // SAFETY: one valid pollfd.
+                    unsafe { libc::poll(&mut pfd, 1, 100) };
                 }
             }
-            n as f64 / start.elapsed().as_secs_f64()
-        })
-        .join()
-        .unwrap();
-    let after = ns.tap_counters();
+        }
+        n as f64 / start.elapsed().as_secs_f64()
+    });
+    let after = tap_counters(ns);
     gen.stop();
     Rate {
         pps: frames,
@@ -227,53 +179,14 @@ fn floor_rx(ns: &Netns, threads: usize, secs: f64) -> Rate {
     }
 }
 
-struct DaemonProc {
-    child: std::process::Child,
-    sock: String,
-    log: String,
-}
-
-impl DaemonProc {
-    fn start(ns: &Netns, tag: &str) -> DaemonProc {
-        let sock = format!("/tmp/vut-bench-{}-{tag}.sock", std::process::id());
-        let log = format!("/tmp/vut-bench-{}-{tag}.log", std::process::id());
-        let child = Command::new("ip")
-            .args([
-                "netns",
-                "exec",
-                &ns.0,
-                DAEMON,
-                "--tap",
-                TAP,
-                "--socket-path",
-                &sock,
-            ])
-            .stderr(File::create(&log).unwrap())
-            .spawn()
-            .unwrap();
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while !std::path::Path::new(&sock).exists() {
-            assert!(Instant::now() < deadline, "daemon did not start");
-            thread::sleep(Duration::from_millis(10));
-        }
-        DaemonProc { child, sock, log }
-    }
-
-    /// SIGTERM, wait, and the sum of its drop counters from the final log line.
-    fn stop(mut self) -> u64 {
-        // SAFETY: signalling our own child.
-        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
-        self.child.wait().unwrap();
-        let log = std::fs::read_to_string(&self.log).unwrap_or_default();
-        let _ = std::fs::remove_file(&self.log);
-        log.lines()
-            .filter(|l| l.contains("queue pair 0: rx_frames="))
-            .flat_map(|l| l.split_whitespace())
-            .filter_map(|kv| kv.split_once('='))
-            .filter(|(k, _)| k.contains("dropped"))
-            .map(|(_, v)| v.parse::<u64>().unwrap_or(0))
-            .sum()
-    }
+/// The sum of the daemon's drop counters, from its final log line.
+fn stop_daemon(mut d: Daemon) -> u64 {
+    assert!(d.terminate().success(), "{}", d.log());
+    d.final_counters(0)
+        .iter()
+        .filter(|(k, _)| k.contains("dropped"))
+        .map(|(_, v)| v)
+        .sum()
 }
 
 fn guest_json(args: &[&str]) -> serde_json::Value {
@@ -287,21 +200,22 @@ fn guest_json(args: &[&str]) -> serde_json::Value {
 }
 
 fn daemon_rx(ns: &Netns, threads: usize, secs: f64) -> Rate {
-    let d = DaemonProc::start(ns, "rx");
+    let d = Daemon::start(ns, TAP, &[]);
+    let sock = d.socket.to_str().unwrap().to_string();
     let gen = Generator::start(ns, threads);
-    let before = ns.tap_counters();
-    let cpu0 = cpu_ticks(d.child.id());
+    let before = tap_counters(ns);
+    let cpu0 = cpu_ticks(d.pid());
     let v = guest_json(&[
         "--socket-path",
-        &d.sock,
+        &sock,
         "--duration",
         &secs.to_string(),
         "--json",
     ]);
-    let cpu1 = cpu_ticks(d.child.id());
-    let after = ns.tap_counters();
+    let cpu1 = cpu_ticks(d.pid());
+    let after = tap_counters(ns);
     gen.stop();
-    let drops = d.stop();
+    let drops = stop_daemon(d);
     let frames = v["rx_frames"].as_u64().unwrap_or(0) as f64;
     let elapsed = v["elapsed_secs"].as_f64().unwrap_or(secs);
     let tick_ns = 1e9 / 100.0;
@@ -325,26 +239,23 @@ fn frame_64() -> Vec<u8> {
 }
 
 fn floor_tx(ns: &Netns, secs: f64) -> Rate {
-    let pps = ns
-        .within(move || {
-            let tap = Tap::open_queues(TAP, 1, 0).unwrap().pop().unwrap();
-            tap.set_vnet_hdr_len(12).unwrap();
-            let f = frame_64();
-            let iov = [libc::iovec {
-                iov_base: f.as_ptr() as *mut _,
-                iov_len: f.len(),
-            }];
-            let start = Instant::now();
-            let mut n = 0u64;
-            while start.elapsed().as_secs_f64() < secs {
-                if tap.writev(&iov).is_ok() {
-                    n += 1;
-                }
+    let pps = ns.within(move || {
+        let tap = Tap::open_queues(TAP, 1, 0).unwrap().pop().unwrap();
+        tap.set_vnet_hdr_len(12).unwrap();
+        let f = frame_64();
+        let iov = [libc::iovec {
+            iov_base: f.as_ptr() as *mut _,
+            iov_len: f.len(),
+        }];
+        let start = Instant::now();
+        let mut n = 0u64;
+        while start.elapsed().as_secs_f64() < secs {
+            if tap.writev(&iov).is_ok() {
+                n += 1;
             }
-            n as f64 / start.elapsed().as_secs_f64()
-        })
-        .join()
-        .unwrap();
+        }
+        n as f64 / start.elapsed().as_secs_f64()
+    });
     Rate {
         pps,
         ..Rate::default()
@@ -352,11 +263,12 @@ fn floor_tx(ns: &Netns, secs: f64) -> Rate {
 }
 
 fn daemon_tx(ns: &Netns, secs: f64) -> Rate {
-    let d = DaemonProc::start(ns, "tx");
-    let cpu0 = cpu_ticks(d.child.id());
+    let d = Daemon::start(ns, TAP, &[]);
+    let sock = d.socket.to_str().unwrap().to_string();
+    let cpu0 = cpu_ticks(d.pid());
     let v = guest_json(&[
         "--socket-path",
-        &d.sock,
+        &sock,
         "--duration",
         &secs.to_string(),
         "--tx-frames",
@@ -369,8 +281,8 @@ fn daemon_tx(ns: &Netns, secs: f64) -> Rate {
         "02:00:00:00:00:99",
         "--json",
     ]);
-    let cpu1 = cpu_ticks(d.child.id());
-    let drops = d.stop();
+    let cpu1 = cpu_ticks(d.pid());
+    let drops = stop_daemon(d);
     let frames = v["tx_frames"].as_u64().unwrap_or(0) as f64;
     let elapsed = v["elapsed_secs"].as_f64().unwrap_or(secs);
     Rate {
@@ -412,7 +324,7 @@ fn main() {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(3);
-    let ns = Netns::new();
+    let ns = bench_netns();
     let mut rows = Vec::new();
     for threads in [1, 2] {
         let (mut f, mut d) = (Vec::new(), Vec::new());
@@ -441,6 +353,30 @@ fn main() {
         daemon,
     });
 
+    // TCP through the daemon: one stream each way, offloads on and off.
+    let tcp_bytes: usize = std::env::var("VUT_BENCH_TCP_MB")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1024)
+        << 20;
+    let mut tcp = Vec::new();
+    for offloads in [true, false] {
+        let tag = |i: usize| format!("btcp{i}{}", u8::from(offloads));
+        let runs: Vec<common::TcpRun> = (0..runs)
+            .map(|i| tcp_through_daemon(&tag(i), offloads, tcp_bytes))
+            .collect();
+        let med = |f: fn(&common::TcpRun) -> f64| {
+            let mut v: Vec<f64> = runs.iter().map(f).collect();
+            v.sort_by(f64::total_cmp);
+            v[v.len() / 2]
+        };
+        tcp.push((
+            offloads,
+            med(|r| r.host_to_guest_gbps),
+            med(|r| r.guest_to_host_gbps),
+        ));
+    }
+
     println!(
         "\n{} s per run, median of {runs} runs, {} CPUs",
         secs,
@@ -461,6 +397,21 @@ fn main() {
             r.daemon.tun_drops_pps,
             r.daemon.daemon_drops,
             r.daemon.cpu_ns_per_frame
+        );
+    }
+    println!("\n| TCP, one stream | host → guest Gbit/s | guest → host Gbit/s |");
+    println!("|---|---|---|");
+    for (offloads, h2g, g2h) in &tcp {
+        println!(
+            "| offloads {} | {h2g:.2} | {g2h:.2} |",
+            if *offloads { "on" } else { "off" }
+        );
+    }
+    if let [(_, on_h, on_g), (_, off_h, off_g)] = tcp[..] {
+        println!(
+            "offloads on / off: host → guest {:.1}x, guest → host {:.1}x",
+            on_h / off_h,
+            on_g / off_g
         );
     }
     let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("target/vut-bench");

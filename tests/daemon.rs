@@ -746,3 +746,19 @@ fn flows_spread_over_four_queue_pairs_all_arrive() {
     assert_eq!(delivered, 50 * 64);
     eprintln!("frames per pair: {per_pair:?}");
 }
+
+#[test]
+fn tcp_through_the_daemon_arrives_intact_with_and_without_offloads() {
+    if !root_or_skip("tcp") {
+        return;
+    }
+    let sets: Vec<bool> = match std::env::var("VUT_TCP_OFFLOADS").as_deref() {
+        Ok("1") => vec![true],
+        Ok("0") => vec![false],
+        _ => vec![true, false],
+    };
+    for offloads in sets {
+        let r = tcp_through_daemon(if offloads { "tcpo" } else { "tcpn" }, offloads, 16 << 20);
+        eprintln!("TCP offloads={offloads}: {r:?}");
+    }
+}

@@ -9,6 +9,7 @@
 //! - [`frontend`]: [`Guest`], the handshake and the public API.
 //! - [`net`]: vnet header, feature bits, test frames.
 //! - [`run`]: the binary's traffic mode.
+//! - [`bridge`]: forwarding between the rings and a second tap (TCP through a backend).
 //!
 //! ```no_run
 //! use std::time::Duration;
@@ -22,6 +23,7 @@
 //! let bases = g.disconnect()?;
 //! # Ok::<(), vhost_user_tap::guest::GuestError>(())
 //! ```
+pub mod bridge;
 pub mod frontend;
 pub mod mem;
 pub mod net;

@@ -701,6 +701,16 @@ impl QueuePair {
         Ok(self.send_frames(&[frame])? == 1)
     }
 
+    /// Queue one frame with the given vnet header (checksum/GSO metadata, e.g. as read from a
+    /// tap) instead of a zeroed one. Returns false when the TX ring is full.
+    pub fn send_frame_with_hdr(&mut self, hdr: &[u8], frame: &[u8]) -> Result<bool> {
+        let n = hdr.len().min(self.hdr_buf.len());
+        self.hdr_buf[..n].copy_from_slice(&hdr[..n]);
+        let r = self.send_frames(&[frame]);
+        self.hdr_buf = [0; 12];
+        Ok(r? == 1)
+    }
+
     /// Queue several frames with one kick decision at the end. Returns how many were queued
     /// (fewer than `frames.len()` when the ring fills up).
     pub fn send_frames(&mut self, frames: &[&[u8]]) -> Result<usize> {

@@ -113,6 +113,14 @@ impl Netns {
 
     /// Run `f` on a thread that has entered this namespace; sockets it creates stay in it.
     pub fn within<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> T {
+        self.spawn_within(f).join().expect("netns thread")
+    }
+
+    /// Like `within`, without waiting for the thread.
+    pub fn spawn_within<T: Send + 'static>(
+        &self,
+        f: impl FnOnce() -> T + Send + 'static,
+    ) -> std::thread::JoinHandle<T> {
         let path = format!("/run/netns/{}", self.name);
         std::thread::spawn(move || {
             let ns = File::open(&path).unwrap_or_else(|e| panic!("{path}: {e}"));
@@ -121,8 +129,6 @@ impl Netns {
             assert_eq!(r, 0, "setns: {}", std::io::Error::last_os_error());
             f()
         })
-        .join()
-        .expect("netns thread")
     }
 
     pub fn udp_socket(&self, bind: &str) -> UdpSocket {
@@ -351,4 +357,250 @@ pub fn scrape(path: &Path) -> HashMap<String, f64> {
         .filter_map(|l| l.rsplit_once(' '))
         .map(|(k, v)| (k.to_string(), v.parse().unwrap_or(f64::NAN)))
         .collect()
+}
+
+// ---- systemd integration (tests/systemd.rs) ----
+
+/// Is `tool` on PATH?
+pub fn on_path(tool: &str) -> bool {
+    std::env::var_os("PATH").is_some_and(|paths| {
+        std::env::split_paths(&paths)
+            .any(|dir| std::fs::metadata(dir.join(tool)).is_ok_and(|m| m.is_file()))
+    })
+}
+
+/// True if the systemd tools the test needs are installed. A missing one fails the test loudly,
+/// unless VUT_SKIP_SYSTEMD=1 asks to skip (prints SKIPPED).
+pub fn systemd_tools_or_skip(test: &str, tools: &[&str]) -> bool {
+    let missing: Vec<&str> = tools.iter().copied().filter(|t| !on_path(t)).collect();
+    if missing.is_empty() {
+        return true;
+    }
+    if std::env::var("VUT_SKIP_SYSTEMD").as_deref() == Ok("1") {
+        println!("SKIPPED: {test}: {} not installed", missing.join(", "));
+        return false;
+    }
+    panic!(
+        "{test}: needs {} (Debian package systemd; qemu-scripts/systemd-tools.sh installs it; set \
+         VUT_SKIP_SYSTEMD=1 to skip)",
+        missing.join(", ")
+    );
+}
+
+impl Daemon {
+    /// Start the daemon through any command line (socket activation, another user, extra
+    /// environment), capture its stderr and wait until its log contains `ready`. `socket` is
+    /// where frontends connect. The command's stdin/stdout/stderr are set here.
+    pub fn spawn(cmd: &mut Command, socket: PathBuf, ready: &str) -> Daemon {
+        let mut child = cmd
+            .env(
+                "RUST_LOG",
+                std::env::var("VUT_DAEMON_LOG").unwrap_or("info".into()),
+            )
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap_or_else(|e| panic!("spawning {cmd:?}: {e}"));
+        let stderr = child.stderr.take().expect("piped");
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let (tx, rx) = mpsc::channel();
+        let log2 = log.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if std::env::var("VUT_ECHO_DAEMON").is_ok() {
+                    eprintln!("daemon: {line}");
+                }
+                log2.lock().unwrap().push(line.clone());
+                let _ = tx.send(line);
+            }
+        });
+        let mut d = Daemon {
+            child: Some(child),
+            socket,
+            log,
+            lines: rx,
+            _dir: TempDir::new("spawned"),
+        };
+        d.wait_for_log(ready, Duration::from_secs(10));
+        d
+    }
+
+    /// SIGKILL the daemon (no clean-up of any kind) and reap it.
+    pub fn kill(&mut self) -> ExitStatus {
+        let mut child = self.child.take().expect("running");
+        child.kill().expect("SIGKILL");
+        let st = child.wait().expect("wait");
+        std::thread::sleep(Duration::from_millis(50));
+        st
+    }
+}
+
+/// Throughput of one TCP transfer through the daemon, and whether the bytes arrived intact.
+#[derive(Clone, Copy, Debug)]
+pub struct TcpRun {
+    pub host_to_guest_gbps: f64,
+    pub guest_to_host_gbps: f64,
+}
+
+/// A real TCP stack on both sides of the daemon: host namespace A holds the daemon's tap
+/// (10.97.0.1); the synthetic guest bridges its rings to a second tap in namespace B (10.97.0.2).
+/// Sends `bytes` each way over one connection and checks every byte. With `offloads` the guest
+/// negotiates checksum and TSO offloads both ways and the frames cross as GSO super-frames.
+pub fn tcp_through_daemon(tag: &str, offloads: bool, bytes: usize) -> TcpRun {
+    use std::io::{Read, Write};
+    use std::net::{TcpListener, TcpStream};
+    use std::sync::atomic::AtomicBool;
+    use vhost_user_tap::guest::{bridge::bridge, Guest, GuestConfig};
+    use vhost_user_tap::tap::Tap;
+    use virtio_bindings::virtio_net::*;
+
+    const A_IP: &str = "10.97.0.1";
+    const B_IP: &str = "10.97.0.2";
+    const BR: &str = "vutbr0";
+    let a = Netns::new(&format!("{tag}a"));
+    let b = Netns::new(&format!("{tag}b"));
+    let mut daemon = Daemon::start(&a, TAP, &[]);
+    a.ip(&["addr", "add", &format!("{A_IP}/24"), "dev", TAP]);
+    a.ip(&["link", "set", TAP, "up"]);
+    let tap2 = b.within(move || {
+        let t = Tap::open_queues(BR, 1, 0)
+            .expect("second tap")
+            .pop()
+            .unwrap();
+        t.set_vnet_hdr_len(12).unwrap();
+        if offloads {
+            t.set_offload(libc::TUN_F_CSUM | libc::TUN_F_TSO4 | libc::TUN_F_TSO6)
+                .unwrap();
+        }
+        t
+    });
+    b.ip(&["addr", "add", &format!("{B_IP}/24"), "dev", BR]);
+    b.ip(&["link", "set", BR, "up"]);
+
+    let mut cfg = GuestConfig::new(&daemon.socket);
+    cfg.read_config = false;
+    cfg.mem_size = 128 << 20;
+    cfg.tx_max_frame = 65_550;
+    if offloads {
+        cfg.extra_features = [
+            VIRTIO_NET_F_CSUM,
+            VIRTIO_NET_F_GUEST_CSUM,
+            VIRTIO_NET_F_GUEST_TSO4,
+            VIRTIO_NET_F_GUEST_TSO6,
+            VIRTIO_NET_F_HOST_TSO4,
+            VIRTIO_NET_F_HOST_TSO6,
+        ]
+        .iter()
+        .fold(0u64, |acc, f| acc | (1u64 << f));
+    }
+    let mut guest = Guest::connect(cfg).expect("guest connects");
+    daemon.wait_for_log("features acked", Duration::from_secs(10));
+    let stop = Arc::new(AtomicBool::new(false));
+    let stop2 = stop.clone();
+    let hdr_len = guest.hdr_len();
+    let bridge_thread = std::thread::spawn(move || {
+        let r = bridge(guest.pair_mut(0).unwrap(), &tap2, hdr_len, &stop2);
+        if let Err(e) = &r {
+            eprintln!("bridge stopped: {e}");
+        }
+        (guest, r)
+    });
+
+    // Deterministic bytes both ends can regenerate.
+    fn pattern(i: usize) -> u8 {
+        (i.wrapping_mul(2654435761) >> 13) as u8
+    }
+    let transfer = |server_ns: &Netns, server_ip: &'static str, client_ns: &Netns, port: u16| {
+        let listener =
+            server_ns.within(move || TcpListener::bind((server_ip, port)).expect("listen"));
+        let server = std::thread::spawn(move || {
+            let (mut s, _) = listener.accept().expect("accept");
+            s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+            let mut buf = vec![0u8; 1 << 16];
+            let mut off = 0usize;
+            loop {
+                let n = s.read(&mut buf).expect("read");
+                if n == 0 {
+                    break;
+                }
+                for (k, &byte) in buf[..n].iter().enumerate() {
+                    assert_eq!(byte, pattern(off + k), "byte {} corrupted", off + k);
+                }
+                off += n;
+            }
+            off
+        });
+        let start = Instant::now();
+        let sent = client_ns.within(move || {
+            let mut s = TcpStream::connect((server_ip, port)).expect("connect");
+            s.set_write_timeout(Some(Duration::from_secs(20))).unwrap();
+            let chunk: Vec<u8> = (0..1 << 16)
+                .collect::<Vec<usize>>()
+                .iter()
+                .map(|_| 0)
+                .collect();
+            let mut chunk = chunk;
+            let mut off = 0;
+            while off < bytes {
+                let n = chunk.len().min(bytes - off);
+                for (k, c) in chunk[..n].iter_mut().enumerate() {
+                    *c = pattern(off + k);
+                }
+                if let Err(e) = s.write_all(&chunk[..n]) {
+                    return Err(format!("write at byte {off}: {e}"));
+                }
+                off += n;
+            }
+            Ok(off)
+        });
+        let sent = match sent {
+            Ok(n) => n,
+            Err(e) => {
+                eprintln!("server side:\n{}", server_ns.ip(&["-s", "link"]));
+                eprintln!("client side:\n{}", client_ns.ip(&["-s", "link"]));
+                eprintln!(
+                    "ss client: {}",
+                    run(Command::new("ip").args(["netns", "exec", &client_ns.name, "ss", "-tin"]))
+                );
+                eprintln!(
+                    "ss server: {}",
+                    run(Command::new("ip").args(["netns", "exec", &server_ns.name, "ss", "-tin"]))
+                );
+                panic!("TCP client failed: {e}");
+            }
+        };
+        let received = match server.join() {
+            Ok(r) => r,
+            Err(_) => {
+                eprintln!("server side:\n{}", server_ns.ip(&["-s", "link"]));
+                eprintln!("client side:\n{}", client_ns.ip(&["-s", "link"]));
+                eprintln!(
+                    "tc client: {}",
+                    run(Command::new("tc").args(["-n", &client_ns.name, "-s", "qdisc"]))
+                );
+                panic!("TCP server failed");
+            }
+        };
+        let secs = start.elapsed().as_secs_f64();
+        assert_eq!(received, sent, "bytes lost on the way");
+        received as f64 * 8.0 / secs / 1e9
+    };
+    let host_to_guest_gbps = transfer(&b, B_IP, &a, 5001);
+    let guest_to_host_gbps = transfer(&a, A_IP, &b, 5002);
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (guest, r) = bridge_thread.join().expect("bridge");
+    r.expect("bridge ran without errors");
+    drop(guest);
+    assert!(daemon.terminate().success(), "{}", daemon.log());
+    let c = daemon.final_counters(0);
+    assert_eq!(
+        c["rx_dropped_oversize"] + c["tx_dropped_bad_desc"] + c["tx_dropped_tap_error"],
+        0,
+        "{c:?}"
+    );
+    TcpRun {
+        host_to_guest_gbps,
+        guest_to_host_gbps,
+    }
 }
