@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
-# Build the bootable test guest for tests/qemu_e2e.rs: Debian's kernel plus a
-# tiny initramfs (busybox-static, the virtio-net modules, a static UDP
-# counter and an /init that runs the test script and powers off).
+# Build the bootable test guest for tests/qemu_e2e.rs, run-vm.sh and
+# xdp-bench.sh: Debian's kernel plus a tiny initramfs (busybox-static, the
+# virtio-net modules, a static UDP counter, the static XDP-drop counter
+# vut-xdp built from vut-xdp.c, and an /init that runs the test script and
+# powers off).
 #
 # Usage: qemu-scripts/build-guest.sh [OUT_DIR]
 #   OUT_DIR defaults to ${VUT_CACHE:-$HOME/.cache/vhost-user-tap}/guest and
@@ -9,9 +11,9 @@
 #
 # Idempotent and cached: the kernel .deb is downloaded and extracted once into
 # $VUT_CACHE/kernel/, and OUT_DIR is rebuilt only when this script, lib-vm.sh,
-# the kernel package or busybox changed. Needs root (apt-get install, and a
-# /dev/console node in the initramfs). Installs nothing but Debian packages;
-# the kernel is only extracted, never installed on the host.
+# vut-xdp.c, the kernel package or busybox changed. Needs root (apt-get
+# install, and a /dev/console node in the initramfs). Installs nothing but
+# Debian packages; the kernel is only extracted, never installed on the host.
 #
 # Guest protocol (kernel command line -> serial console markers), all
 # optional with the defaults shown:
@@ -23,11 +25,28 @@
 #   vut.udp_count=1000           datagrams expected (0: skip the UDP phase)
 #   vut.udp_timeout=90           seconds the counter waits in total
 #   vut.shell=1                  drop to a shell instead of powering off
+#   vut.mode=e2e                 what the guest does (see below)
+#   vut.xdp_secs=60              xdp mode: seconds to count (0: until powered off)
+#   vut.xdp_interval_ms=1000     xdp mode: report interval
+# Modes:
+#   e2e    (default) the end-to-end test: configure eth0, ping the peer, count
+#          UDP datagrams (the parameters above), power off.
+#   xdp    the XDP-drop guest of xdp-bench.sh: bring eth0 up (no address, so
+#          the guest answers nothing), attach vut-xdp's program that counts and
+#          drops every frame, report, power off. Needs a NIC without guest
+#          offloads (run-vm.sh --xdp) for native XDP.
+#   shell  configure eth0 like e2e, then give a shell on the console.
+#   probe  print VUT-PROBE-OK as soon as userspace runs and power off (the
+#          KVM probe of lib-qemu.sh: proves a kernel really boots).
 # Markers (one per line, always at the start of a write):
 #   VUT-BOOT, VUT-NET mac=.. ip=.., VUT-UDP-LISTENING <port>, VUT-READY,
 #   VUT-PING-OK | VUT-PING-FAIL, VUT-UDP-COUNT <n> (every second and at the
 #   end), VUT-UDP-RESULT total=<n> distinct=<n> invalid=<n> duplicate=<n>,
-#   VUT-UDP-DONE ok|timeout, VUT-SNMP ..., VUT-ERROR <msg>, VUT-DONE.
+#   VUT-UDP-DONE ok|timeout, VUT-SNMP ..., VUT-ERROR <msg>, VUT-DONE;
+#   xdp mode: VUT-XDP-READY mode=native|generic prog_id=<id>,
+#   VUT-XDP <seconds> <frames> <pps> (every interval, frames cumulative),
+#   VUT-XDP-RESULT seconds=.. frames=.. bytes=.. mode=.., VUT-NIC ...;
+#   probe mode: VUT-PROBE-OK.
 set -euo pipefail
 
 SCRIPT_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -73,6 +92,7 @@ GCC_VER=$(gcc -dumpfullversion)
 
 INPUTS="build-guest=$(sha256sum "$0" | cut -d' ' -f1)
 lib-vm=$(sha256sum "$SCRIPT_DIR/lib-vm.sh" | cut -d' ' -f1)
+vut-xdp=$(sha256sum "$SCRIPT_DIR/vut-xdp.c" | cut -d' ' -f1)
 kernel=$KPKG=$KVER
 busybox-static=$BUSYBOX_VER
 gcc=$GCC_VER"
@@ -288,6 +308,12 @@ gcc -O2 -static -Wall -Wextra -Werror -s -o "$STAGE/bin/vut-udpcount" "$STAGE/vu
     vut_die "compiling vut-udpcount failed"
 rm "$STAGE/vut-udpcount.c"
 
+# --- vut-xdp: the XDP-drop counter of xdp-bench.sh ------------------------------
+# Its BPF program is raw instructions in the C source, so gcc and the kernel
+# headers of libc6-dev (linux-libc-dev) are all it needs: no clang, no libbpf.
+gcc -O2 -static -Wall -Wextra -Werror -s -o "$STAGE/bin/vut-xdp" "$SCRIPT_DIR/vut-xdp.c" ||
+    vut_die "compiling vut-xdp failed"
+
 # --- /init --------------------------------------------------------------------
 cat >"$STAGE/init" <<'EOF'
 #!/bin/sh
@@ -323,6 +349,9 @@ ping_count=3
 udp_port=5000
 udp_count=1000
 udp_timeout=90
+mode=e2e
+xdp_secs=60
+xdp_interval_ms=1000
 for arg in $(cat /proc/cmdline); do
     case "$arg" in
     vut.ip=*) ip_cidr=${arg#*=} ;;
@@ -333,9 +362,21 @@ for arg in $(cat /proc/cmdline); do
     vut.udp_count=*) udp_count=${arg#*=} ;;
     vut.udp_timeout=*) udp_timeout=${arg#*=} ;;
     vut.shell=*) shell=${arg#*=} ;;
+    vut.mode=*) mode=${arg#*=} ;;
+    vut.xdp_secs=*) xdp_secs=${arg#*=} ;;
+    vut.xdp_interval_ms=*) xdp_interval_ms=${arg#*=} ;;
     esac
 done
 echo "VUT-BOOT kernel=$(uname -r)"
+case "$mode" in
+e2e | xdp | shell) ;;
+probe)
+    # Userspace runs: the kernel booted. Nothing else to prove.
+    echo VUT-PROBE-OK
+    finish
+    ;;
+*) fail "unknown vut.mode=$mode (e2e, xdp, shell, probe)" ;;
+esac
 
 for m in $(cat /etc/vut-modules); do
     insmod "/lib/modules/$m.ko" || fail "insmod $m failed"
@@ -350,12 +391,33 @@ while [ ! -e /sys/class/net/eth0 ]; do
 done
 ip link set lo up || fail "ip link set lo up"
 ip link set eth0 up || fail "ip link set eth0 up"
+
+nic_stats() {
+    echo "VUT-NIC rx_packets=$(cat /sys/class/net/eth0/statistics/rx_packets)" \
+        "rx_dropped=$(cat /sys/class/net/eth0/statistics/rx_dropped)" \
+        "tx_packets=$(cat /sys/class/net/eth0/statistics/tx_packets)"
+}
+if [ "$mode" = xdp ]; then
+    # No address: the guest must not answer (ARP, ICMP) or originate IPv4
+    # traffic; every frame the host sends is counted and dropped by XDP.
+    echo "VUT-NET mac=$(cat /sys/class/net/eth0/address) ip=none"
+    vut-xdp eth0 "$xdp_secs" "$xdp_interval_ms"
+    echo "VUT-XDP-EXIT $?"
+    nic_stats
+    finish
+fi
+
 ip addr add "$ip_cidr" dev eth0 || fail "ip addr add $ip_cidr dev eth0"
 # busybox ip has no `neigh replace ... lladdr`; arp -s is the way.
 if [ -n "$peer_mac" ]; then
     arp -i eth0 -s "$peer" "$peer_mac" || fail "arp -s $peer $peer_mac"
 fi
 echo "VUT-NET mac=$(cat /sys/class/net/eth0/address) ip=$ip_cidr"
+if [ "$mode" = shell ]; then
+    echo VUT-READY
+    shell=1
+    finish
+fi
 
 counter=
 if [ "$udp_count" -gt 0 ]; then
@@ -378,9 +440,7 @@ if [ -n "$counter" ]; then
 fi
 # Kernel view, for diagnosing losses: Udp InDatagrams/RcvbufErrors and the NIC's counters.
 echo "VUT-SNMP $(grep '^Udp:' /proc/net/snmp | tail -n1)"
-echo "VUT-NIC rx_packets=$(cat /sys/class/net/eth0/statistics/rx_packets)" \
-    "rx_dropped=$(cat /sys/class/net/eth0/statistics/rx_dropped)" \
-    "tx_packets=$(cat /sys/class/net/eth0/statistics/tx_packets)"
+nic_stats
 finish
 EOF
 chmod 755 "$STAGE/init"
