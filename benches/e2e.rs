@@ -13,7 +13,6 @@
 
 use std::fs::File;
 use std::io::Read;
-use std::net::UdpSocket;
 use std::os::fd::AsRawFd;
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -62,7 +61,62 @@ fn tap_counters(ns: &Netns) -> netlink::LinkCounters {
     ns.within(|| netlink::link_counters(netlink::ifindex(TAP).unwrap()).unwrap())
 }
 
-/// UDP senders: `threads` sockets blasting 64-byte frames with sendmmsg until stopped.
+/// A raw packet socket bound to `dev` (in the calling thread's namespace).
+fn packet_socket(dev: &str) -> std::os::fd::OwnedFd {
+    use std::os::fd::FromRawFd;
+    let proto = (libc::ETH_P_ALL as u16).to_be();
+    // SAFETY: plain socket(2); the result is checked.
+    let fd = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW, i32::from(proto)) };
+    assert!(
+        fd >= 0,
+        "AF_PACKET socket: {}",
+        std::io::Error::last_os_error()
+    );
+    // SAFETY: a fresh descriptor we own.
+    let fd = unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) };
+    // SAFETY: sockaddr_ll is plain data.
+    let mut sll: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+    sll.sll_family = libc::AF_PACKET as u16;
+    sll.sll_protocol = proto;
+    sll.sll_ifindex = netlink::ifindex(dev).unwrap() as i32;
+    // SAFETY: binds with a valid sockaddr_ll of the stated size.
+    let r = unsafe {
+        libc::bind(
+            fd.as_raw_fd(),
+            (&sll as *const libc::sockaddr_ll).cast(),
+            std::mem::size_of::<libc::sockaddr_ll>() as u32,
+        )
+    };
+    assert_eq!(r, 0, "bind AF_PACKET: {}", std::io::Error::last_os_error());
+    fd
+}
+
+/// A 60-byte IPv4/UDP frame from the host to the guest's MAC (64 bytes with the FCS).
+fn udp_frame() -> Vec<u8> {
+    let mut f = Vec::with_capacity(60);
+    f.extend_from_slice(&[0x52, 0x54, 0x00, 0x12, 0x34, 0x56]); // GUEST_MAC
+    f.extend_from_slice(&[0x02, 0x00, 0x00, 0x00, 0x00, 0x01]);
+    f.extend_from_slice(&[0x08, 0x00]);
+    let ip_len = (20 + 8 + PAYLOAD) as u16;
+    let mut ip = vec![
+        0x45, 0, 0, 0, 0, 0, 0x40, 0, 64, 17, 0, 0, 10, 98, 0, 1, 10, 98, 0, 2,
+    ];
+    ip[2..4].copy_from_slice(&ip_len.to_be_bytes());
+    let sum = ip
+        .chunks(2)
+        .map(|c| u32::from(u16::from_be_bytes([c[0], c[1]])))
+        .sum::<u32>();
+    let sum = !(((sum & 0xffff) + (sum >> 16)) as u16);
+    ip[10..12].copy_from_slice(&sum.to_be_bytes());
+    f.extend_from_slice(&ip);
+    f.extend_from_slice(&[0x30, 0x39, 0x00, 0x09]);
+    f.extend_from_slice(&((8 + PAYLOAD) as u16).to_be_bytes());
+    f.extend_from_slice(&[0, 0]);
+    f.resize(60, 0x5a);
+    f
+}
+
+/// Senders: `threads` packet sockets blasting 64-byte frames with sendmmsg until stopped.
 struct Generator {
     stop: Arc<AtomicBool>,
     sent: Arc<AtomicU64>,
@@ -77,13 +131,14 @@ impl Generator {
             .map(|_| {
                 let (stop, sent) = (stop.clone(), sent.clone());
                 ns.spawn_within(move || {
-                    let s = UdpSocket::bind(format!("{HOST_IP}:0")).unwrap();
-                    s.connect(format!("{GUEST_IP}:9")).unwrap();
+                    // AF_PACKET straight onto the tap: through the qdisc into tun, without the
+                    // IP stack, so the generator outruns the reader as the floor requires.
+                    let s = packet_socket(TAP);
                     const BATCH: usize = 64;
-                    let payload = [0x5au8; PAYLOAD];
+                    let payload = udp_frame();
                     let mut iov = [libc::iovec {
                         iov_base: payload.as_ptr() as *mut _,
-                        iov_len: PAYLOAD,
+                        iov_len: payload.len(),
                     }; BATCH];
                     // SAFETY: mmsghdr is plain data; zero is a valid value.
                     let mut msgs: [libc::mmsghdr; BATCH] = unsafe { std::mem::zeroed() };
