@@ -16,6 +16,7 @@ fi
 echo "== prerequisites"
 qemu-scripts/build-guest.sh
 qemu-scripts/fetch-qemu.sh
+qemu-scripts/systemd-tools.sh
 if ! cargo fmt --version >/dev/null 2>&1 || ! cargo clippy --version >/dev/null 2>&1; then
     rustup component add rustfmt clippy
 fi

@@ -25,7 +25,11 @@ pub enum Backpressure {
 
 /// A vhost-user network backend: moves frames between a Linux tap and a guest's virtio-net rings.
 ///
-/// Log levels are set with RUST_LOG (error, warn, info, debug, trace); default info.
+/// Log levels are set with RUST_LOG (error, warn, info, debug, trace); default info. Every option
+/// can also be set in the environment as VHOST_USER_TAP_<OPTION> (e.g. VHOST_USER_TAP_TAP=vut0,
+/// VHOST_USER_TAP_NO_SECCOMP=1; empty means unset); the command line wins. Under systemd socket
+/// activation (LISTEN_FDS) the inherited socket is used and neither --socket-path nor --fd is
+/// needed.
 #[derive(Debug, Parser)]
 #[command(name = "vhost-user-tap", version)]
 #[command(group(ArgGroup::new("listen").args(["socket_path", "fd"])))]
@@ -86,6 +90,53 @@ pub struct Args {
     /// Print the backend's capabilities as JSON (vhost-user convention) and exit.
     #[arg(long)]
     pub print_capabilities: bool,
+
+    /// Do not install the seccomp syscall allow-list. By default it is applied once the tap and
+    /// the listener are set up; a syscall outside it then fails with EPERM.
+    #[arg(long)]
+    pub no_seccomp: bool,
+}
+
+/// Prefix of the environment variables that stand in for options: `--socket-path` is
+/// `VHOST_USER_TAP_SOCKET_PATH`, `--tap` is `VHOST_USER_TAP_TAP`. The command line wins.
+pub const ENV_PREFIX: &str = "VHOST_USER_TAP_";
+
+/// The environment variable that stands in for `--long-name`.
+pub fn env_name(long: &str) -> String {
+    format!(
+        "{ENV_PREFIX}{}",
+        long.to_ascii_uppercase().replace('-', "_")
+    )
+}
+
+impl Args {
+    /// The command line parser with every option also read from the environment ([`env_name`]),
+    /// so a systemd unit can take its settings from an `EnvironmentFile=`. A variable set to the
+    /// empty string counts as unset (`VHOST_USER_TAP_MAC=` in a config file); flags take
+    /// 1/0, true/false, yes/no, on/off.
+    pub fn command_with_env() -> clap::Command {
+        use clap::builder::BoolishValueParser;
+        use clap::{ArgAction, CommandFactory};
+        Args::command().mut_args(|a| {
+            let Some(var) = a.get_long().map(env_name) else {
+                return a;
+            };
+            if std::env::var_os(&var).is_some_and(|v| v.is_empty()) {
+                return a;
+            }
+            let a = a.env(var);
+            match a.get_action() {
+                ArgAction::SetTrue => a.value_parser(BoolishValueParser::new()),
+                _ => a,
+            }
+        })
+    }
+
+    /// Parse the process's command line and environment.
+    pub fn try_parse_with_env() -> Result<Args, clap::Error> {
+        use clap::FromArgMatches;
+        Args::from_arg_matches(&Args::command_with_env().try_get_matches()?)
+    }
 }
 
 /// Where the frontend connects.

@@ -27,6 +27,7 @@ use crate::metrics::{self, MetricsServer};
 use crate::protocol::Connection;
 use crate::session::{Device, PairSlot, Session};
 use crate::stats::PairStats;
+use crate::systemd::{self, Watchdog};
 use crate::tap::Tap;
 use crate::virtio_net::{self, GUEST_OFFLOADS};
 
@@ -176,6 +177,7 @@ pub struct Daemon {
     backpressure: bool,
     connected: Arc<AtomicBool>,
     _metrics: Option<MetricsServer>,
+    watchdog: Watchdog,
 }
 
 impl Daemon {
@@ -243,6 +245,7 @@ impl Daemon {
             backpressure,
             connected,
             _metrics: metrics,
+            watchdog: Watchdog::from_env(),
         })
     }
 
@@ -266,14 +269,16 @@ impl Daemon {
         )?;
         let mut events = [EpollEvent::default(); 2];
         let result = loop {
-            let n = match epoll.wait(-1, &mut events) {
+            let n = match epoll.wait(self.watchdog.epoll_timeout_ms(), &mut events) {
                 Ok(n) => n,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) => break Err(anyhow!("epoll: {e}")),
             };
+            self.watchdog.tick();
             if events[..n].iter().any(|e| e.data() == 1) {
                 if let Some(sig) = self.signals.read() {
                     info!("signal {sig}: shutting down");
+                    systemd::notify_stopping();
                     break Ok(());
                 }
             }
@@ -298,6 +303,7 @@ impl Daemon {
                 }
                 Ok(SessionEnd::Signal(sig)) => {
                     info!("signal {sig}: shutting down");
+                    systemd::notify_stopping();
                     break Ok(());
                 }
                 Ok(SessionEnd::TapFailed) => {
@@ -328,15 +334,17 @@ impl Daemon {
             )?;
         }
         let signals = &self.signals;
+        let watchdog = &self.watchdog;
         let fatal = self.dev.fatal.clone();
         let mut session = Session::new(&mut self.dev);
         let mut events = [EpollEvent::default(); 3];
         loop {
-            let n = match epoll.wait(-1, &mut events) {
+            let n = match epoll.wait(watchdog.epoll_timeout_ms(), &mut events) {
                 Ok(n) => n,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) => return Err(anyhow!("epoll: {e}")),
             };
+            watchdog.tick();
             for ev in &events[..n] {
                 match ev.data() {
                     1 => {

@@ -14,6 +14,8 @@
 //! - [`session`]: state of one frontend connection (memory, vrings, workers).
 //! - [`protocol`]: vhost-user message framing and dispatch.
 //! - [`daemon`]: listener, signals, the session loop.
+//! - [`systemd`]: socket activation, sd_notify readiness/stopping, the watchdog.
+//! - [`seccomp`]: the syscall allow-list applied after setup.
 //! - [`stats`]: per-queue-pair counters.
 //! - [`ratelog`]: rate limiting for guest-triggered warnings.
 //! - [`loopback`]: the data path wired in-process (tests, micro-benchmarks).
@@ -29,8 +31,10 @@ pub mod protocol;
 pub mod ratelog;
 pub mod ring;
 pub mod rx;
+pub mod seccomp;
 pub mod session;
 pub mod stats;
+pub mod systemd;
 pub mod tap;
 pub mod tx;
 pub mod virtio_net;
