@@ -205,42 +205,12 @@ impl Daemon {
     pub fn start(ns: &Netns, tap: &str, extra: &[&str]) -> Daemon {
         let dir = TempDir::new("sock");
         let socket = dir.0.join("vhost.sock");
-        let mut child = Command::new("ip")
-            .args(["netns", "exec", &ns.name, DAEMON, "--socket-path"])
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", &ns.name, DAEMON, "--socket-path"])
             .arg(&socket)
             .args(["--tap", tap])
-            .args(extra)
-            .env(
-                "RUST_LOG",
-                std::env::var("VUT_DAEMON_LOG").unwrap_or("info".into()),
-            )
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawning the daemon");
-        let stderr = child.stderr.take().expect("piped");
-        let log = Arc::new(Mutex::new(Vec::new()));
-        let (tx, rx) = mpsc::channel();
-        let log2 = log.clone();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                if std::env::var("VUT_ECHO_DAEMON").is_ok() {
-                    eprintln!("daemon: {line}");
-                }
-                log2.lock().unwrap().push(line.clone());
-                let _ = tx.send(line);
-            }
-        });
-        let mut d = Daemon {
-            child: Some(child),
-            socket,
-            log,
-            lines: rx,
-            _dir: dir,
-        };
-        d.wait_for_log("listening on", Duration::from_secs(10));
-        d
+            .args(extra);
+        Daemon::spawn_in(&mut cmd, socket, "listening on", dir)
     }
 
     /// Wait for a log line containing `needle` (lines already seen do not count twice).
@@ -392,6 +362,10 @@ impl Daemon {
     /// environment), capture its stderr and wait until its log contains `ready`. `socket` is
     /// where frontends connect. The command's stdin/stdout/stderr are set here.
     pub fn spawn(cmd: &mut Command, socket: PathBuf, ready: &str) -> Daemon {
+        Daemon::spawn_in(cmd, socket, ready, TempDir::new("spawned"))
+    }
+
+    fn spawn_in(cmd: &mut Command, socket: PathBuf, ready: &str, dir: TempDir) -> Daemon {
         let mut child = cmd
             .env(
                 "RUST_LOG",
@@ -420,7 +394,7 @@ impl Daemon {
             socket,
             log,
             lines: rx,
-            _dir: TempDir::new("spawned"),
+            _dir: dir,
         };
         d.wait_for_log(ready, Duration::from_secs(10));
         d
