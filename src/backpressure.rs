@@ -80,19 +80,25 @@ pub fn check_qdisc(name: &str, backpressure: bool) {
     if !backpressure {
         return;
     }
-    let qdisc = netlink::ifindex(name).and_then(netlink::root_qdisc);
-    match qdisc {
-        Ok(None) => warn!(
+    let state = netlink::ifindex(name).and_then(|i| {
+        let up = netlink::link_counters(i)?.up;
+        Ok((up, netlink::root_qdisc(i)?))
+    });
+    match state {
+        // A tap that is down has no qdisc yet; the kernel attaches the default one at link-up,
+        // and the check runs again when a frontend connects.
+        Ok((false, _)) => {}
+        Ok((true, None)) => warn!(
             "tap {name} has no qdisc (noqueue): IFF_BACKPRESSURE has nothing to hold frames in and \
              tun will still drop; fix: `tc qdisc replace dev {name} root fq_codel` (or start with \
              --qdisc fq_codel)"
         ),
-        // A tap that is down shows `noop`; the kernel attaches its default qdisc when it comes up.
-        Ok(Some(q)) if q.kind == "noop" => {}
-        Ok(Some(q)) => info!(
-            "tap {name}: root qdisc {} holds frames under backpressure",
-            q.kind
-        ),
+        Ok((true, Some(q))) => {
+            info!(
+                "tap {name}: root qdisc {} holds frames under backpressure",
+                q.kind
+            )
+        }
         Err(e) => warn!("tap {name}: cannot read its qdisc: {e}"),
     }
 }

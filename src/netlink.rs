@@ -42,6 +42,8 @@ pub struct LinkCounters {
     pub rx_packets: u64,
     pub rx_bytes: u64,
     pub rx_dropped: u64,
+    /// IFF_UP: a down device has no qdisc yet (the kernel attaches the default one at link-up).
+    pub up: bool,
 }
 
 /// Counters of the tap's root qdisc.
@@ -53,6 +55,8 @@ pub struct QdiscCounters {
     /// Drops because the queue was over its limit (fq_codel: drop_overlimit + drop_overmemory;
     /// other qdiscs: every drop). The rest of `drops` are AQM policy drops.
     pub limit_drops: u64,
+    /// The qdisc does active queue management (fq_codel): some drops are its policy.
+    pub aqm: bool,
     pub requeues: u64,
     pub overlimits: u64,
     pub backlog_bytes: u64,
@@ -144,6 +148,10 @@ pub fn link_counters(ifindex: u32) -> Result<LinkCounters, NetlinkError> {
     )?;
     for r in replies {
         if let RouteNetlinkMessage::NewLink(l) = r {
+            let up = l
+                .header
+                .flags
+                .contains(netlink_packet_route::link::LinkFlags::Up);
             for a in l.attributes {
                 if let LinkAttribute::Stats64(s) = a {
                     return Ok(LinkCounters {
@@ -153,6 +161,7 @@ pub fn link_counters(ifindex: u32) -> Result<LinkCounters, NetlinkError> {
                         rx_packets: s.rx_packets,
                         rx_bytes: s.rx_bytes,
                         rx_dropped: s.rx_dropped,
+                        up,
                     });
                 }
             }
@@ -207,6 +216,7 @@ pub fn root_qdisc(ifindex: u32) -> Result<Option<QdiscCounters>, NetlinkError> {
         if q.kind == "noqueue" {
             return Ok(None);
         }
+        q.aqm = fq_codel_limit.is_some();
         q.limit_drops = fq_codel_limit.unwrap_or(q.drops);
         return Ok(Some(q));
     }
