@@ -8,7 +8,8 @@
 //!   loop writing the same frames to the tap.
 //!
 //! `sudo cargo bench --bench e2e` (root: taps and namespaces). VUT_BENCH_SECS (default 5) and
-//! VUT_BENCH_RUNS (default 3) set the length; the median run is reported. Results also go to
+//! VUT_BENCH_RUNS (default 3) set the length; the median run is reported; VUT_BENCH_DAEMON_ARGS
+//! passes options to the daemon (e.g. "--busy-poll-us 50"); VUT_BENCH_TCP_MB sizes the TCP runs. Results also go to
 //! target/vut-bench/e2e.json.
 
 use std::fs::File;
@@ -234,6 +235,14 @@ fn floor_rx(ns: &Netns, threads: usize, secs: f64) -> Rate {
     }
 }
 
+/// Extra daemon options for a run, e.g. VUT_BENCH_DAEMON_ARGS="--busy-poll-us 50".
+fn daemon_args() -> Vec<&'static str> {
+    let args = std::env::var("VUT_BENCH_DAEMON_ARGS").unwrap_or_default();
+    args.split_whitespace()
+        .map(|a| &*Box::leak(a.to_string().into_boxed_str()))
+        .collect()
+}
+
 /// The sum of the daemon's drop counters, from its final log line.
 fn stop_daemon(mut d: Daemon) -> u64 {
     assert!(d.terminate().success(), "{}", d.log());
@@ -255,7 +264,7 @@ fn guest_json(args: &[&str]) -> serde_json::Value {
 }
 
 fn daemon_rx(ns: &Netns, threads: usize, secs: f64) -> Rate {
-    let d = Daemon::start(ns, TAP, &[]);
+    let d = Daemon::start(ns, TAP, &daemon_args());
     let sock = d.socket.to_str().unwrap().to_string();
     let gen = Generator::start(ns, threads);
     let before = tap_counters(ns);
@@ -318,7 +327,7 @@ fn floor_tx(ns: &Netns, secs: f64) -> Rate {
 }
 
 fn daemon_tx(ns: &Netns, secs: f64) -> Rate {
-    let d = Daemon::start(ns, TAP, &[]);
+    let d = Daemon::start(ns, TAP, &daemon_args());
     let sock = d.socket.to_str().unwrap().to_string();
     let cpu0 = cpu_ticks(d.pid());
     let v = guest_json(&[

@@ -151,15 +151,21 @@ impl DeviceQueue {
         device_writes: bool,
         segs: &mut Vec<Segment>,
     ) -> Result<Option<Popped>, RingError> {
-        if self.pending(mem)? == 0 {
-            return Ok(None);
-        }
-        let chain = match self.queue.iter(mem) {
-            Ok(mut it) => it.next(),
-            Err(_) => None,
+        // One acquire load of avail.idx, in iter(), which also rejects an index more than a ring
+        // ahead of us: a corrupted ring.
+        let mut it = match self.queue.iter(mem) {
+            Ok(it) => it,
+            Err(virtio_queue::Error::InvalidAvailRingIndex) => {
+                return Err(RingError::AvailIndex {
+                    avail: self.avail_idx(mem)?.0,
+                    next: self.queue.next_avail(),
+                    size: self.size(),
+                })
+            }
+            Err(_) => return Err(RingError::RingMemory(self.queue.avail_ring())),
         };
-        let Some(chain) = chain else {
-            return Err(RingError::RingMemory(self.queue.avail_ring()));
+        let Some(chain) = it.next() else {
+            return Ok(None);
         };
         let head = chain.head_index();
         segs.clear();
