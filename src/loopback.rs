@@ -244,6 +244,37 @@ mod tests {
     }
 
     #[test]
+    fn one_interrupt_per_batch_and_a_budget_that_yields() {
+        let mut lb = Loopback::new(LoopbackConfig::default()).unwrap();
+        lb.guest.post_rx_buffers(usize::MAX).unwrap();
+        // The guest asks for an interrupt (arms used_event) as a Linux driver does in NAPI.
+        lb.guest
+            .wait_rx_interrupt(Some(std::time::Duration::ZERO))
+            .unwrap();
+        for i in 0..100 {
+            assert!(lb.inject(&frame(i, 64)).unwrap());
+        }
+        assert_eq!(lb.rx_process().unwrap(), RxOutcome::TapEmpty);
+        let s = lb.stats.snapshot();
+        assert_eq!(s.rx_frames, 100);
+        assert_eq!(s.rx_interrupts, 1, "100 frames in one batch: one interrupt");
+
+        // More frames than one wake-up may move: RX yields after FRAME_BUDGET so TX gets a turn.
+        lb.guest.poll_rx(|_, _| {}).unwrap();
+        lb.guest.post_rx_buffers(usize::MAX).unwrap();
+        let mut injected = 0;
+        while injected < 300 && lb.inject(&frame(injected, 64)).unwrap() {
+            injected += 1;
+        }
+        assert!(
+            injected > crate::rx::FRAME_BUDGET as u32,
+            "socket took only {injected}"
+        );
+        assert_eq!(lb.rx_process().unwrap(), RxOutcome::Budget);
+        assert_eq!(lb.stats.snapshot().rx_frames, 100 + crate::rx::FRAME_BUDGET);
+    }
+
+    #[test]
     fn a_full_wire_keeps_tx_frames_for_later() {
         let mut lb = Loopback::new(LoopbackConfig::default()).unwrap();
         let big = frame(7, 1514);
