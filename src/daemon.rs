@@ -24,7 +24,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use crate::backpressure;
 use crate::config::{Config, Listen};
 use crate::metrics::{self, MetricsServer};
-use crate::protocol::Connection;
+use crate::protocol::{Connection, ProtocolError};
 use crate::session::{Device, PairSlot, Session};
 use crate::stats::PairStats;
 use crate::systemd::{self, Watchdog};
@@ -364,8 +364,12 @@ impl Daemon {
                                 return Ok(SessionEnd::Disconnected);
                             }
                         }
-                        Err(e) => {
+                        Err(e @ ProtocolError::Io(_)) => {
                             warn!("frontend connection failed: {e}");
+                            return Ok(SessionEnd::Disconnected);
+                        }
+                        Err(e) => {
+                            error!("frontend protocol error: {e}; closing the connection");
                             return Ok(SessionEnd::Disconnected);
                         }
                     },

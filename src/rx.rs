@@ -417,7 +417,7 @@ impl Rx {
             self.q.add_used(mem, c.head, len as u32)?;
         }
         t.frames += 1;
-        t.bytes += (n - self.hdr_len) as u64;
+        t.bytes += n.saturating_sub(self.hdr_len) as u64;
         Ok(())
     }
 

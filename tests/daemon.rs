@@ -762,3 +762,57 @@ fn tcp_through_the_daemon_arrives_intact_with_and_without_offloads() {
         eprintln!("TCP offloads={offloads}: {r:?}");
     }
 }
+
+#[test]
+fn malformed_frontend_messages_close_that_connection_only() {
+    use std::io::{Read, Write};
+    use std::os::unix::net::UnixStream;
+    if !root_or_skip("badmsg") {
+        return;
+    }
+    let ns = Netns::new("badmsg");
+    let mut daemon = Daemon::start(&ns, TAP, &[]);
+    let header = |req: u32, flags: u32, size: u32| {
+        let mut h = Vec::new();
+        for w in [req, flags, size] {
+            h.extend_from_slice(&w.to_le_bytes());
+        }
+        h
+    };
+    for (what, bytes) in [
+        ("version 0", header(1, 0, 0)),
+        ("a reply flag on a request", header(1, 0x5, 0)),
+        (
+            "a body larger than the protocol allows",
+            header(2, 0x1, 1 << 20),
+        ),
+    ] {
+        let mut s = UnixStream::connect(&daemon.socket).unwrap();
+        s.set_read_timeout(Some(WAIT)).unwrap();
+        s.write_all(&bytes).unwrap();
+        let mut buf = [0u8; 64];
+        assert_eq!(
+            s.read(&mut buf).unwrap(),
+            0,
+            "{what}: the daemon should close the connection"
+        );
+        daemon.wait_for_log("frontend protocol error", WAIT);
+    }
+    // GET_FEATURES still answered on a fresh connection, then a real guest is served.
+    let mut s = UnixStream::connect(&daemon.socket).unwrap();
+    s.write_all(&header(1, 0x1, 0)).unwrap();
+    let mut reply = [0u8; 20];
+    s.read_exact(&mut reply).unwrap();
+    assert_eq!(u32::from_le_bytes(reply[0..4].try_into().unwrap()), 1);
+    assert_eq!(u32::from_le_bytes(reply[4..8].try_into().unwrap()), 0x5);
+    drop(s);
+    ns.configure_tap(TAP);
+    let mut g = Guest::connect(guest_config(&daemon)).expect("a good guest is served");
+    g.post_rx_buffers(usize::MAX).unwrap();
+    let host = ns.udp_socket(&format!("{HOST_IP}:{HOST_PORT}"));
+    send_to_guest(&host, 0..10);
+    let (got, _) = receive(&mut g, 10, true);
+    assert_in_order(&got, 0);
+    drop(g);
+    assert!(daemon.terminate().success());
+}
