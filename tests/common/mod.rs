@@ -196,6 +196,8 @@ pub struct Daemon {
     pub socket: PathBuf,
     log: Arc<Mutex<Vec<String>>>,
     lines: mpsc::Receiver<String>,
+    /// Reads the daemon's stderr until it closes: joined after exit so the log is complete.
+    reader: Option<std::thread::JoinHandle<()>>,
     _dir: TempDir,
 }
 
@@ -239,41 +241,47 @@ impl Daemon {
 
     /// Wait for the daemon to exit on its own.
     pub fn wait_exit(&mut self, timeout: Duration) -> ExitStatus {
-        let mut child = self.child.take().expect("running");
-        let deadline = Instant::now() + timeout;
-        loop {
-            if let Some(st) = child.try_wait().expect("wait") {
-                std::thread::sleep(Duration::from_millis(50));
-                return st;
-            }
-            if Instant::now() > deadline {
-                let _ = child.kill();
-                panic!(
-                    "daemon did not exit within {timeout:?}; log:\n{}",
-                    self.log()
-                );
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        }
+        self.wait_status(timeout, "did not exit")
     }
 
     /// SIGTERM the daemon (through `ip netns exec`, which execs it) and wait for its exit.
     pub fn terminate(&mut self) -> ExitStatus {
+        self.signal(libc::SIGTERM);
+        self.wait_status(Duration::from_secs(10), "ignored SIGTERM")
+    }
+
+    /// SIGKILL the daemon (no clean-up of any kind) and reap it.
+    pub fn kill(&mut self) -> ExitStatus {
+        self.signal(libc::SIGKILL);
+        self.wait_status(Duration::from_secs(10), "survived SIGKILL")
+    }
+
+    fn signal(&self, sig: libc::c_int) {
+        let pid = self.pid() as i32;
+        // SAFETY: kill with the pid of a child we spawned and have not reaped.
+        unsafe { libc::kill(pid, sig) };
+    }
+
+    /// The exit status, awaited on a thread so the wait has a deadline; then the end of its log.
+    fn wait_status(&mut self, timeout: Duration, what: &str) -> ExitStatus {
         let mut child = self.child.take().expect("running");
-        // SAFETY: kill with a pid we spawned and have not reaped.
-        unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            if let Some(st) = child.try_wait().expect("wait") {
-                // Let the reader thread drain the last lines.
-                std::thread::sleep(Duration::from_millis(50));
-                return st;
+        let pid = child.id() as i32;
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            let _ = tx.send(child.wait());
+        });
+        match rx.recv_timeout(timeout) {
+            Ok(Ok(st)) => {
+                if let Some(r) = self.reader.take() {
+                    let _ = r.join();
+                }
+                st
             }
-            if Instant::now() > deadline {
-                let _ = child.kill();
-                panic!("daemon ignored SIGTERM for 10 s; log:\n{}", self.log());
+            _ => {
+                // SAFETY: as in `signal`; the waiting thread reaps it.
+                unsafe { libc::kill(pid, libc::SIGKILL) };
+                panic!("daemon {what} within {timeout:?}; log:\n{}", self.log());
             }
-            std::thread::sleep(Duration::from_millis(10));
         }
     }
 
@@ -380,7 +388,7 @@ impl Daemon {
         let log = Arc::new(Mutex::new(Vec::new()));
         let (tx, rx) = mpsc::channel();
         let log2 = log.clone();
-        std::thread::spawn(move || {
+        let reader = std::thread::spawn(move || {
             for line in BufReader::new(stderr).lines().map_while(Result::ok) {
                 if std::env::var("VUT_ECHO_DAEMON").is_ok() {
                     eprintln!("daemon: {line}");
@@ -394,19 +402,11 @@ impl Daemon {
             socket,
             log,
             lines: rx,
+            reader: Some(reader),
             _dir: dir,
         };
         d.wait_for_log(ready, Duration::from_secs(10));
         d
-    }
-
-    /// SIGKILL the daemon (no clean-up of any kind) and reap it.
-    pub fn kill(&mut self) -> ExitStatus {
-        let mut child = self.child.take().expect("running");
-        child.kill().expect("SIGKILL");
-        let st = child.wait().expect("wait");
-        std::thread::sleep(Duration::from_millis(50));
-        st
     }
 }
 
