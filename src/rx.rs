@@ -64,13 +64,6 @@ impl Default for RxCarry {
     }
 }
 
-impl RxCarry {
-    /// Length (header included) of the frame waiting for guest buffers, if any.
-    pub fn staged_len(&self) -> usize {
-        self.staged
-    }
-}
-
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum RxState {
     /// Taking frames from the tap.
@@ -182,10 +175,6 @@ impl Rx {
     pub fn into_parts(self) -> (virtio_queue::Queue, RxCarry) {
         let rewind = self.win.chains.len() as u16;
         (self.q.into_queue(rewind), self.carry)
-    }
-
-    pub fn state(&self) -> RxState {
-        self.state
     }
 
     /// Whether the worker should poll the tap for readability.

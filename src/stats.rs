@@ -96,13 +96,6 @@ impl PairSnapshot {
     }
 }
 
-/// Totals a worker accumulates during one batch, published with one add per counter.
-#[derive(Debug, Default)]
-pub struct Batch {
-    pub frames: u64,
-    pub bytes: u64,
-}
-
 pub fn add(counter: &AtomicU64, n: u64) {
     if n != 0 {
         counter.fetch_add(n, Ordering::Relaxed);
