@@ -513,13 +513,19 @@ impl QueuePair {
     /// Post a raw RX chain (descriptors written verbatim). Returns its head index; its
     /// completion shows up in [`QueuePair::take_raw_completions`].
     pub fn post_raw_rx_chain(&mut self, descs: &[RawDesc]) -> Result<u16> {
+        self.post_raw(true, descs)
+    }
+
+    fn post_raw(&mut self, rx: bool, descs: &[RawDesc]) -> Result<u16> {
         let token = RAW_TOKEN | self.raw_seq;
         self.raw_seq += 1;
-        let head = self
-            .rx
-            .add_raw(descs, token)
-            .map_err(Self::ring_err(self.rx_queue()))?;
-        self.kick_if_needed(true)?;
+        let (ring, q) = if rx {
+            (&mut self.rx, 2 * self.index)
+        } else {
+            (&mut self.tx, 2 * self.index + 1)
+        };
+        let head = ring.add_raw(descs, token).map_err(Self::ring_err(q))?;
+        self.kick_if_needed(rx)?;
         Ok(head)
     }
 
@@ -796,14 +802,7 @@ impl QueuePair {
 
     /// Post a raw TX chain (descriptors written verbatim). Returns its head index.
     pub fn post_raw_tx_chain(&mut self, descs: &[RawDesc]) -> Result<u16> {
-        let token = RAW_TOKEN | self.raw_seq;
-        self.raw_seq += 1;
-        let head = self
-            .tx
-            .add_raw(descs, token)
-            .map_err(Self::ring_err(self.tx_queue()))?;
-        self.kick_if_needed(false)?;
-        Ok(head)
+        self.post_raw(false, descs)
     }
 
     // ---------------------------------------------------------------- interrupts
