@@ -275,6 +275,26 @@ mod tests {
     }
 
     #[test]
+    fn the_guest_recycles_multi_buffer_frames_without_reading_them() {
+        let mut lb = Loopback::new(LoopbackConfig {
+            rx_buf_len: 256,
+            ..LoopbackConfig::default()
+        })
+        .unwrap();
+        lb.guest.post_rx_buffers(usize::MAX).unwrap();
+        for i in 0..20 {
+            assert!(lb.inject(&frame(i, 60 + 50 * i as usize)).unwrap());
+        }
+        assert_eq!(lb.rx_process().unwrap(), RxOutcome::TapEmpty);
+        assert_eq!(lb.guest.recycle_rx(usize::MAX).unwrap(), 20);
+        assert_eq!(lb.stats.snapshot().rx_frames, 20);
+        assert!(
+            lb.guest.stats().rx_buffers > 20,
+            "some frames spanned several buffers"
+        );
+    }
+
+    #[test]
     fn a_full_wire_keeps_tx_frames_for_later() {
         let mut lb = Loopback::new(LoopbackConfig::default()).unwrap();
         let big = frame(7, 1514);

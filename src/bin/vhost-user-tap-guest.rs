@@ -45,6 +45,9 @@ struct Args {
     /// Stop after this many seconds.
     #[arg(long)]
     duration: Option<f64>,
+    /// Recycle RX buffers without reading the frames: the XDP-drop equivalent for benchmarks.
+    #[arg(long)]
+    rx_drop: bool,
     /// Stop once this many frames were received.
     #[arg(long)]
     rx_frames: Option<u64>,
@@ -264,6 +267,7 @@ fn main() -> ExitCode {
         duration,
         rx_rate: a.rx_rate,
         rx_frames: a.rx_frames,
+        rx_drop: a.rx_drop,
         idle: Duration::from_millis(a.idle_ms),
         tx_frames: a.tx_frames,
         tx_size: a.tx_size,

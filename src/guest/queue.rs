@@ -286,6 +286,8 @@ pub struct QueuePair {
     tx_pool: BufPool,
     tx_tables: GuestAddress,
     partial: Option<Partial>,
+    /// Buffers still to come of the frame `recycle_rx` is counting (mergeable).
+    drop_remaining: u16,
     frame: Vec<u8>,
     hdr_buf: [u8; 12],
     raw_seq: u64,
@@ -369,6 +371,7 @@ impl QueuePair {
             tx_pool,
             tx_tables,
             partial: None,
+            drop_remaining: 0,
             frame: Vec::with_capacity(65536),
             hdr_buf: [0; 12],
             raw_seq: 0,
@@ -635,6 +638,53 @@ impl QueuePair {
                 self.stats.rx_bytes += self.frame.len() as u64;
                 frames += 1;
                 f(&self.frame, &p.hdr);
+            }
+        }
+        Ok(frames)
+    }
+
+    /// The XDP-drop equivalent: count completed frames and give their buffers back without
+    /// copying them out (only `num_buffers` is read, to find frame boundaries). Does not repost;
+    /// call [`QueuePair::post_rx_buffers`]. Do not mix with `poll_rx` on the same pair.
+    pub fn recycle_rx(&mut self, budget: usize) -> Result<usize> {
+        let q = self.rx_queue();
+        let mut frames = 0;
+        while frames < budget || self.drop_remaining > 0 {
+            let Some(u) = self.rx.pop_used().map_err(Self::ring_err(q))? else {
+                break;
+            };
+            if u.token & RAW_TOKEN != 0 {
+                self.raw_completions.push(RawCompletion {
+                    queue: q,
+                    head: u.head,
+                    len: u.len,
+                });
+                continue;
+            }
+            let slot = u.token as u32;
+            self.rx_pool.free.push(slot);
+            self.stats.rx_buffers += 1;
+            if self.drop_remaining == 0 {
+                let nb = if self.cfg.mrg_rxbuf && self.cfg.hdr_len == 12 {
+                    let at = self.rx_pool.addr(slot).unchecked_add(10);
+                    self.mem
+                        .read_obj::<u16>(at)
+                        .map(u16::from_le)
+                        .map_err(|source| QueueError::Copy {
+                            queue: q,
+                            what: "reading num_buffers",
+                            addr: at.0,
+                            source,
+                        })?
+                } else {
+                    1
+                };
+                self.drop_remaining = nb.max(1);
+            }
+            self.drop_remaining -= 1;
+            if self.drop_remaining == 0 {
+                frames += 1;
+                self.stats.rx_frames += 1;
             }
         }
         Ok(frames)

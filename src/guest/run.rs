@@ -19,6 +19,8 @@ pub struct RunConfig {
     pub rx_rate: u64,
     /// Stop once this many frames were received in total.
     pub rx_frames: Option<u64>,
+    /// Recycle RX buffers without reading the frames (the XDP-drop equivalent).
+    pub rx_drop: bool,
     /// Once all TX frames are queued, stop after this long without RX frames or TX completions.
     pub idle: Duration,
     /// Frames to send in total (spread over the pairs).
@@ -39,6 +41,7 @@ impl Default for RunConfig {
             duration: None,
             rx_rate: 0,
             rx_frames: None,
+            rx_drop: false,
             idle: Duration::from_millis(500),
             tx_frames: 0,
             tx_size: 64,
@@ -338,13 +341,16 @@ fn run_pair(
             }
         };
         if budget > 0 {
-            let n = pair
-                .poll_rx_budget(budget, |f, _| {
+            let n = if cfg.rx_drop {
+                pair.recycle_rx(budget).map_err(qerr)?
+            } else {
+                pair.poll_rx_budget(budget, |f, _| {
                     if parse_tag(f).is_some() {
                         rx_tagged += 1;
                     }
                 })
-                .map_err(qerr)?;
+                .map_err(qerr)?
+            };
             if n > 0 {
                 progress = true;
                 last_activity = now;
