@@ -269,11 +269,13 @@ fn daemon_rx(ns: &Netns, threads: usize, secs: f64) -> Rate {
     let gen = Generator::start(ns, threads);
     let before = tap_counters(ns);
     let cpu0 = cpu_ticks(d.pid());
+    // --rx-drop: the guest recycles buffers without reading the frames (XDP-drop equivalent).
     let v = guest_json(&[
         "--socket-path",
         &sock,
         "--duration",
         &secs.to_string(),
+        "--rx-drop",
         "--json",
     ]);
     let cpu1 = cpu_ticks(d.pid());
