@@ -263,33 +263,49 @@ fn guest_json(args: &[&str]) -> serde_json::Value {
     serde_json::from_str(text.lines().last().unwrap_or("{}")).expect("guest JSON")
 }
 
-fn daemon_rx(ns: &Netns, threads: usize, secs: f64) -> Rate {
+/// Start a daemon, run the synthetic guest through it for `secs` with `guest_args`, stop the
+/// daemon. Returns the guest's frame count of `counter` per second, the daemon's CPU per frame and
+/// its drops, and the guest's run time; `during` runs (e.g. reads kernel counters) right before and after the guest.
+fn through_daemon<T>(
+    ns: &Netns,
+    secs: f64,
+    counter: &str,
+    guest_args: &[&str],
+    mut during: impl FnMut() -> T,
+) -> (Rate, f64, T, T) {
     let d = Daemon::start(ns, TAP, &daemon_args());
     let sock = d.socket.to_str().unwrap().to_string();
-    let gen = Generator::start(ns, threads);
-    let before = tap_counters(ns);
+    let duration = secs.to_string();
+    let mut args = vec!["--socket-path", &sock, "--duration", &duration, "--json"];
+    args.extend_from_slice(guest_args);
+    let before = during();
     let cpu0 = cpu_ticks(d.pid());
-    // --rx-drop: the guest recycles buffers without reading the frames (XDP-drop equivalent).
-    let v = guest_json(&[
-        "--socket-path",
-        &sock,
-        "--duration",
-        &secs.to_string(),
-        "--rx-drop",
-        "--json",
-    ]);
+    let v = guest_json(&args);
     let cpu1 = cpu_ticks(d.pid());
-    let after = tap_counters(ns);
-    gen.stop();
+    let after = during();
     let drops = stop_daemon(d);
-    let frames = v["rx_frames"].as_u64().unwrap_or(0) as f64;
+    let frames = v[counter].as_u64().unwrap_or(0) as f64;
     let elapsed = v["elapsed_secs"].as_f64().unwrap_or(secs);
+    // /proc/<pid>/stat counts CPU time in clock ticks of 10 ms.
     let tick_ns = 1e9 / 100.0;
-    Rate {
+    let rate = Rate {
         pps: frames / elapsed,
-        tun_drops_pps: (after.tx_dropped - before.tx_dropped) as f64 / elapsed,
         daemon_drops: drops,
         cpu_ns_per_frame: (cpu1 - cpu0) as f64 * tick_ns / frames.max(1.0),
+        ..Rate::default()
+    };
+    (rate, elapsed, before, after)
+}
+
+fn daemon_rx(ns: &Netns, threads: usize, secs: f64) -> Rate {
+    let gen = Generator::start(ns, threads);
+    // --rx-drop: the guest recycles buffers without reading the frames (XDP-drop equivalent).
+    let (rate, elapsed, before, after) =
+        through_daemon(ns, secs, "rx_frames", &["--rx-drop"], || tap_counters(ns));
+    gen.stop();
+    Rate {
+        tun_drops_pps: (after.tx_dropped - before.tx_dropped) as f64 / elapsed,
+        ..rate
     }
 }
 
@@ -329,14 +345,7 @@ fn floor_tx(ns: &Netns, secs: f64) -> Rate {
 }
 
 fn daemon_tx(ns: &Netns, secs: f64) -> Rate {
-    let d = Daemon::start(ns, TAP, &daemon_args());
-    let sock = d.socket.to_str().unwrap().to_string();
-    let cpu0 = cpu_ticks(d.pid());
-    let v = guest_json(&[
-        "--socket-path",
-        &sock,
-        "--duration",
-        &secs.to_string(),
+    let args = [
         "--tx-frames",
         "4000000000",
         "--tx-size",
@@ -345,18 +354,8 @@ fn daemon_tx(ns: &Netns, secs: f64) -> Rate {
         "32",
         "--tx-dst-mac",
         "02:00:00:00:00:99",
-        "--json",
-    ]);
-    let cpu1 = cpu_ticks(d.pid());
-    let drops = stop_daemon(d);
-    let frames = v["tx_frames"].as_u64().unwrap_or(0) as f64;
-    let elapsed = v["elapsed_secs"].as_f64().unwrap_or(secs);
-    Rate {
-        pps: frames / elapsed,
-        daemon_drops: drops,
-        cpu_ns_per_frame: (cpu1 - cpu0) as f64 * 1e7 / frames.max(1.0),
-        ..Rate::default()
-    }
+    ];
+    through_daemon(ns, secs, "tx_frames", &args, || ()).0
 }
 
 fn median(mut v: Vec<Rate>) -> Rate {

@@ -15,7 +15,7 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::mem::{GuestRam, MemError};
 use super::net::VirtioNetHdr;
-use super::ring::{Desc, DriverRing, RawDesc, RingError, RingLayout, DESC_SIZE};
+use super::ring::{Desc, DriverRing, RawDesc, RingError, RingLayout, UsedElem, DESC_SIZE};
 
 /// Errors of a queue pair.
 #[derive(Debug, thiserror::Error)]
@@ -558,13 +558,7 @@ impl QueuePair {
                 }
                 break;
             };
-            if u.token & RAW_TOKEN != 0 {
-                self.raw_completions.push(RawCompletion {
-                    queue: q,
-                    head: u.head,
-                    len: u.len,
-                });
-                self.stats.raw_completed += 1;
+            if self.take_raw(q, &u) {
                 continue;
             }
             self.stats.rx_buffers += 1;
@@ -653,12 +647,7 @@ impl QueuePair {
             let Some(u) = self.rx.pop_used().map_err(Self::ring_err(q))? else {
                 break;
             };
-            if u.token & RAW_TOKEN != 0 {
-                self.raw_completions.push(RawCompletion {
-                    queue: q,
-                    head: u.head,
-                    len: u.len,
-                });
+            if self.take_raw(q, &u) {
                 continue;
             }
             let slot = u.token as u32;
@@ -703,6 +692,20 @@ impl QueuePair {
             })
     }
 
+    /// Record `u` if it completes a raw chain (malformed-descriptor tests); false otherwise.
+    fn take_raw(&mut self, queue: u16, u: &UsedElem) -> bool {
+        if u.token & RAW_TOKEN == 0 {
+            return false;
+        }
+        self.raw_completions.push(RawCompletion {
+            queue,
+            head: u.head,
+            len: u.len,
+        });
+        self.stats.raw_completed += 1;
+        true
+    }
+
     /// Completed raw chains since the last call.
     pub fn take_raw_completions(&mut self) -> Vec<RawCompletion> {
         std::mem::take(&mut self.raw_completions)
@@ -735,14 +738,7 @@ impl QueuePair {
         let q = self.tx_queue();
         let mut n = 0;
         while let Some(u) = self.tx.pop_used().map_err(Self::ring_err(q))? {
-            if u.token & RAW_TOKEN != 0 {
-                self.raw_completions.push(RawCompletion {
-                    queue: q,
-                    head: u.head,
-                    len: u.len,
-                });
-                self.stats.raw_completed += 1;
-            } else {
+            if !self.take_raw(q, &u) {
                 self.tx_pool.free.push(u.token as u32);
                 self.stats.tx_completed += 1;
             }
