@@ -140,6 +140,7 @@ struct Tally {
     oversize: u64,
     staged: u64,
     races: u64,
+    interrupts: u64,
 }
 
 impl Rx {
@@ -223,8 +224,9 @@ impl Rx {
             .and_then(|_| self.q.needs_interrupt(mem));
         if let Ok(true) = published {
             self.call.signal();
-            stats::inc(&stats.rx_interrupts);
+            t.interrupts += 1;
         }
+        stats::add(&stats.rx_interrupts, t.interrupts);
         stats::add(&stats.rx_frames, t.frames);
         stats::add(&stats.rx_bytes, t.bytes);
         stats::add(&stats.rx_bad_desc, t.bad);
@@ -272,6 +274,7 @@ impl Rx {
             self.q.publish(mem)?;
             if self.q.needs_interrupt(mem)? {
                 self.call.signal();
+                t.interrupts += 1;
             }
             if self.q.arm_kick(mem)? {
                 t.races += 1;
