@@ -7,10 +7,16 @@
 //! - TX: synthetic guest sending 64-byte frames as fast as it can → daemon → tap. Floor: a plain
 //!   loop writing the same frames to the tap.
 //!
+//! CPU placement (VUT_BENCH_PIN=1, the default with at least 2 CPUs): the thread that reads or
+//! writes the tap (the floor loop, or the daemon) runs alone on CPU 1; the generator and the
+//! synthetic guest run on CPU 0. The guest stands for a VM whose vCPUs are not the backend's core,
+//! as with vhost-net's worker thread; without placement, on 2 CPUs the guest and the daemon
+//! take turns on one core while the floor loop never shares one. VUT_BENCH_PIN=0 turns it off.
+//!
 //! `sudo cargo bench --bench e2e` (root: taps and namespaces). VUT_BENCH_SECS (default 5) and
 //! VUT_BENCH_RUNS (default 3) set the length; the median run is reported; VUT_BENCH_DAEMON_ARGS
 //! passes options to the daemon (e.g. "--busy-poll-us 50"); VUT_BENCH_TCP_MB sizes the TCP runs. Results also go to
-//! target/vut-bench/e2e.json.
+//! target/vut-bench/e2e.json. VUT_BENCH_CASES picks cases (default "rx,tx,tcp").
 
 use std::fs::File;
 use std::io::Read;
@@ -117,6 +123,31 @@ fn udp_frame() -> Vec<u8> {
     f
 }
 
+/// The CPUs of the placement described at the top, or None when placement is off.
+fn placement() -> Option<(usize, usize)> {
+    let cpus = thread::available_parallelism().map_or(1, |n| n.get());
+    let on = std::env::var("VUT_BENCH_PIN").map_or(cpus >= 2, |v| v != "0");
+    on.then_some((0, 1))
+}
+
+/// Restrict thread or process `tid` (0: the calling thread) to `cpu`.
+fn pin(tid: u32, cpu: usize) {
+    // SAFETY: cpu_set_t is plain data; zero is the empty set.
+    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    // SAFETY: cpu is below CPU_SETSIZE on any machine this bench runs on.
+    unsafe { libc::CPU_SET(cpu, &mut set) };
+    // SAFETY: a valid cpu_set_t of the stated size.
+    let r = unsafe {
+        libc::sched_setaffinity(tid as i32, std::mem::size_of::<libc::cpu_set_t>(), &set)
+    };
+    assert_eq!(
+        r,
+        0,
+        "sched_setaffinity: {}",
+        std::io::Error::last_os_error()
+    );
+}
+
 /// Senders: `threads` packet sockets blasting 64-byte frames with sendmmsg until stopped.
 struct Generator {
     stop: Arc<AtomicBool>,
@@ -132,6 +163,9 @@ impl Generator {
             .map(|_| {
                 let (stop, sent) = (stop.clone(), sent.clone());
                 ns.spawn_within(move || {
+                    if let Some((side, _)) = placement() {
+                        pin(0, side);
+                    }
                     // AF_PACKET straight onto the tap: through the qdisc into tun, without the
                     // IP stack, so the generator outruns the reader as the floor requires.
                     let s = packet_socket(TAP);
@@ -183,6 +217,18 @@ struct Rate {
     daemon_drops: u64,
     /// Daemon CPU time per frame, ns (0 for the floor).
     cpu_ns_per_frame: f64,
+    /// Synthetic guest CPU time per frame, ns (0 for the floor).
+    guest_cpu_ns_per_frame: f64,
+}
+
+/// CPU time (user + system) of the children this process has waited for, in ns.
+fn children_cpu_ns() -> f64 {
+    // SAFETY: rusage is plain data; getrusage fills it.
+    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: a valid rusage to fill.
+    unsafe { libc::getrusage(libc::RUSAGE_CHILDREN, &mut ru) };
+    let ns = |t: libc::timeval| t.tv_sec as f64 * 1e9 + t.tv_usec as f64 * 1e3;
+    ns(ru.ru_utime) + ns(ru.ru_stime)
 }
 
 fn cpu_ticks(pid: u32) -> u64 {
@@ -200,6 +246,9 @@ fn floor_rx(ns: &Netns, threads: usize, secs: f64) -> Rate {
     thread::sleep(Duration::from_millis(300));
     let before = tap_counters(ns);
     let frames = ns.within(move || {
+        if let Some((_, reader)) = placement() {
+            pin(0, reader);
+        }
         let tap = Tap::open_queues(TAP, 1, 0).unwrap().pop().unwrap();
         let mut buf = vec![0u8; 65_600];
         let iov = [libc::iovec {
@@ -235,6 +284,12 @@ fn floor_rx(ns: &Netns, threads: usize, secs: f64) -> Rate {
     }
 }
 
+/// The guest's ring size: VUT_BENCH_QUEUE_SIZE, default 256 (QEMU's default; vhost-user
+/// devices accept up to 1024 with rx_queue_size/tx_queue_size).
+fn queue_size() -> String {
+    std::env::var("VUT_BENCH_QUEUE_SIZE").unwrap_or_else(|_| "256".into())
+}
+
 /// Extra daemon options for a run, e.g. VUT_BENCH_DAEMON_ARGS="--busy-poll-us 50".
 fn daemon_args() -> Vec<&'static str> {
     let args = std::env::var("VUT_BENCH_DAEMON_ARGS").unwrap_or_default();
@@ -246,6 +301,12 @@ fn daemon_args() -> Vec<&'static str> {
 /// The sum of the daemon's drop counters, from its final log line.
 fn stop_daemon(mut d: Daemon) -> u64 {
     assert!(d.terminate().success(), "{}", d.log());
+    if std::env::var("VUT_BENCH_VERBOSE").is_ok() {
+        eprintln!(
+            "{:?}",
+            d.log().lines().rev().find(|l| l.contains("queue pair 0:"))
+        );
+    }
     d.final_counters(0)
         .iter()
         .filter(|(k, _)| k.contains("dropped"))
@@ -254,11 +315,15 @@ fn stop_daemon(mut d: Daemon) -> u64 {
 }
 
 fn guest_json(args: &[&str]) -> serde_json::Value {
-    let out = Command::new(GUEST)
-        .args(args)
-        .stderr(Stdio::inherit())
-        .output()
-        .unwrap();
+    let mut cmd = match placement() {
+        Some((side, _)) => {
+            let mut c = Command::new("taskset");
+            c.args(["-c", &side.to_string(), GUEST]);
+            c
+        }
+        None => Command::new(GUEST),
+    };
+    let out = cmd.args(args).stderr(Stdio::inherit()).output().unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
     serde_json::from_str(text.lines().last().unwrap_or("{}")).expect("guest JSON")
 }
@@ -274,13 +339,19 @@ fn through_daemon<T>(
     mut during: impl FnMut() -> T,
 ) -> (Rate, f64, T, T) {
     let d = Daemon::start(ns, TAP, &daemon_args());
+    if let Some((_, daemon_cpu)) = placement() {
+        // The workers are spawned when the guest connects and inherit the main thread's CPUs.
+        pin(d.pid(), daemon_cpu);
+    }
     let sock = d.socket.to_str().unwrap().to_string();
     let duration = secs.to_string();
     let mut args = vec!["--socket-path", &sock, "--duration", &duration, "--json"];
     args.extend_from_slice(guest_args);
     let before = during();
     let cpu0 = cpu_ticks(d.pid());
+    let guest0 = children_cpu_ns();
     let v = guest_json(&args);
+    let guest1 = children_cpu_ns();
     let cpu1 = cpu_ticks(d.pid());
     let after = during();
     let drops = stop_daemon(d);
@@ -292,6 +363,7 @@ fn through_daemon<T>(
         pps: frames / elapsed,
         daemon_drops: drops,
         cpu_ns_per_frame: (cpu1 - cpu0) as f64 * tick_ns / frames.max(1.0),
+        guest_cpu_ns_per_frame: (guest1 - guest0) / frames.max(1.0),
         ..Rate::default()
     };
     (rate, elapsed, before, after)
@@ -300,8 +372,13 @@ fn through_daemon<T>(
 fn daemon_rx(ns: &Netns, threads: usize, secs: f64) -> Rate {
     let gen = Generator::start(ns, threads);
     // --rx-drop: the guest recycles buffers without reading the frames (XDP-drop equivalent).
-    let (rate, elapsed, before, after) =
-        through_daemon(ns, secs, "rx_frames", &["--rx-drop"], || tap_counters(ns));
+    let (rate, elapsed, before, after) = through_daemon(
+        ns,
+        secs,
+        "rx_frames",
+        &["--rx-drop", "--queue-size", &queue_size()],
+        || tap_counters(ns),
+    );
     gen.stop();
     Rate {
         tun_drops_pps: (after.tx_dropped - before.tx_dropped) as f64 / elapsed,
@@ -322,6 +399,9 @@ fn frame_64() -> Vec<u8> {
 
 fn floor_tx(ns: &Netns, secs: f64) -> Rate {
     let pps = ns.within(move || {
+        if let Some((_, writer)) = placement() {
+            pin(0, writer);
+        }
         let tap = Tap::open_queues(TAP, 1, 0).unwrap().pop().unwrap();
         tap.set_vnet_hdr_len(12).unwrap();
         let f = frame_64();
@@ -345,6 +425,7 @@ fn floor_tx(ns: &Netns, secs: f64) -> Rate {
 }
 
 fn daemon_tx(ns: &Netns, secs: f64) -> Rate {
+    let qs = queue_size();
     let args = [
         "--tx-frames",
         "4000000000",
@@ -354,6 +435,10 @@ fn daemon_tx(ns: &Netns, secs: f64) -> Rate {
         "32",
         "--tx-dst-mac",
         "02:00:00:00:00:99",
+        // pktgen-style: buffers written once and sent again (the floor sends one buffer too).
+        "--tx-prefilled",
+        "--queue-size",
+        &qs,
     ];
     through_daemon(ns, secs, "tx_frames", &args, || ()).0
 }
@@ -389,9 +474,11 @@ fn main() {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(3);
+    let cases = std::env::var("VUT_BENCH_CASES").unwrap_or_else(|_| "rx,tx,tcp".into());
+    let want = |c: &str| cases.split(',').any(|x| x.trim() == c);
     let ns = bench_netns();
     let mut rows = Vec::new();
-    for threads in [1, 2] {
+    for threads in [1, 2].into_iter().filter(|_| want("rx")) {
         let (mut f, mut d) = (Vec::new(), Vec::new());
         for _ in 0..runs {
             f.push(floor_rx(&ns, threads, secs));
@@ -405,18 +492,20 @@ fn main() {
             daemon,
         });
     }
-    let (mut f, mut d) = (Vec::new(), Vec::new());
-    for _ in 0..runs {
-        f.push(floor_tx(&ns, secs));
-        d.push(daemon_tx(&ns, secs));
+    if want("tx") {
+        let (mut f, mut d) = (Vec::new(), Vec::new());
+        for _ in 0..runs {
+            f.push(floor_tx(&ns, secs));
+            d.push(daemon_tx(&ns, secs));
+        }
+        let (floor, daemon) = (median(f), median(d));
+        rows.push(Row {
+            case: "TX 64B".into(),
+            ratio: daemon.pps / floor.pps,
+            floor,
+            daemon,
+        });
     }
-    let (floor, daemon) = (median(f), median(d));
-    rows.push(Row {
-        case: "TX 64B".into(),
-        ratio: daemon.pps / floor.pps,
-        floor,
-        daemon,
-    });
 
     // TCP through the daemon: one stream each way, offloads on and off.
     let tcp_bytes: usize = std::env::var("VUT_BENCH_TCP_MB")
@@ -425,7 +514,7 @@ fn main() {
         .unwrap_or(1024)
         << 20;
     let mut tcp = Vec::new();
-    for offloads in [true, false] {
+    for offloads in [true, false].into_iter().filter(|_| want("tcp")) {
         let tag = |i: usize| format!("btcp{i}{}", u8::from(offloads));
         let runs: Vec<common::TcpRun> = (0..runs)
             .map(|i| tcp_through_daemon(&tag(i), offloads, tcp_bytes))
@@ -443,17 +532,23 @@ fn main() {
     }
 
     println!(
-        "\n{} s per run, median of {runs} runs, {} CPUs",
+        "\n{} s per run, median of {runs} runs, {} CPUs, {}",
         secs,
-        thread::available_parallelism().map_or(0, |n| n.get())
+        thread::available_parallelism().map_or(0, |n| n.get()),
+        match placement() {
+            Some((side, tap_cpu)) => format!(
+                "tap reader/writer (floor loop or daemon) on CPU {tap_cpu}, generator and guest on CPU {side}"
+            ),
+            None => "no CPU placement".into(),
+        }
     );
     println!(
-        "| case | floor Mpps | daemon Mpps | daemon/floor | tun drops/s (floor, daemon) | daemon drops | daemon CPU ns/frame |"
+        "| case | floor Mpps | daemon Mpps | daemon/floor | tun drops/s (floor, daemon) | daemon drops | CPU ns/frame (daemon, guest) |"
     );
     println!("|---|---|---|---|---|---|---|");
     for r in &rows {
         println!(
-            "| {} | {:.3} | {:.3} | {:.2} | {:.0}, {:.0} | {} | {:.0} |",
+            "| {} | {:.3} | {:.3} | {:.2} | {:.0}, {:.0} | {} | {:.0}, {:.0} |",
             r.case,
             r.floor.pps / 1e6,
             r.daemon.pps / 1e6,
@@ -461,7 +556,8 @@ fn main() {
             r.floor.tun_drops_pps,
             r.daemon.tun_drops_pps,
             r.daemon.daemon_drops,
-            r.daemon.cpu_ns_per_frame
+            r.daemon.cpu_ns_per_frame,
+            r.daemon.guest_cpu_ns_per_frame
         );
     }
     println!("\n| TCP, one stream | host → guest Gbit/s | guest → host Gbit/s |");

@@ -67,6 +67,7 @@ pub struct Loopback {
 fn device_queue(
     ring: &crate::guest::ring::DriverRing,
     event_idx: bool,
+    mem: &Arc<GuestMemoryMmap>,
 ) -> Result<DeviceQueue, LoopbackError> {
     let l = *ring.layout();
     let err = |e: virtio_queue::Error| LoopbackError::Queue(e.to_string());
@@ -75,7 +76,7 @@ fn device_queue(
     q.try_set_avail_ring_address(l.avail_ring).map_err(err)?;
     q.try_set_used_ring_address(l.used_ring).map_err(err)?;
     q.set_ready(true);
-    Ok(DeviceQueue::new(q, event_idx))
+    Ok(DeviceQueue::new(q, event_idx, mem))
 }
 
 fn dup_file(fd: i32) -> Result<Arc<File>, LoopbackError> {
@@ -107,8 +108,8 @@ impl Loopback {
         let guest =
             QueuePair::new(&mut ram, 0, pc).map_err(|e| LoopbackError::Guest(e.to_string()))?;
         let mem = Arc::new(ram.memory().clone());
-        let rx_q = device_queue(guest.rx_ring(), cfg.event_idx)?;
-        let tx_q = device_queue(guest.tx_ring(), cfg.event_idx)?;
+        let rx_q = device_queue(guest.rx_ring(), cfg.event_idx, &mem)?;
+        let tx_q = device_queue(guest.tx_ring(), cfg.event_idx, &mem)?;
         let target = hdr_len + 1514 + 4;
         let rx = Rx::new(
             rx_q,
@@ -199,7 +200,7 @@ impl Loopback {
 
     /// The guest's kick on RX, as the worker delivers it.
     pub fn rx_kick(&mut self) -> Result<(), RxError> {
-        self.rx.on_kick(&self.mem, &self.stats)
+        self.rx.on_kick(&self.stats)
     }
 }
 
@@ -291,6 +292,47 @@ mod tests {
         assert!(
             lb.guest.stats().rx_buffers > 20,
             "some frames spanned several buffers"
+        );
+    }
+
+    #[test]
+    fn a_stopped_rx_hands_unused_buffers_back_exactly_once() {
+        use crate::guest::ring::{RawDesc, RawNext};
+        use virtio_queue::QueueT;
+        // Plain case: the window's unused chains go back to the avail ring.
+        let mut lb = Loopback::new(LoopbackConfig::default()).unwrap();
+        lb.guest.post_rx_buffers(2).unwrap();
+        assert_eq!(lb.rx_process().unwrap(), RxOutcome::TapEmpty);
+        let (q, _) = lb.rx.into_parts();
+        assert_eq!(
+            q.next_avail(),
+            0,
+            "both buffers returned for the next session"
+        );
+
+        // A malformed chain between two good ones is completed when popped, so rewinding
+        // would hand it out twice: the good ones come back used and empty instead.
+        let mut lb = Loopback::new(LoopbackConfig::default()).unwrap();
+        lb.guest.post_rx_buffers(1).unwrap();
+        lb.guest
+            .post_raw_rx_chain(&[RawDesc {
+                addr: 0x1000,
+                len: 64,
+                flags: 0, // read-only: wrong direction for RX
+                next: RawNext::Follow,
+            }])
+            .unwrap();
+        lb.guest.post_rx_buffers(1).unwrap();
+        assert_eq!(lb.rx_process().unwrap(), RxOutcome::TapEmpty);
+        assert_eq!(lb.stats.snapshot().rx_bad_desc, 1);
+        let (q, _) = lb.rx.into_parts();
+        assert_eq!(q.next_avail(), 3, "nothing is handed out twice");
+        assert_eq!(lb.guest.poll_rx(|_, _| {}).unwrap(), 0);
+        assert_eq!(lb.guest.take_raw_completions().len(), 1);
+        assert_eq!(
+            lb.guest.stats().rx_bad_frames,
+            2,
+            "the good buffers came back empty"
         );
     }
 

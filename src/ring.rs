@@ -16,7 +16,8 @@
 //! `avail.flags` (NO_INTERRUPT).
 
 use std::num::Wrapping;
-use std::sync::atomic::{fence, Ordering};
+use std::sync::atomic::{fence, AtomicU16, AtomicU32, Ordering};
+use std::sync::Arc;
 
 use libc::iovec;
 use thiserror::Error;
@@ -24,7 +25,7 @@ use virtio_bindings::virtio_ring::{
     VRING_AVAIL_F_NO_INTERRUPT, VRING_DESC_F_WRITE, VRING_USED_F_NO_NOTIFY,
 };
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
-use vm_memory::{Address, Bytes, GuestAddress, GuestMemory, GuestMemoryBackend, GuestMemoryMmap};
+use vm_memory::{Address, GuestAddress, GuestMemory, GuestMemoryBackend, GuestMemoryMmap};
 
 /// Most segments accepted in one descriptor chain. Linux uses at most MAX_SKB_FRAGS + 2.
 pub const MAX_CHAIN_SEGS: usize = 64;
@@ -76,9 +77,88 @@ impl Segment {
     }
 }
 
+/// What `DeviceQueue::pop_batch` does with a chain its caller was shown.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Verdict {
+    /// The caller keeps the chain (it completes it later with `add_used`).
+    Keep,
+    /// Complete the chain now with length 0 (sent, or rejected).
+    Complete,
+    /// Give the chain back to the avail ring and stop popping.
+    Rewind,
+}
+
+/// Host addresses of a queue's avail and used rings, resolved and checked once when the queue
+/// is set up, so the per-frame path does not look up guest memory regions for them.
+struct RingHost {
+    avail: *mut u8,
+    used: *mut u8,
+    size: u16,
+    /// Keeps the mapping the two pointers point into alive.
+    _mem: Arc<GuestMemoryMmap>,
+}
+
+// SAFETY: the pointers are into a guest memory mapping kept alive by `_mem`; the ring words are
+// only accessed atomically (see `RingHost::word`), as the guest accesses them from its side.
+unsafe impl Send for RingHost {}
+
+impl RingHost {
+    fn new(mem: &Arc<GuestMemoryMmap>, queue: &Queue) -> Option<RingHost> {
+        let size = queue.size();
+        // flags, idx, ring, used_event / avail_event
+        let avail = resolve(mem, queue.avail_ring(), 6 + 2 * usize::from(size), 2)?;
+        let used = resolve(mem, queue.used_ring(), 6 + 8 * usize::from(size), 4)?;
+        Some(RingHost {
+            avail,
+            used,
+            size,
+            _mem: mem.clone(),
+        })
+    }
+
+    /// The 16-bit ring word at byte `off` of the avail (`used == false`) or used ring.
+    fn word(&self, used: bool, off: usize) -> &AtomicU16 {
+        let base = if used { self.used } else { self.avail };
+        let entry = if used { 8 } else { 2 };
+        debug_assert!(off + 2 <= 6 + entry * usize::from(self.size));
+        // SAFETY: `off` is within the ring (callers index by the ring layout for `size`, which
+        // `new` checked lies in one mapped region); the base is 2-aligned and every offset used
+        // is even; the mapping outlives `self` (`_mem`). Guest memory shared with the guest is
+        // only read and written atomically here.
+        unsafe { AtomicU16::from_ptr(base.add(off).cast()) }
+    }
+
+    fn avail_idx(&self) -> u16 {
+        u16::from_le(self.word(false, 2).load(Ordering::Acquire))
+    }
+
+    fn write_used_elem(&self, slot: u16, head: u16, len: u32) {
+        let off = 4 + 8 * usize::from(slot);
+        // SAFETY: as in `word`; the element is 8 bytes at a 4-aligned offset of a 4-aligned ring.
+        let (id, l) = unsafe {
+            (
+                AtomicU32::from_ptr(self.used.add(off).cast()),
+                AtomicU32::from_ptr(self.used.add(off + 4).cast()),
+            )
+        };
+        id.store(u32::from(head).to_le(), Ordering::Relaxed);
+        l.store(len.to_le(), Ordering::Relaxed);
+    }
+}
+
+/// The host address of `[addr, addr + len)` if it lies in one region and is `align`-aligned.
+fn resolve(mem: &GuestMemoryMmap, addr: u64, len: usize, align: usize) -> Option<*mut u8> {
+    let slice = mem.get_slice(GuestAddress(addr), len).ok()?;
+    let ptr = slice.ptr_guard_mut().as_ptr();
+    (ptr as usize % align == 0).then_some(ptr)
+}
+
 /// Vring configuration and the device's position in it.
 pub struct DeviceQueue {
     pub queue: Queue,
+    /// None when the rings are not in guest memory (or misaligned): every ring access then fails
+    /// with `RingError::RingMemory`, which stops the pair as any broken ring does.
+    host: Option<RingHost>,
     event_idx: bool,
     next_used: Wrapping<u16>,
     /// `used.idx` at the last interrupt decision; the next decision looks at what was added since.
@@ -90,16 +170,23 @@ pub struct DeviceQueue {
 unsafe impl Send for Segment {}
 
 impl DeviceQueue {
-    pub fn new(queue: Queue, event_idx: bool) -> Self {
+    pub fn new(queue: Queue, event_idx: bool, mem: &Arc<GuestMemoryMmap>) -> Self {
         let next_used = Wrapping(queue.next_used());
         let mut queue = queue;
         queue.set_event_idx(event_idx);
         DeviceQueue {
+            host: RingHost::new(mem, &queue),
             queue,
             event_idx,
             next_used,
             signalled_used: next_used,
         }
+    }
+
+    fn host(&self) -> Result<&RingHost, RingError> {
+        self.host
+            .as_ref()
+            .ok_or(RingError::RingMemory(self.queue.used_ring()))
     }
 
     /// Hand the queue back with `next_used` folded in; `rewind` chains popped but not used are
@@ -115,136 +202,131 @@ impl DeviceQueue {
         self.queue.size()
     }
 
-    fn used_addr(&self) -> GuestAddress {
-        GuestAddress(self.queue.used_ring())
+    pub fn avail_idx(&self) -> Result<Wrapping<u16>, RingError> {
+        Ok(Wrapping(self.host()?.avail_idx()))
     }
 
-    fn avail_addr(&self) -> GuestAddress {
-        GuestAddress(self.queue.avail_ring())
-    }
-
-    pub fn avail_idx(&self, mem: &GuestMemoryMmap) -> Result<Wrapping<u16>, RingError> {
-        self.queue
-            .avail_idx(mem, Ordering::Acquire)
-            .map_err(|_| RingError::RingMemory(self.queue.avail_ring()))
+    fn index_error(&self) -> RingError {
+        RingError::AvailIndex {
+            avail: self.host.as_ref().map_or(0, RingHost::avail_idx),
+            next: self.queue.next_avail(),
+            size: self.size(),
+        }
     }
 
     /// Chains the guest has posted that we have not popped.
-    pub fn pending(&self, mem: &GuestMemoryMmap) -> Result<u16, RingError> {
-        let avail = self.avail_idx(mem)?;
+    pub fn pending(&self) -> Result<u16, RingError> {
+        let avail = self.avail_idx()?;
         let pending = (avail - Wrapping(self.queue.next_avail())).0;
         if pending > self.size() {
-            return Err(RingError::AvailIndex {
-                avail: avail.0,
-                next: self.queue.next_avail(),
-                size: self.size(),
-            });
+            return Err(self.index_error());
         }
         Ok(pending)
     }
 
-    /// Pop the next chain and map its buffers into `segs` (cleared first). `Ok(None)`: ring empty.
-    /// `Ok(Some((head, Err(_))))`: the chain is malformed; the caller completes it with length 0.
-    pub fn pop(
+    /// Pop up to `max` chains, mapping each one's buffers into `segs` and showing it to `f`,
+    /// which decides its fate. Malformed chains are shown with `Err` (the caller logs and counts
+    /// them; `Verdict::Complete` returns them with length 0). One read of the avail index for the
+    /// whole batch. Returns the number of chains popped and not rewound; fewer than `max`
+    /// without a rewind means the ring is empty.
+    pub fn pop_batch(
         &mut self,
         mem: &GuestMemoryMmap,
         device_writes: bool,
+        max: usize,
         segs: &mut Vec<Segment>,
-    ) -> Result<Option<Popped>, RingError> {
-        // One acquire load of avail.idx, in iter(), which also rejects an index more than a ring
-        // ahead of us: a corrupted ring.
+        mut f: impl FnMut(u16, Result<u32, ChainError>, &[Segment]) -> Verdict,
+    ) -> Result<usize, RingError> {
+        let host = self
+            .host
+            .as_ref()
+            .ok_or(RingError::RingMemory(self.queue.used_ring()))?;
+        let avail = host.avail_idx();
         let mut it = match self.queue.iter(mem) {
             Ok(it) => it,
             Err(virtio_queue::Error::InvalidAvailRingIndex) => {
                 return Err(RingError::AvailIndex {
-                    avail: self.avail_idx(mem)?.0,
+                    avail,
                     next: self.queue.next_avail(),
-                    size: self.size(),
+                    size: self.queue.size(),
                 })
             }
             Err(_) => return Err(RingError::RingMemory(self.queue.avail_ring())),
         };
-        let Some(chain) = it.next() else {
-            return Ok(None);
-        };
-        let head = chain.head_index();
-        segs.clear();
-        Ok(Some((head, map_chain(mem, chain, device_writes, segs))))
+        let mut taken = 0;
+        while taken < max {
+            let Some(chain) = it.next() else {
+                break;
+            };
+            let head = chain.head_index();
+            segs.clear();
+            let res = map_chain(mem, chain, device_writes, segs);
+            match f(head, res, segs) {
+                Verdict::Keep => {}
+                Verdict::Complete => {
+                    let slot = self.next_used.0 % host.size;
+                    host.write_used_elem(slot, head, 0);
+                    self.next_used += Wrapping(1);
+                }
+                Verdict::Rewind => {
+                    it.go_to_previous_position();
+                    break;
+                }
+            }
+            taken += 1;
+        }
+        Ok(taken)
     }
 
     /// Write a used element without publishing it.
-    pub fn add_used(
-        &mut self,
-        mem: &GuestMemoryMmap,
-        head: u16,
-        len: u32,
-    ) -> Result<(), RingError> {
-        let slot = u64::from(self.next_used.0 % self.size());
-        let addr = self.used_addr().unchecked_add(4 + slot * 8);
-        let mut elem = [0u8; 8];
-        elem[..4].copy_from_slice(&u32::from(head).to_le_bytes());
-        elem[4..].copy_from_slice(&len.to_le_bytes());
-        mem.write_slice(&elem, addr)
-            .map_err(|_| RingError::RingMemory(addr.0))?;
+    pub fn add_used(&mut self, head: u16, len: u32) -> Result<(), RingError> {
+        let host = self.host()?;
+        host.write_used_elem(self.next_used.0 % host.size, head, len);
         self.next_used += Wrapping(1);
         Ok(())
     }
 
     /// Make every used element written so far visible to the guest (one release store).
-    pub fn publish(&mut self, mem: &GuestMemoryMmap) -> Result<(), RingError> {
-        let addr = self.used_addr().unchecked_add(2);
-        mem.store(self.next_used.0.to_le(), addr, Ordering::Release)
-            .map_err(|_| RingError::RingMemory(addr.0))
+    pub fn publish(&mut self) -> Result<(), RingError> {
+        self.host()?
+            .word(true, 2)
+            .store(self.next_used.0.to_le(), Ordering::Release);
+        Ok(())
     }
 
     /// Whether the guest wants an interrupt for what was published since the last decision.
-    pub fn needs_interrupt(&mut self, mem: &GuestMemoryMmap) -> Result<bool, RingError> {
+    pub fn needs_interrupt(&mut self) -> Result<bool, RingError> {
         let new = self.next_used;
         let old = self.signalled_used;
         if new == old {
             return Ok(false);
         }
+        self.host()?;
         self.signalled_used = new;
+        let host = self.host()?;
         // The used.idx store must be visible before we read the guest's suppression state, or we
         // could read a stale used_event and skip an interrupt the guest is waiting for.
         fence(Ordering::SeqCst);
         if self.event_idx {
-            let off = 4 + 2 * u64::from(self.size());
-            let used_event: u16 = self
-                .load_avail(mem, off)
-                .map(u16::from_le)
-                .map_err(|_| RingError::RingMemory(self.queue.avail_ring() + off))?;
+            let off = 4 + 2 * usize::from(host.size);
+            let used_event = u16::from_le(host.word(false, off).load(Ordering::Relaxed));
             Ok(vring_need_event(used_event, new.0, old.0))
         } else {
-            let flags = self
-                .load_avail(mem, 0)
-                .map(u16::from_le)
-                .map_err(|_| RingError::RingMemory(self.queue.avail_ring()))?;
+            let flags = u16::from_le(host.word(false, 0).load(Ordering::Relaxed));
             Ok(flags & VRING_AVAIL_F_NO_INTERRUPT as u16 == 0)
         }
     }
 
-    fn load_avail(
-        &self,
-        mem: &GuestMemoryMmap,
-        off: u64,
-    ) -> Result<u16, vm_memory::GuestMemoryError> {
-        mem.load(self.avail_addr().unchecked_add(off), Ordering::Relaxed)
-    }
-
     /// Ask the guest not to kick (only meaningful without EVENT_IDX; with it, a stale
     /// `avail_event` already suppresses kicks).
-    pub fn suppress_kicks(&self, mem: &GuestMemoryMmap) -> Result<(), RingError> {
+    pub fn suppress_kicks(&self) -> Result<(), RingError> {
         if self.event_idx {
             return Ok(());
         }
-        let addr = self.used_addr();
-        mem.store(
-            (VRING_USED_F_NO_NOTIFY as u16).to_le(),
-            addr,
-            Ordering::Relaxed,
-        )
-        .map_err(|_| RingError::RingMemory(addr.0))
+        self.host()?
+            .word(true, 0)
+            .store((VRING_USED_F_NO_NOTIFY as u16).to_le(), Ordering::Relaxed);
+        Ok(())
     }
 
     /// Ask for a kick when the guest posts beyond what we have popped, then re-check.
@@ -263,20 +345,18 @@ impl DeviceQueue {
     /// `avail.idx` would cover it up and the driver, having read the old event, would not kick.
     /// This is sound because RX never rolls popped chains back while running (they wait in its
     /// window), so `next_avail` is never behind an index the driver has been told about.
-    pub fn arm_kick(&self, mem: &GuestMemoryMmap) -> Result<bool, RingError> {
-        let consumed = Wrapping(self.queue.next_avail());
+    pub fn arm_kick(&self) -> Result<bool, RingError> {
+        let host = self.host()?;
+        let consumed = self.queue.next_avail();
         if self.event_idx {
-            let off = 4 + 8 * u64::from(self.size());
-            let addr = self.used_addr().unchecked_add(off);
-            mem.store(consumed.0.to_le(), addr, Ordering::Relaxed)
-                .map_err(|_| RingError::RingMemory(addr.0))?;
+            let off = 4 + 8 * usize::from(host.size);
+            host.word(true, off)
+                .store(consumed.to_le(), Ordering::Relaxed);
         } else {
-            let addr = self.used_addr();
-            mem.store(0u16, addr, Ordering::Relaxed)
-                .map_err(|_| RingError::RingMemory(addr.0))?;
+            host.word(true, 0).store(0, Ordering::Relaxed);
         }
         fence(Ordering::SeqCst);
-        Ok(self.avail_idx(mem)? != consumed)
+        Ok(host.avail_idx() != consumed)
     }
 }
 
@@ -313,6 +393,19 @@ where
             addr: desc.addr().0,
             len: desc.len(),
         };
+        if segs.len() == MAX_CHAIN_SEGS {
+            return Err(ChainError::TooManySegments);
+        }
+        // Nearly every buffer lies in one region: one lookup instead of the slice iterator.
+        if let Ok(slice) = mem.get_slice(desc.addr(), desc.len() as usize) {
+            segs.push(Segment {
+                addr: desc.addr(),
+                len: desc.len(),
+                host: slice.ptr_guard_mut().as_ptr(),
+            });
+            total = total.checked_add(desc.len()).ok_or(ChainError::Truncated)?;
+            continue;
+        }
         // get_slices splits only at region boundaries, so the pieces are consecutive from
         // desc.addr().
         let mut addr = desc.addr();

@@ -30,7 +30,7 @@ use thiserror::Error;
 use vm_memory::{Bytes, GuestMemoryMmap};
 
 use crate::ratelog::{self, RateLimited};
-use crate::ring::{ChainError, DeviceQueue, RingError, Segment};
+use crate::ring::{ChainError, DeviceQueue, RingError, Segment, Verdict};
 use crate::stats::{self, PairStats};
 use crate::tap::Tap;
 use crate::virtio_net::{HDR_LEN, MAX_GSO_FRAME, NUM_BUFFERS_OFFSET};
@@ -39,6 +39,8 @@ pub const FRAME_BUDGET: u64 = 256;
 pub const BYTE_BUDGET: u64 = 512 * 1024;
 /// Guest segments handed to one readv (the staging tail is one more).
 const MAX_RX_IOVS: usize = 64;
+/// Chains popped per avail-ring read when the window runs dry.
+const WINDOW_REFILL: usize = 64;
 
 #[derive(Debug, Error)]
 pub enum RxError {
@@ -93,6 +95,9 @@ struct Window {
     chains: VecDeque<WinChain>,
     segs: VecDeque<Segment>,
     cap: usize,
+    /// A malformed chain popped after the window's chains was completed already, so they can
+    /// no longer be handed back by rewinding the avail index (see `Rx::into_parts`).
+    completed_behind: bool,
 }
 
 impl Window {
@@ -100,6 +105,9 @@ impl Window {
         let c = self.chains.pop_front().expect("caller checked");
         self.segs.drain(..c.nsegs);
         self.cap -= c.cap as usize;
+        if self.chains.is_empty() {
+            self.completed_behind = false;
+        }
         c
     }
 }
@@ -158,6 +166,7 @@ impl Rx {
                 chains: VecDeque::with_capacity(size),
                 segs: VecDeque::with_capacity(size * 2),
                 cap: 0,
+                completed_behind: false,
             },
             q,
             carry,
@@ -173,8 +182,18 @@ impl Rx {
     }
 
     /// Give back the queue (unused window chains returned to the avail ring) and the carry.
-    pub fn into_parts(self) -> (virtio_queue::Queue, RxCarry) {
-        let rewind = self.win.chains.len() as u16;
+    pub fn into_parts(mut self) -> (virtio_queue::Queue, RxCarry) {
+        let mut rewind = self.win.chains.len() as u16;
+        if self.win.completed_behind {
+            // Rewinding would hand the completed malformed chain out again; return the window's
+            // buffers as used and empty instead (the guest counts them as length errors). Only
+            // a guest that posted a malformed chain gets here.
+            while let Some(c) = self.win.chains.pop_front() {
+                let _ = self.q.add_used(c.head, 0);
+            }
+            let _ = self.q.publish();
+            rewind = 0;
+        }
         (self.q.into_queue(rewind), self.carry)
     }
 
@@ -185,24 +204,20 @@ impl Rx {
 
     /// The guest kicked the RX queue: it posted buffers. The avail index is checked here even
     /// when the window holds enough buffers, so a corrupted index is caught at the kick.
-    pub fn on_kick(&mut self, mem: &GuestMemoryMmap, stats: &PairStats) -> Result<(), RxError> {
-        self.q.pending(mem)?;
+    pub fn on_kick(&mut self, stats: &PairStats) -> Result<(), RxError> {
+        self.q.pending()?;
         if self.state == RxState::WaitingForBuffers {
             self.state = RxState::Running;
             stats::inc(&stats.rx_wakes);
-            self.q.suppress_kicks(mem)?;
+            self.q.suppress_kicks()?;
         }
         Ok(())
     }
 
     /// Busy polling: resume a stalled RX when the guest posted buffers (it may not kick yet).
-    pub fn poll_guest(
-        &mut self,
-        mem: &GuestMemoryMmap,
-        stats: &PairStats,
-    ) -> Result<bool, RxError> {
-        if self.state == RxState::WaitingForBuffers && self.q.pending(mem)? > 0 {
-            self.on_kick(mem, stats)?;
+    pub fn poll_guest(&mut self, stats: &PairStats) -> Result<bool, RxError> {
+        if self.state == RxState::WaitingForBuffers && self.q.pending()? > 0 {
+            self.on_kick(stats)?;
             return Ok(true);
         }
         Ok(false)
@@ -217,17 +232,16 @@ impl Rx {
     ) -> Result<RxOutcome, RxError> {
         let mut t = Tally::default();
         let result = self.run_batch(mem, tap, &mut t);
+        // Counted before the publish below, so a guest that sees a frame never sees a counter
+        // that does not include it yet.
+        stats::add(&stats.rx_frames, t.frames);
         // Publish and interrupt even after an error: what was delivered is the guest's.
-        let published = self
-            .q
-            .publish(mem)
-            .and_then(|_| self.q.needs_interrupt(mem));
+        let published = self.q.publish().and_then(|_| self.q.needs_interrupt());
         if let Ok(true) = published {
             self.call.signal();
             t.interrupts += 1;
         }
         stats::add(&stats.rx_interrupts, t.interrupts);
-        stats::add(&stats.rx_frames, t.frames);
         stats::add(&stats.rx_bytes, t.bytes);
         stats::add(&stats.rx_bad_desc, t.bad);
         stats::add(&stats.rx_dropped_oversize, t.oversize);
@@ -271,12 +285,12 @@ impl Rx {
                 }
             }
             // No room: let the guest see what we delivered before asking it for more.
-            self.q.publish(mem)?;
-            if self.q.needs_interrupt(mem)? {
+            self.q.publish()?;
+            if self.q.needs_interrupt()? {
                 self.call.signal();
                 t.interrupts += 1;
             }
-            if self.q.arm_kick(mem)? {
+            if self.q.arm_kick()? {
                 t.races += 1;
                 continue;
             }
@@ -293,34 +307,47 @@ impl Rx {
         t: &mut Tally,
     ) -> Result<(), RxError> {
         let size = usize::from(self.q.size());
+        let hdr_len = self.hdr_len;
         while self.win.cap < want && self.win.chains.len() < size {
-            let Some((head, res)) = self.q.pop(mem, true, &mut self.scratch)? else {
+            // More than `want` asks for: one avail-index read serves the next frames too.
+            let max = (size - self.win.chains.len()).min(WINDOW_REFILL);
+            let (win, bad_log) = (&mut self.win, &mut self.bad_log);
+            let taken =
+                self.q
+                    .pop_batch(mem, true, max, &mut self.scratch, |head, res, segs| {
+                        let res = res.and_then(|len| {
+                            if (len as usize) < hdr_len {
+                                Err(ChainError::TooSmall(len, hdr_len))
+                            } else {
+                                Ok(len)
+                            }
+                        });
+                        match res {
+                            Ok(cap) => {
+                                win.segs.extend(segs.iter().copied());
+                                win.chains.push_back(WinChain {
+                                    head,
+                                    cap,
+                                    nsegs: segs.len(),
+                                });
+                                win.cap += cap as usize;
+                                Verdict::Keep
+                            }
+                            Err(e) => {
+                                if let Some(n) = bad_log.allow() {
+                                    warn!(
+                                        "RX chain {head} rejected: {e}{}",
+                                        ratelog::suppressed(n)
+                                    );
+                                }
+                                t.bad += 1;
+                                win.completed_behind |= !win.chains.is_empty();
+                                Verdict::Complete
+                            }
+                        }
+                    })?;
+            if taken < max {
                 break;
-            };
-            let res = res.and_then(|len| {
-                if (len as usize) < self.hdr_len {
-                    Err(ChainError::TooSmall(len, self.hdr_len))
-                } else {
-                    Ok(len)
-                }
-            });
-            match res {
-                Ok(cap) => {
-                    self.win.segs.extend(self.scratch.iter().copied());
-                    self.win.chains.push_back(WinChain {
-                        head,
-                        cap,
-                        nsegs: self.scratch.len(),
-                    });
-                    self.win.cap += cap as usize;
-                }
-                Err(e) => {
-                    if let Some(n) = self.bad_log.allow() {
-                        warn!("RX chain {head} rejected: {e}{}", ratelog::suppressed(n));
-                    }
-                    t.bad += 1;
-                    self.q.add_used(mem, head, 0)?;
-                }
             }
         }
         Ok(())
@@ -360,7 +387,7 @@ impl Rx {
             Err(e) => return Err(RxError::Tap(tap.name().to_string(), e)),
         };
         if n <= cap {
-            self.complete_frame(mem, n, t)?;
+            self.complete_frame(n, t)?;
         } else {
             // The frame outgrew the gathered buffers: move its head into staging so the whole
             // frame waits in one place for the guest to post room.
@@ -382,12 +409,7 @@ impl Rx {
 
     /// A frame of `n` bytes (header included) fills the front of the window: set num_buffers and
     /// write the used entries (published later, once per batch).
-    fn complete_frame(
-        &mut self,
-        mem: &GuestMemoryMmap,
-        n: usize,
-        t: &mut Tally,
-    ) -> Result<(), RxError> {
+    fn complete_frame(&mut self, n: usize, t: &mut Tally) -> Result<(), RxError> {
         let mut chains = 0usize;
         let mut left = n;
         for c in self.win.chains.iter() {
@@ -399,14 +421,14 @@ impl Rx {
         }
         if self.hdr_len == HDR_LEN {
             let num_buffers = if self.mrg { chains as u16 } else { 1 };
-            self.write_front(mem, NUM_BUFFERS_OFFSET, &num_buffers.to_le_bytes())?;
+            self.write_front(NUM_BUFFERS_OFFSET, &num_buffers.to_le_bytes());
         }
         let mut left = n;
         for _ in 0..chains {
             let c = self.win.pop_front();
             let len = left.min(c.cap as usize);
             left -= len;
-            self.q.add_used(mem, c.head, len as u32)?;
+            self.q.add_used(c.head, len as u32)?;
         }
         t.frames += 1;
         t.bytes += n.saturating_sub(self.hdr_len) as u64;
@@ -414,29 +436,24 @@ impl Rx {
     }
 
     /// Write `bytes` at `offset` into the window's front buffers (the header may be split).
-    fn write_front(
-        &self,
-        mem: &GuestMemoryMmap,
-        mut offset: usize,
-        mut bytes: &[u8],
-    ) -> Result<(), RingError> {
+    fn write_front(&self, mut offset: usize, bytes: &[u8]) {
+        let mut bytes = bytes.iter();
         for s in self.win.segs.iter() {
-            if bytes.is_empty() {
-                break;
-            }
             let len = s.len as usize;
             if offset >= len {
                 offset -= len;
                 continue;
             }
-            let k = bytes.len().min(len - offset);
-            let addr = vm_memory::GuestAddress(s.addr.0 + offset as u64);
-            mem.write_slice(&bytes[..k], addr)
-                .map_err(|_| RingError::RingMemory(addr.0))?;
-            bytes = &bytes[k..];
+            for (i, b) in (offset..len).zip(bytes.by_ref()) {
+                // SAFETY: `i < s.len`, and the segment's `len` bytes at `host` were mapped from
+                // guest memory by `map_chain` and stay mapped while the worker holds the memory.
+                unsafe { s.host.add(i).write_volatile(*b) };
+            }
+            if bytes.len() == 0 {
+                break;
+            }
             offset = 0;
         }
-        Ok(())
     }
 
     /// Try to move the staged frame into guest buffers. False: not enough room yet.
@@ -484,7 +501,7 @@ impl Rx {
             off += len;
         }
         self.carry.staged = 0;
-        self.complete_frame(mem, n, t)?;
+        self.complete_frame(n, t)?;
         Ok(true)
     }
 }

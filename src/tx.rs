@@ -11,11 +11,10 @@ use std::io;
 use libc::iovec;
 use log::warn;
 use thiserror::Error;
-use virtio_queue::QueueOwnedT;
 use vm_memory::GuestMemoryMmap;
 
 use crate::ratelog::{self, RateLimited};
-use crate::ring::{ChainError, DeviceQueue, RingError, Segment, MAX_CHAIN_SEGS};
+use crate::ring::{ChainError, DeviceQueue, RingError, Segment, Verdict, MAX_CHAIN_SEGS};
 use crate::rx::Notifier;
 use crate::stats::{self, PairStats};
 use crate::tap::Tap;
@@ -68,8 +67,8 @@ impl Tx {
     }
 
     /// Busy polling: whether the guest posted frames.
-    pub fn poll_guest(&self, mem: &GuestMemoryMmap) -> Result<bool, TxError> {
-        Ok(self.q.pending(mem)? > 0)
+    pub fn poll_guest(&self) -> Result<bool, TxError> {
+        Ok(self.q.pending()? > 0)
     }
 
     pub fn process(
@@ -78,79 +77,110 @@ impl Tx {
         tap: &Tap,
         stats: &PairStats,
     ) -> Result<TxOutcome, TxError> {
-        let (mut frames, mut bytes, mut bad, mut refused) = (0u64, 0u64, 0u64, 0u64);
-        let result = (|| {
-            self.q.suppress_kicks(mem)?;
-            loop {
-                if frames >= FRAME_BUDGET || bytes >= BYTE_BUDGET {
-                    return Ok(TxOutcome::Budget);
-                }
-                let Some((head, res)) = self.q.pop(mem, false, &mut self.segs)? else {
-                    if self.q.arm_kick(mem)? {
-                        continue;
-                    }
-                    return Ok(TxOutcome::Empty);
-                };
-                let len = match res.and_then(|len| {
-                    if (len as usize) < self.hdr_len {
-                        Err(ChainError::TooSmall(len, self.hdr_len))
-                    } else {
-                        Ok(len)
-                    }
-                }) {
-                    Ok(len) => len,
-                    Err(e) => {
-                        if let Some(n) = self.bad_log.allow() {
-                            warn!("TX chain {head} rejected: {e}{}", ratelog::suppressed(n));
-                        }
-                        bad += 1;
-                        self.q.add_used(mem, head, 0)?;
-                        continue;
-                    }
-                };
-                self.iovs.clear();
-                self.iovs.extend(self.segs.iter().map(Segment::iovec));
-                match tap.writev(&self.iovs) {
-                    Ok(_) => {
-                        frames += 1;
-                        bytes += u64::from(len) - self.hdr_len as u64;
-                    }
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                        self.q.queue.go_to_previous_position();
-                        stats::inc(&stats.tx_blocked);
-                        return Ok(TxOutcome::TapFull);
-                    }
-                    Err(e) if e.raw_os_error() == Some(libc::EBADFD) => {
-                        self.q.queue.go_to_previous_position();
-                        return Err(TxError::TapGone(tap.name().to_string(), e));
-                    }
-                    Err(e) => {
-                        if let Some(n) = self.refused_log.allow() {
-                            warn!(
-                                "tap {} refused a {len}-byte TX frame: {e}{}",
-                                tap.name(),
-                                ratelog::suppressed(n)
-                            );
-                        }
-                        refused += 1;
-                    }
-                }
-                self.q.add_used(mem, head, 0)?;
-            }
-        })();
-        let published = self
-            .q
-            .publish(mem)
-            .and_then(|_| self.q.needs_interrupt(mem));
+        let mut t = Tally::default();
+        let result = self.run_batch(mem, tap, &mut t);
+        // Counted before the publish, as in RX: the guest never sees more than the counters.
+        stats::add(&stats.tx_frames, t.frames);
+        stats::add(&stats.tx_bytes, t.bytes);
+        stats::add(&stats.tx_dropped_bad_desc, t.bad);
+        stats::add(&stats.tx_dropped_tap_error, t.refused);
+        stats::add(&stats.tx_blocked, t.blocked);
+        let published = self.q.publish().and_then(|_| self.q.needs_interrupt());
         if let Ok(true) = published {
             self.call.signal();
             stats::inc(&stats.tx_interrupts);
         }
-        stats::add(&stats.tx_frames, frames);
-        stats::add(&stats.tx_bytes, bytes);
-        stats::add(&stats.tx_dropped_bad_desc, bad);
-        stats::add(&stats.tx_dropped_tap_error, refused);
         published?;
         result
     }
+
+    fn run_batch(
+        &mut self,
+        mem: &GuestMemoryMmap,
+        tap: &Tap,
+        t: &mut Tally,
+    ) -> Result<TxOutcome, TxError> {
+        self.q.suppress_kicks()?;
+        loop {
+            if t.frames >= FRAME_BUDGET || t.bytes >= BYTE_BUDGET {
+                return Ok(TxOutcome::Budget);
+            }
+            let max = (FRAME_BUDGET - t.frames) as usize;
+            let mut stop = None;
+            let (hdr_len, iovs) = (self.hdr_len, &mut self.iovs);
+            let (bad_log, refused_log) = (&mut self.bad_log, &mut self.refused_log);
+            let taken = self
+                .q
+                .pop_batch(mem, false, max, &mut self.segs, |head, res, segs| {
+                    if t.bytes >= BYTE_BUDGET {
+                        stop = Some(Ok(TxOutcome::Budget));
+                        return Verdict::Rewind;
+                    }
+                    let len = match res.and_then(|len| {
+                        if (len as usize) < hdr_len {
+                            Err(ChainError::TooSmall(len, hdr_len))
+                        } else {
+                            Ok(len)
+                        }
+                    }) {
+                        Ok(len) => len,
+                        Err(e) => {
+                            if let Some(n) = bad_log.allow() {
+                                warn!("TX chain {head} rejected: {e}{}", ratelog::suppressed(n));
+                            }
+                            t.bad += 1;
+                            return Verdict::Complete;
+                        }
+                    };
+                    iovs.clear();
+                    iovs.extend(segs.iter().map(Segment::iovec));
+                    match tap.writev(iovs) {
+                        Ok(_) => {
+                            t.frames += 1;
+                            t.bytes += u64::from(len) - hdr_len as u64;
+                        }
+                        // The frame stays in the ring until the tap has room.
+                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                            t.blocked += 1;
+                            stop = Some(Ok(TxOutcome::TapFull));
+                            return Verdict::Rewind;
+                        }
+                        Err(e) if e.raw_os_error() == Some(libc::EBADFD) => {
+                            stop = Some(Err(TxError::TapGone(tap.name().to_string(), e)));
+                            return Verdict::Rewind;
+                        }
+                        Err(e) => {
+                            if let Some(n) = refused_log.allow() {
+                                warn!(
+                                    "tap {} refused a {len}-byte TX frame: {e}{}",
+                                    tap.name(),
+                                    ratelog::suppressed(n)
+                                );
+                            }
+                            t.refused += 1;
+                        }
+                    }
+                    Verdict::Complete
+                })?;
+            if let Some(outcome) = stop {
+                return outcome;
+            }
+            if taken < max {
+                if self.q.arm_kick()? {
+                    continue;
+                }
+                return Ok(TxOutcome::Empty);
+            }
+        }
+    }
+}
+
+/// Totals of one batch, added to the shared counters once.
+#[derive(Default)]
+struct Tally {
+    frames: u64,
+    bytes: u64,
+    bad: u64,
+    refused: u64,
+    blocked: u64,
 }

@@ -168,7 +168,7 @@ fn run(setup: WorkerSetup, stop: EventFd) -> WorkerExit {
     // The carry (a staged frame) must come back even when RX is not running.
     let (mut rx, idle_carry) = match rx {
         Some(q) => {
-            let dq = crate::ring::DeviceQueue::new(q.queue, event_idx);
+            let dq = crate::ring::DeviceQueue::new(q.queue, event_idx, &mem);
             let call = Notifier(q.call);
             let rx = Rx::new(dq, carry, hdr_len, mrg_rxbuf, rx_target, call);
             (Some(rx), None)
@@ -176,7 +176,7 @@ fn run(setup: WorkerSetup, stop: EventFd) -> WorkerExit {
         None => (None, Some(carry)),
     };
     let mut tx = tx.map(|q| {
-        let dq = crate::ring::DeviceQueue::new(q.queue, event_idx);
+        let dq = crate::ring::DeviceQueue::new(q.queue, event_idx, &mem);
         Tx::new(dq, hdr_len, Notifier(q.call))
     });
 
@@ -221,13 +221,13 @@ fn run(setup: WorkerSetup, stop: EventFd) -> WorkerExit {
             };
             if spinning && n == 0 {
                 if let Some(r) = rx.as_mut() {
-                    match r.poll_guest(&mem, &stats) {
+                    match r.poll_guest(&stats) {
                         Ok(work) => rx_ready |= work,
                         Err(e) => return Err(give_up(false, &rx_err, &fatal, &stats, e)),
                     }
                 }
                 if let Some(t) = tx.as_ref() {
-                    match t.poll_guest(&mem) {
+                    match t.poll_guest() {
                         Ok(work) => tx_ready |= work && !tx_blocked,
                         Err(e) => return Err(give_up(false, &tx_err, &fatal, &stats, e)),
                     }
@@ -241,7 +241,7 @@ fn run(setup: WorkerSetup, stop: EventFd) -> WorkerExit {
                         if let (Some(k), Some(rx)) = (&rx_kick, rx.as_mut()) {
                             drain(k);
                             stats::inc(&stats.rx_kicks);
-                            if let Err(e) = rx.on_kick(&mem, &stats) {
+                            if let Err(e) = rx.on_kick(&stats) {
                                 return Err(give_up(false, &rx_err, &fatal, &stats, e));
                             }
                             rx_ready = true;

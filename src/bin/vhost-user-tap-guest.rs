@@ -51,6 +51,10 @@ struct Args {
     /// Stop once this many frames were received.
     #[arg(long)]
     rx_frames: Option<u64>,
+    /// Send one frame built once per TX buffer instead of writing every frame (pktgen's
+    /// clone_skb; frames carry no sequence numbers): the TX benchmark's guest.
+    #[arg(long)]
+    tx_prefilled: bool,
     /// Frames to send (spread over the queue pairs).
     #[arg(long, default_value_t = 0)]
     tx_frames: u64,
@@ -268,6 +272,7 @@ fn main() -> ExitCode {
         rx_rate: a.rx_rate,
         rx_frames: a.rx_frames,
         rx_drop: a.rx_drop,
+        tx_prefilled: a.tx_prefilled,
         idle: Duration::from_millis(a.idle_ms),
         tx_frames: a.tx_frames,
         tx_size: a.tx_size,

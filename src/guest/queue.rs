@@ -284,6 +284,8 @@ pub struct QueuePair {
     tx_call: EventFd,
     rx_pool: BufPool,
     tx_pool: BufPool,
+    /// Per TX slot: whether it still holds the frame `send_prefilled` wrote into it.
+    tx_prefilled: Vec<bool>,
     tx_tables: GuestAddress,
     partial: Option<Partial>,
     /// Buffers still to come of the frame `recycle_rx` is counting (mergeable).
@@ -369,6 +371,7 @@ impl QueuePair {
             tx_call: efd("TX call")?,
             rx_pool,
             tx_pool,
+            tx_prefilled: vec![false; usize::from(cfg.queue_size)],
             tx_tables,
             partial: None,
             drop_remaining: 0,
@@ -773,7 +776,7 @@ impl QueuePair {
         self.reclaim_tx()?;
         let mut sent = 0;
         for f in frames {
-            if !self.queue_tx(f)? {
+            if !self.queue_tx(f, false)? {
                 self.stats.tx_ring_full += 1;
                 break;
             }
@@ -785,7 +788,34 @@ impl QueuePair {
         Ok(sent)
     }
 
-    fn queue_tx(&mut self, frame: &[u8]) -> Result<bool> {
+    /// Send `frame` up to `n` times, like pktgen's clone_skb: a TX buffer is written once and
+    /// then posted again as it is, so the guest does not rewrite frame data on every send (the
+    /// benchmark's equivalent of a guest transmitting from pre-built buffers). `frame` must be
+    /// the same on every call. Returns how many were queued.
+    pub fn send_prefilled(&mut self, frame: &[u8], n: usize) -> Result<usize> {
+        let max = self.tx_max_frame();
+        if frame.len() > max {
+            return Err(QueueError::FrameTooLarge {
+                len: frame.len(),
+                max,
+            });
+        }
+        self.reclaim_tx()?;
+        let mut sent = 0;
+        while sent < n {
+            if !self.queue_tx(frame, true)? {
+                self.stats.tx_ring_full += 1;
+                break;
+            }
+            sent += 1;
+        }
+        if sent > 0 {
+            self.kick_if_needed(false)?;
+        }
+        Ok(sent)
+    }
+
+    fn queue_tx(&mut self, frame: &[u8], prefilled: bool) -> Result<bool> {
         if self.tx_free_slots() == 0 {
             return Ok(false);
         }
@@ -804,19 +834,25 @@ impl QueuePair {
             }
         };
         let data = addr.unchecked_add(hdr_len as u64);
-        let r = self
-            .mem
-            .write_slice(&self.hdr_buf[..hdr_len], addr)
-            .map_err(copy_err("writing a TX vnet header", addr))
-            .and_then(|()| {
-                self.mem
-                    .write_slice(frame, data)
-                    .map_err(copy_err("writing a TX frame", data))
-            });
+        let reuse = prefilled && self.tx_prefilled[slot as usize];
+        self.tx_prefilled[slot as usize] = false;
+        let r = if reuse {
+            Ok(())
+        } else {
+            self.mem
+                .write_slice(&self.hdr_buf[..hdr_len], addr)
+                .map_err(copy_err("writing a TX vnet header", addr))
+                .and_then(|()| {
+                    self.mem
+                        .write_slice(frame, data)
+                        .map_err(copy_err("writing a TX frame", data))
+                })
+        };
         if let Err(e) = r {
             self.tx_pool.free.push(slot);
             return Err(e);
         }
+        self.tx_prefilled[slot as usize] = prefilled;
         let token = u64::from(slot);
         let flen = frame.len() as u32;
         let hlen = hdr_len as u32;

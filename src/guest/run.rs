@@ -21,6 +21,9 @@ pub struct RunConfig {
     pub rx_frames: Option<u64>,
     /// Recycle RX buffers without reading the frames (the XDP-drop equivalent).
     pub rx_drop: bool,
+    /// Send one pre-built frame from buffers written once (pktgen's clone_skb); see
+    /// `QueuePair::send_prefilled`.
+    pub tx_prefilled: bool,
     /// Once all TX frames are queued, stop after this long without RX frames or TX completions.
     pub idle: Duration,
     /// Frames to send in total (spread over the pairs).
@@ -42,6 +45,7 @@ impl Default for RunConfig {
             rx_rate: 0,
             rx_frames: None,
             rx_drop: false,
+            tx_prefilled: false,
             idle: Duration::from_millis(500),
             tx_frames: 0,
             tx_size: 64,
@@ -352,7 +356,9 @@ fn run_pair(
                 .map_err(qerr)?
             };
             if n > 0 {
-                progress = true;
+                // NAPI: keep polling only while a poll uses its whole budget; a ring drained
+                // below it means re-arming the interrupt and sleeping, as Linux does.
+                progress |= n >= budget;
                 last_activity = now;
                 if let Some(b) = rx_bucket.as_mut() {
                     b.take(n);
@@ -382,11 +388,18 @@ fn run_pair(
             }
             n = n.min(pair.tx_free_slots());
             if n > 0 {
-                for (i, f) in frames.iter_mut().take(n).enumerate() {
-                    cfg.frame.build(cfg.tx_size, pid, tx_seq + i as u64, f)?;
-                }
-                let refs: Vec<&[u8]> = frames[..n].iter().map(|f| f.as_slice()).collect();
-                let sent = pair.send_frames(&refs).map_err(qerr)?;
+                let sent = if cfg.tx_prefilled {
+                    if frames[0].is_empty() {
+                        cfg.frame.build(cfg.tx_size, pid, 0, &mut frames[0])?;
+                    }
+                    pair.send_prefilled(&frames[0], n).map_err(qerr)?
+                } else {
+                    for (i, f) in frames.iter_mut().take(n).enumerate() {
+                        cfg.frame.build(cfg.tx_size, pid, tx_seq + i as u64, f)?;
+                    }
+                    let refs: Vec<&[u8]> = frames[..n].iter().map(|f| f.as_slice()).collect();
+                    pair.send_frames(&refs).map_err(qerr)?
+                };
                 if sent > 0 {
                     tx_seq += sent as u64;
                     progress = true;
