@@ -7,16 +7,20 @@
 //! - TX: synthetic guest sending 64-byte frames as fast as it can → daemon → tap. Floor: a plain
 //!   loop writing the same frames to the tap.
 //!
-//! CPU placement (VUT_BENCH_PIN=1, the default with at least 2 CPUs): the thread that reads or
-//! writes the tap (the floor loop, or the daemon) runs alone on CPU 1; the generator and the
-//! synthetic guest run on CPU 0. The guest stands for a VM whose vCPUs are not the backend's core,
-//! as with vhost-net's worker thread; without placement, on 2 CPUs the guest and the daemon
-//! take turns on one core while the floor loop never shares one. VUT_BENCH_PIN=0 turns it off.
+//! The guest's rings hold 1024 entries (VUT_BENCH_QUEUE_SIZE; QEMU's rx_queue_size and
+//! tx_queue_size go up to 1024 for vhost-user devices, the usual setting for throughput; 256 is
+//! QEMU's default). TX uses pktgen-style buffers written once (`--tx-prefilled`), as the floor
+//! loop writes one buffer.
+//!
+//! VUT_BENCH_PIN=1 places the thread that reads or writes the tap (the floor loop, or the daemon)
+//! alone on CPU 1 and the generator and the synthetic guest on CPU 0. Off by default: on 2 CPUs
+//! the guest then competes with the generator and both lose (measured; see the README).
 //!
 //! `sudo cargo bench --bench e2e` (root: taps and namespaces). VUT_BENCH_SECS (default 5) and
 //! VUT_BENCH_RUNS (default 3) set the length; the median run is reported; VUT_BENCH_DAEMON_ARGS
 //! passes options to the daemon (e.g. "--busy-poll-us 50"); VUT_BENCH_TCP_MB sizes the TCP runs. Results also go to
-//! target/vut-bench/e2e.json. VUT_BENCH_CASES picks cases (default "rx,tx,tcp").
+//! target/vut-bench/e2e.json. VUT_BENCH_CASES picks cases (default "rx,tx,tcp");
+//! VUT_BENCH_VERBOSE=1 prints the daemon's final counters of every run.
 
 use std::fs::File;
 use std::io::Read;
@@ -126,7 +130,7 @@ fn udp_frame() -> Vec<u8> {
 /// The CPUs of the placement described at the top, or None when placement is off.
 fn placement() -> Option<(usize, usize)> {
     let cpus = thread::available_parallelism().map_or(1, |n| n.get());
-    let on = std::env::var("VUT_BENCH_PIN").map_or(cpus >= 2, |v| v != "0");
+    let on = cpus >= 2 && std::env::var("VUT_BENCH_PIN").is_ok_and(|v| v == "1");
     on.then_some((0, 1))
 }
 
@@ -284,10 +288,9 @@ fn floor_rx(ns: &Netns, threads: usize, secs: f64) -> Rate {
     }
 }
 
-/// The guest's ring size: VUT_BENCH_QUEUE_SIZE, default 256 (QEMU's default; vhost-user
-/// devices accept up to 1024 with rx_queue_size/tx_queue_size).
+/// The guest's ring size (see the top of the file).
 fn queue_size() -> String {
-    std::env::var("VUT_BENCH_QUEUE_SIZE").unwrap_or_else(|_| "256".into())
+    std::env::var("VUT_BENCH_QUEUE_SIZE").unwrap_or_else(|_| "1024".into())
 }
 
 /// Extra daemon options for a run, e.g. VUT_BENCH_DAEMON_ARGS="--busy-poll-us 50".
@@ -532,9 +535,10 @@ fn main() {
     }
 
     println!(
-        "\n{} s per run, median of {runs} runs, {} CPUs, {}",
+        "\n{} s per run, median of {runs} runs, {} CPUs, guest rings of {}, {}",
         secs,
         thread::available_parallelism().map_or(0, |n| n.get()),
+        queue_size(),
         match placement() {
             Some((side, tap_cpu)) => format!(
                 "tap reader/writer (floor loop or daemon) on CPU {tap_cpu}, generator and guest on CPU {side}"

@@ -568,7 +568,8 @@ fn readiness_watchdog_pings_and_stopping_reach_notify_socket() {
     );
     // Ready means ready: the socket accepts and the seccomp filter is on.
     assert!(std::os::unix::net::UnixStream::connect(&socket).is_ok());
-    assert!(d.log().contains("seccomp: "), "{}", d.log());
+    // The filter is logged before READY=1; the log reader thread may not have caught up yet.
+    d.wait_for_log("seccomp: ", WAIT);
     // WatchdogSec=400ms: the idle accept loop pings at least every 300 ms.
     let idle = notify.pings(Duration::from_millis(1200));
     assert!(idle >= 4, "{idle} pings in 1.2 s while idle");
