@@ -98,10 +98,6 @@ struct RingHost {
     _mem: Arc<GuestMemoryMmap>,
 }
 
-// SAFETY: the pointers are into a guest memory mapping kept alive by `_mem`; the ring words are
-// only accessed atomically (see `RingHost::word`), as the guest accesses them from its side.
-unsafe impl Send for RingHost {}
-
 impl RingHost {
     fn new(mem: &Arc<GuestMemoryMmap>, queue: &Queue) -> Option<RingHost> {
         let size = queue.size();
