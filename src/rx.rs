@@ -143,6 +143,8 @@ pub struct Rx {
 #[derive(Default)]
 struct Tally {
     frames: u64,
+    /// Of `frames`, those already added to `rx_frames` (at a publish inside the batch).
+    frames_counted: u64,
     bytes: u64,
     bad: u64,
     oversize: u64,
@@ -231,16 +233,9 @@ impl Rx {
         stats: &PairStats,
     ) -> Result<RxOutcome, RxError> {
         let mut t = Tally::default();
-        let result = self.run_batch(mem, tap, &mut t);
-        // Counted before the publish below, so a guest that sees a frame never sees a counter
-        // that does not include it yet.
-        stats::add(&stats.rx_frames, t.frames);
+        let result = self.run_batch(mem, tap, stats, &mut t);
         // Publish and interrupt even after an error: what was delivered is the guest's.
-        let published = self.q.publish().and_then(|_| self.q.needs_interrupt());
-        if let Ok(true) = published {
-            self.call.signal();
-            t.interrupts += 1;
-        }
+        let published = self.publish(stats, &mut t);
         stats::add(&stats.rx_interrupts, t.interrupts);
         stats::add(&stats.rx_bytes, t.bytes);
         stats::add(&stats.rx_bad_desc, t.bad);
@@ -261,10 +256,24 @@ impl Rx {
         Ok(outcome)
     }
 
+    /// Publish the used entries written so far and interrupt if the guest asks. The frames are
+    /// counted first, so a guest that sees a frame never sees a counter without it.
+    fn publish(&mut self, stats: &PairStats, t: &mut Tally) -> Result<(), RingError> {
+        stats::add(&stats.rx_frames, t.frames - t.frames_counted);
+        t.frames_counted = t.frames;
+        self.q.publish()?;
+        if self.q.needs_interrupt()? {
+            self.call.signal();
+            t.interrupts += 1;
+        }
+        Ok(())
+    }
+
     fn run_batch(
         &mut self,
         mem: &GuestMemoryMmap,
         tap: &Tap,
+        stats: &PairStats,
         t: &mut Tally,
     ) -> Result<RxOutcome, RxError> {
         loop {
@@ -285,11 +294,7 @@ impl Rx {
                 }
             }
             // No room: let the guest see what we delivered before asking it for more.
-            self.q.publish()?;
-            if self.q.needs_interrupt()? {
-                self.call.signal();
-                t.interrupts += 1;
-            }
+            self.publish(stats, t)?;
             if self.q.arm_kick()? {
                 t.races += 1;
                 continue;
