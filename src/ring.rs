@@ -132,8 +132,9 @@ impl RingHost {
         u16::from_le(self.word(false, 2).load(Ordering::Acquire))
     }
 
-    fn write_used_elem(&self, slot: u16, head: u16, len: u32) {
-        let off = 4 + 8 * usize::from(slot);
+    /// Write the used element at `next_used` and advance it (not published).
+    fn push_used(&self, next_used: &mut Wrapping<u16>, head: u16, len: u32) {
+        let off = 4 + 8 * usize::from(next_used.0 % self.size);
         // SAFETY: as in `word`; the element is 8 bytes at a 4-aligned offset of a 4-aligned ring.
         let (id, l) = unsafe {
             (
@@ -143,6 +144,7 @@ impl RingHost {
         };
         id.store(u32::from(head).to_le(), Ordering::Relaxed);
         l.store(len.to_le(), Ordering::Relaxed);
+        *next_used += Wrapping(1);
     }
 }
 
@@ -225,14 +227,16 @@ impl DeviceQueue {
     }
 
     /// Pop up to `max` chains, mapping each one's buffers into `segs` and showing it to `f`,
-    /// which decides its fate. Malformed chains are shown with `Err` (the caller logs and counts
-    /// them; `Verdict::Complete` returns them with length 0). One read of the avail index for the
-    /// whole batch. Returns the number of chains popped and not rewound; fewer than `max`
-    /// without a rewind means the ring is empty.
+    /// which decides its fate. Malformed chains, and chains shorter than `min_len` (the vnet
+    /// header), are shown with `Err` (the caller logs and counts them; `Verdict::Complete`
+    /// returns them with length 0). One read of the avail index for the whole batch. Returns the
+    /// number of chains popped and not rewound; fewer than `max` without a rewind means the ring
+    /// is empty.
     pub fn pop_batch(
         &mut self,
         mem: &GuestMemoryMmap,
         device_writes: bool,
+        min_len: usize,
         max: usize,
         segs: &mut Vec<Segment>,
         mut f: impl FnMut(u16, Result<u32, ChainError>, &[Segment]) -> Verdict,
@@ -241,16 +245,9 @@ impl DeviceQueue {
             .host
             .as_ref()
             .ok_or(RingError::RingMemory(self.queue.used_ring()))?;
-        let avail = host.avail_idx();
         let mut it = match self.queue.iter(mem) {
             Ok(it) => it,
-            Err(virtio_queue::Error::InvalidAvailRingIndex) => {
-                return Err(RingError::AvailIndex {
-                    avail,
-                    next: self.queue.next_avail(),
-                    size: self.queue.size(),
-                })
-            }
+            Err(virtio_queue::Error::InvalidAvailRingIndex) => return Err(self.index_error()),
             Err(_) => return Err(RingError::RingMemory(self.queue.avail_ring())),
         };
         let mut taken = 0;
@@ -260,14 +257,16 @@ impl DeviceQueue {
             };
             let head = chain.head_index();
             segs.clear();
-            let res = map_chain(mem, chain, device_writes, segs);
+            let res = map_chain(mem, chain, device_writes, segs).and_then(|len| {
+                if (len as usize) < min_len {
+                    Err(ChainError::TooSmall(len, min_len))
+                } else {
+                    Ok(len)
+                }
+            });
             match f(head, res, segs) {
                 Verdict::Keep => {}
-                Verdict::Complete => {
-                    let slot = self.next_used.0 % host.size;
-                    host.write_used_elem(slot, head, 0);
-                    self.next_used += Wrapping(1);
-                }
+                Verdict::Complete => host.push_used(&mut self.next_used, head, 0),
                 Verdict::Rewind => {
                     it.go_to_previous_position();
                     break;
@@ -280,9 +279,11 @@ impl DeviceQueue {
 
     /// Write a used element without publishing it.
     pub fn add_used(&mut self, head: u16, len: u32) -> Result<(), RingError> {
-        let host = self.host()?;
-        host.write_used_elem(self.next_used.0 % host.size, head, len);
-        self.next_used += Wrapping(1);
+        let host = self
+            .host
+            .as_ref()
+            .ok_or(RingError::RingMemory(self.queue.used_ring()))?;
+        host.push_used(&mut self.next_used, head, len);
         Ok(())
     }
 

@@ -30,7 +30,7 @@ use thiserror::Error;
 use vm_memory::{Bytes, GuestMemoryMmap};
 
 use crate::ratelog::{self, RateLimited};
-use crate::ring::{ChainError, DeviceQueue, RingError, Segment, Verdict};
+use crate::ring::{DeviceQueue, RingError, Segment, Verdict};
 use crate::stats::{self, PairStats};
 use crate::tap::Tap;
 use crate::virtio_net::{HDR_LEN, MAX_GSO_FRAME, NUM_BUFFERS_OFFSET};
@@ -317,40 +317,33 @@ impl Rx {
             // More than `want` asks for: one avail-index read serves the next frames too.
             let max = (size - self.win.chains.len()).min(WINDOW_REFILL);
             let (win, bad_log) = (&mut self.win, &mut self.bad_log);
-            let taken =
-                self.q
-                    .pop_batch(mem, true, max, &mut self.scratch, |head, res, segs| {
-                        let res = res.and_then(|len| {
-                            if (len as usize) < hdr_len {
-                                Err(ChainError::TooSmall(len, hdr_len))
-                            } else {
-                                Ok(len)
-                            }
+            let taken = self.q.pop_batch(
+                mem,
+                true,
+                hdr_len,
+                max,
+                &mut self.scratch,
+                |head, res, segs| match res {
+                    Ok(cap) => {
+                        win.segs.extend(segs.iter().copied());
+                        win.chains.push_back(WinChain {
+                            head,
+                            cap,
+                            nsegs: segs.len(),
                         });
-                        match res {
-                            Ok(cap) => {
-                                win.segs.extend(segs.iter().copied());
-                                win.chains.push_back(WinChain {
-                                    head,
-                                    cap,
-                                    nsegs: segs.len(),
-                                });
-                                win.cap += cap as usize;
-                                Verdict::Keep
-                            }
-                            Err(e) => {
-                                if let Some(n) = bad_log.allow() {
-                                    warn!(
-                                        "RX chain {head} rejected: {e}{}",
-                                        ratelog::suppressed(n)
-                                    );
-                                }
-                                t.bad += 1;
-                                win.completed_behind |= !win.chains.is_empty();
-                                Verdict::Complete
-                            }
+                        win.cap += cap as usize;
+                        Verdict::Keep
+                    }
+                    Err(e) => {
+                        if let Some(n) = bad_log.allow() {
+                            warn!("RX chain {head} rejected: {e}{}", ratelog::suppressed(n));
                         }
-                    })?;
+                        t.bad += 1;
+                        win.completed_behind |= !win.chains.is_empty();
+                        Verdict::Complete
+                    }
+                },
+            )?;
             if taken < max {
                 break;
             }

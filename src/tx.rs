@@ -14,7 +14,7 @@ use thiserror::Error;
 use vm_memory::GuestMemoryMmap;
 
 use crate::ratelog::{self, RateLimited};
-use crate::ring::{ChainError, DeviceQueue, RingError, Segment, Verdict, MAX_CHAIN_SEGS};
+use crate::ring::{DeviceQueue, RingError, Segment, Verdict, MAX_CHAIN_SEGS};
 use crate::rx::Notifier;
 use crate::stats::{self, PairStats};
 use crate::tap::Tap;
@@ -109,20 +109,18 @@ impl Tx {
             let mut stop = None;
             let (hdr_len, iovs) = (self.hdr_len, &mut self.iovs);
             let (bad_log, refused_log) = (&mut self.bad_log, &mut self.refused_log);
-            let taken = self
-                .q
-                .pop_batch(mem, false, max, &mut self.segs, |head, res, segs| {
+            let taken = self.q.pop_batch(
+                mem,
+                false,
+                hdr_len,
+                max,
+                &mut self.segs,
+                |head, res, segs| {
                     if t.bytes >= BYTE_BUDGET {
                         stop = Some(Ok(TxOutcome::Budget));
                         return Verdict::Rewind;
                     }
-                    let len = match res.and_then(|len| {
-                        if (len as usize) < hdr_len {
-                            Err(ChainError::TooSmall(len, hdr_len))
-                        } else {
-                            Ok(len)
-                        }
-                    }) {
+                    let len = match res {
                         Ok(len) => len,
                         Err(e) => {
                             if let Some(n) = bad_log.allow() {
@@ -161,7 +159,8 @@ impl Tx {
                         }
                     }
                     Verdict::Complete
-                })?;
+                },
+            )?;
             if let Some(outcome) = stop {
                 return outcome;
             }

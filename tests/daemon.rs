@@ -8,10 +8,8 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use rand::Rng;
-use vhost_user_tap::guest::{FrameSpec, Guest, GuestConfig, RawDesc, RawNext, UdpFlow};
+use vhost_user_tap::guest::{Guest, GuestConfig, RawDesc, RawNext};
 
-const GUEST_PORT: u16 = 5000;
-const HOST_PORT: u16 = 7000;
 const WAIT: Duration = Duration::from_secs(10);
 
 struct Rig {
@@ -299,19 +297,7 @@ fn a_frame_larger_than_the_posted_buffers_waits_and_is_delivered_whole() {
 #[test]
 fn guest_frames_reach_a_host_socket() {
     let Some(mut r) = rig("g2h") else { return };
-    let tap_mac: [u8; 6] = {
-        let out = r.ns.ip(&["-j", "link", "show", TAP]);
-        let v: serde_json::Value = serde_json::from_str(&out).unwrap();
-        vhost_user_tap::config::parse_mac(v[0]["address"].as_str().unwrap()).unwrap()
-    };
-    let spec = FrameSpec {
-        dst_mac: tap_mac,
-        src_mac: GUEST_MAC,
-        udp: Some(UdpFlow {
-            src: format!("{GUEST_IP}:{GUEST_PORT}").parse().unwrap(),
-            dst: format!("{HOST_IP}:{HOST_PORT}").parse().unwrap(),
-        }),
-    };
+    let spec = guest_to_host_spec(&r.ns);
     const N: u64 = 500;
     let mut frame = Vec::new();
     r.host.set_read_timeout(Some(WAIT)).unwrap();

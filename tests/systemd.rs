@@ -21,13 +21,11 @@ use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
 use common::*;
-use vhost_user_tap::guest::{FrameSpec, Guest, GuestConfig, UdpFlow};
+use vhost_user_tap::guest::{Guest, GuestConfig};
 use vhost_user_tap::seccomp;
 
 const UNIT_DIR: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/qemu-scripts/systemd");
 const WAIT: Duration = Duration::from_secs(10);
-const GUEST_PORT: u16 = 5000;
-const HOST_PORT: u16 = 7000;
 
 fn unit_text(name: &str) -> String {
     let p = Path::new(UNIT_DIR).join(name);
@@ -397,17 +395,7 @@ fn host_to_guest(host: &UdpSocket, g: &mut Guest, range: std::ops::Range<usize>)
 
 /// Send `n` UDP frames from the guest and check the host socket receives them.
 fn guest_to_host(ns: &Netns, host: &UdpSocket, g: &mut Guest, n: u64) {
-    let out = ns.ip(&["-j", "link", "show", TAP]);
-    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
-    let tap_mac = vhost_user_tap::config::parse_mac(v[0]["address"].as_str().unwrap()).unwrap();
-    let spec = FrameSpec {
-        dst_mac: tap_mac,
-        src_mac: GUEST_MAC,
-        udp: Some(UdpFlow {
-            src: format!("{GUEST_IP}:{GUEST_PORT}").parse().unwrap(),
-            dst: format!("{HOST_IP}:{HOST_PORT}").parse().unwrap(),
-        }),
-    };
+    let spec = guest_to_host_spec(ns);
     host.set_read_timeout(Some(WAIT)).unwrap();
     let (mut frame, mut buf) = (Vec::new(), [0u8; 2048]);
     for seq in 0..n {

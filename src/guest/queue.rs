@@ -769,23 +769,7 @@ impl QueuePair {
     /// Queue several frames with one kick decision at the end. Returns how many were queued
     /// (fewer than `frames.len()` when the ring fills up).
     pub fn send_frames(&mut self, frames: &[&[u8]]) -> Result<usize> {
-        let max = self.tx_max_frame();
-        if let Some(f) = frames.iter().find(|f| f.len() > max) {
-            return Err(QueueError::FrameTooLarge { len: f.len(), max });
-        }
-        self.reclaim_tx()?;
-        let mut sent = 0;
-        for f in frames {
-            if !self.queue_tx(f, false)? {
-                self.stats.tx_ring_full += 1;
-                break;
-            }
-            sent += 1;
-        }
-        if sent > 0 {
-            self.kick_if_needed(false)?;
-        }
-        Ok(sent)
+        self.send(frames.iter().copied(), false)
     }
 
     /// Send `frame` up to `n` times, like pktgen's clone_skb: a TX buffer is written once and
@@ -793,17 +777,22 @@ impl QueuePair {
     /// benchmark's equivalent of a guest transmitting from pre-built buffers). `frame` must be
     /// the same on every call. Returns how many were queued.
     pub fn send_prefilled(&mut self, frame: &[u8], n: usize) -> Result<usize> {
+        self.send(std::iter::repeat_n(frame, n), true)
+    }
+
+    fn send<'f>(
+        &mut self,
+        frames: impl Iterator<Item = &'f [u8]> + Clone,
+        prefilled: bool,
+    ) -> Result<usize> {
         let max = self.tx_max_frame();
-        if frame.len() > max {
-            return Err(QueueError::FrameTooLarge {
-                len: frame.len(),
-                max,
-            });
+        if let Some(f) = frames.clone().find(|f| f.len() > max) {
+            return Err(QueueError::FrameTooLarge { len: f.len(), max });
         }
         self.reclaim_tx()?;
         let mut sent = 0;
-        while sent < n {
-            if !self.queue_tx(frame, true)? {
+        for f in frames {
+            if !self.queue_tx(f, prefilled)? {
                 self.stats.tx_ring_full += 1;
                 break;
             }

@@ -21,6 +21,8 @@ pub const HOST_IP: &str = "10.99.0.1";
 pub const GUEST_IP: &str = "10.99.0.2";
 pub const GUEST_MAC: [u8; 6] = [0x52, 0x54, 0x00, 0xaa, 0xbb, 0x01];
 pub const TAP: &str = "vut0";
+pub const GUEST_PORT: u16 = 5000;
+pub const HOST_PORT: u16 = 7000;
 
 static SEQ: AtomicUsize = AtomicUsize::new(0);
 
@@ -582,5 +584,21 @@ pub fn tcp_through_daemon(tag: &str, offloads: bool, bytes: usize) -> TcpRun {
     TcpRun {
         host_to_guest_gbps,
         guest_to_host_gbps,
+    }
+}
+
+/// UDP frames from GUEST_IP:GUEST_PORT to HOST_IP:HOST_PORT, addressed to the MAC of the tap in
+/// `ns`, as a guest sends them to the host.
+pub fn guest_to_host_spec(ns: &Netns) -> vhost_user_tap::guest::FrameSpec {
+    let out = ns.ip(&["-j", "link", "show", TAP]);
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let tap_mac = vhost_user_tap::config::parse_mac(v[0]["address"].as_str().unwrap()).unwrap();
+    vhost_user_tap::guest::FrameSpec {
+        dst_mac: tap_mac,
+        src_mac: GUEST_MAC,
+        udp: Some(vhost_user_tap::guest::UdpFlow {
+            src: format!("{GUEST_IP}:{GUEST_PORT}").parse().unwrap(),
+            dst: format!("{HOST_IP}:{HOST_PORT}").parse().unwrap(),
+        }),
     }
 }
