@@ -69,6 +69,11 @@ pub struct Args {
     #[arg(long, value_name = "US", default_value_t = 0)]
     pub busy_poll_us: u64,
 
+    /// Write TX frames with one writev each instead of batches through io_uring (which is used
+    /// when the kernel allows it; see the README on how the rings are locked down).
+    #[arg(long)]
+    pub no_io_uring: bool,
+
     /// Largest virtqueue size accepted from the frontend (power of two).
     #[arg(long, value_name = "N", default_value_t = 1024)]
     pub queue_size: u16,
@@ -157,6 +162,7 @@ pub struct Config {
     pub queue_size: u16,
     pub queue_pairs: usize,
     pub busy_poll_us: u64,
+    pub io_uring: bool,
     pub backpressure: Backpressure,
     pub qdisc: Option<String>,
     pub metrics: Option<MetricsAddr>,
@@ -259,6 +265,7 @@ impl TryFrom<Args> for Config {
             queue_size: a.queue_size,
             queue_pairs: a.queues,
             busy_poll_us: a.busy_poll_us,
+            io_uring: !a.no_io_uring,
             backpressure: a.backpressure,
             qdisc: a.qdisc,
             metrics: a.metrics,

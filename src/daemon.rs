@@ -29,6 +29,7 @@ use crate::session::{Device, PairSlot, Session};
 use crate::stats::PairStats;
 use crate::systemd::{self, Watchdog};
 use crate::tap::Tap;
+use crate::uring::TxRing;
 use crate::virtio_net::{self, GUEST_OFFLOADS};
 
 /// SIGTERM and SIGINT as a readable fd, so the event loops can wait for them with everything else.
@@ -170,6 +171,35 @@ fn offered_features(tap: &Tap, pairs: usize) -> u64 {
     offered
 }
 
+/// One io_uring per pair for TX, made now because seccomp will forbid it later. All or none:
+/// a failure means the kernel (or a filter around us) does not allow it, and TX uses writev.
+fn tx_rings(config: &Config, taps: &[Tap]) -> Vec<Option<TxRing>> {
+    let none = || taps.iter().map(|_| None).collect();
+    if !config.io_uring {
+        info!("TX: one writev per frame (--no-io-uring)");
+        return none();
+    }
+    match taps
+        .iter()
+        .map(TxRing::new)
+        .collect::<std::io::Result<Vec<_>>>()
+    {
+        Ok(rings) => {
+            info!(
+                "TX: frames written in batches of up to {} through io_uring ({} ring(s), each \
+                 limited to writing its tap queue)",
+                crate::uring::BATCH,
+                rings.len()
+            );
+            rings.into_iter().map(Some).collect()
+        }
+        Err(e) => {
+            info!("TX: io_uring unavailable ({e}); one writev per frame");
+            none()
+        }
+    }
+}
+
 pub struct Daemon {
     dev: Device,
     listener: Listener,
@@ -195,12 +225,15 @@ impl Daemon {
             Listen::Path(p) => Listener::bind(p)?,
             Listen::Fd(fd) => Listener::from_fd(*fd)?,
         };
+        let tx_rings = tx_rings(&config, &taps);
         let mut pairs: Vec<PairSlot> = taps
             .into_iter()
-            .map(|t| PairSlot {
+            .zip(tx_rings)
+            .map(|(t, tx_ring)| PairSlot {
                 tap: Arc::new(t),
                 stats: Arc::new(PairStats::default()),
                 carry: None,
+                tx_ring,
                 attached: true,
             })
             .collect();

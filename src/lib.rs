@@ -37,5 +37,6 @@ pub mod stats;
 pub mod systemd;
 pub mod tap;
 pub mod tx;
+pub mod uring;
 pub mod virtio_net;
 pub mod worker;

@@ -200,6 +200,12 @@ impl DeviceQueue {
         self.queue
     }
 
+    /// Hand the last `n` popped chains back to the avail ring (none of them completed).
+    pub fn rewind(&mut self, n: u16) {
+        let next_avail = Wrapping(self.queue.next_avail()) - Wrapping(n);
+        self.queue.set_next_avail(next_avail.0);
+    }
+
     pub fn size(&self) -> u16 {
         self.queue.size()
     }

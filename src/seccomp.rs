@@ -3,7 +3,8 @@
 //! A guest drives this daemon's datapath, so after the tap, the listener, the signalfd and the
 //! metrics endpoint exist the process is limited to the syscalls that serving needs: the session
 //! loop (accept4, recvmsg with SCM_RIGHTS, write), guest memory (mmap/munmap at
-//! SET_MEM_TABLE), epoll and eventfds, readv/writev and three tun ioctls on the tap, worker thread
+//! SET_MEM_TABLE), epoll and eventfds, readv/writev (and `io_uring_enter` on rings made before the
+//! filter that can only write the tap, see `uring.rs`) and three tun ioctls on the tap, worker thread
 //! creation, the metrics thread (HTTP over an already bound socket, rtnetlink queries) and
 //! sd_notify. [`ALLOWED`] lists each syscall with the reason it is there.
 //!
@@ -75,6 +76,8 @@ pub enum Args {
     NoExec,
     /// `prctl(PR_SET_NAME, ..)`.
     PrctlSetName,
+    /// `io_uring_register(ring, IORING_UNREGISTER_FILES, ..)`.
+    UringUnregisterFiles,
 }
 
 /// One allowed syscall: name (as in syscalls(2) and `systemd-analyze syscall-filter`), number on
@@ -104,7 +107,9 @@ mod sys_nr {
         madvise => SYS_madvise, mmap => SYS_mmap, mprotect => SYS_mprotect, mremap => SYS_mremap,
         munmap => SYS_munmap, prctl => SYS_prctl, read => SYS_read, readv => SYS_readv,
         recvfrom => SYS_recvfrom, recvmsg => SYS_recvmsg, restart_syscall => SYS_restart_syscall,
-        rseq => SYS_rseq, rt_sigaction => SYS_rt_sigaction, rt_sigprocmask => SYS_rt_sigprocmask,
+        io_uring_enter => SYS_io_uring_enter, io_uring_register => SYS_io_uring_register,
+        rseq => SYS_rseq,
+        rt_sigaction => SYS_rt_sigaction, rt_sigprocmask => SYS_rt_sigprocmask,
         rt_sigreturn => SYS_rt_sigreturn, sched_getaffinity => SYS_sched_getaffinity,
         sendto => SYS_sendto, set_robust_list => SYS_set_robust_list, shutdown => SYS_shutdown,
         sigaltstack => SYS_sigaltstack, socket => SYS_socket, write => SYS_write,
@@ -133,6 +138,8 @@ pub const ALLOWED: &[Allowed] = &[
     // The tap.
     sys!(readv,             Args::Any,          "frames from the tap into guest buffers"),
     sys!(writev,            Args::Any,          "frames from guest buffers to the tap"),
+    sys!(io_uring_enter,    Args::Any,          "TX batches on rings that can only write the tap"),
+    sys!(io_uring_register, Args::UringUnregisterFiles, "let go of the tap at exit (only this)"),
     sys!(ioctl,             Args::Ioctl,        "only the requests in IOCTLS"),
     // Event loops and notifications.
     sys!(epoll_create1,     Args::Any,          "one epoll per session and per worker"),
@@ -240,6 +247,11 @@ fn rules(args: Args) -> Result<Vec<SeccompRule>, SeccompError> {
         Args::CloneThread => vec![rule(vec![cond(0, Eq, CLONE_THREAD_FLAGS)?])?],
         Args::NoExec => vec![rule(vec![cond(2, MaskedEq(libc::PROT_EXEC as u64), 0)?])?],
         Args::PrctlSetName => vec![rule(vec![cond(0, Eq, libc::PR_SET_NAME as u64)?])?],
+        Args::UringUnregisterFiles => vec![rule(vec![cond(
+            1,
+            Eq,
+            u64::from(crate::uring::IORING_UNREGISTER_FILES),
+        )?])?],
     })
 }
 
@@ -404,6 +416,8 @@ mod tests {
             libc::SYS_setns,
             libc::SYS_bpf,
             libc::SYS_seccomp,
+            // A new or widened ring would do I/O the filter never sees (see uring.rs).
+            libc::SYS_io_uring_setup,
             libc::SYS_process_vm_writev,
             libc::SYS_init_module,
         ] {

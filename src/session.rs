@@ -24,6 +24,7 @@ use crate::config::Config;
 use crate::rx::RxCarry;
 use crate::stats::PairStats;
 use crate::tap::Tap;
+use crate::uring::TxRing;
 use crate::virtio_net::{self, NetConfigSpace, NetFeatures, VHOST_USER_F_PROTOCOL_FEATURES};
 use crate::worker::{QueueRun, Worker, WorkerSetup};
 
@@ -65,6 +66,9 @@ pub struct PairSlot {
     pub stats: Arc<PairStats>,
     /// A frame taken from the tap and not yet delivered; `None` while a worker holds it.
     pub carry: Option<RxCarry>,
+    /// The pair's io_uring for TX (made before seccomp); `None` while a worker holds it, or when
+    /// TX uses writev.
+    pub tx_ring: Option<TxRing>,
     /// Whether the tap queue is attached (multiqueue): the kernel steers flows only to attached
     /// queues, so only pairs whose RX ring runs are attached. Queue 0 always is, so a tap with
     /// no reader behaves like a single-queue tap.
@@ -436,6 +440,7 @@ impl<'d> Session<'d> {
                 self.vrings[2 * p + 1].queue = q;
             }
             self.dev.pairs[p].carry = Some(exit.carry);
+            self.dev.pairs[p].tx_ring = exit.tx_ring;
         }
     }
 
@@ -488,6 +493,7 @@ impl<'d> Session<'d> {
             rx,
             tx,
             carry: slot.carry.take().unwrap_or_default(),
+            tx_ring: slot.tx_ring.take(),
             hdr_len: nf.hdr_len(),
             mrg_rxbuf: nf.mrg_rxbuf(),
             event_idx: nf.event_idx(),

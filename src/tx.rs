@@ -9,15 +9,16 @@
 use std::io;
 
 use libc::iovec;
-use log::warn;
+use log::{error, warn};
 use thiserror::Error;
 use vm_memory::GuestMemoryMmap;
 
 use crate::ratelog::{self, RateLimited};
-use crate::ring::{DeviceQueue, RingError, Segment, Verdict, MAX_CHAIN_SEGS};
+use crate::ring::{ChainError, DeviceQueue, RingError, Segment, Verdict, MAX_CHAIN_SEGS};
 use crate::rx::Notifier;
 use crate::stats::{self, PairStats};
 use crate::tap::Tap;
+use crate::uring::{TxRing, BATCH};
 
 pub const FRAME_BUDGET: u64 = 256;
 pub const BYTE_BUDGET: u64 = 512 * 1024;
@@ -43,27 +44,47 @@ pub struct Tx {
     q: DeviceQueue,
     hdr_len: usize,
     call: Notifier,
+    ring: Option<TxRing>,
     segs: Vec<Segment>,
+    /// The gathered batch: its chains in avail order, their iovecs, and each chain's result.
+    batch: Vec<Gathered>,
+    spans: Vec<(u32, u32)>,
     iovs: Vec<iovec>,
+    results: Vec<i32>,
     bad_log: RateLimited,
     refused_log: RateLimited,
 }
 
+/// A chain popped for this batch.
+struct Gathered {
+    head: u16,
+    /// Frame length (vnet header included), or why the chain was rejected.
+    len: Result<u32, ChainError>,
+}
+
+/// `results` entry of a chain that was not written (a write before it would block).
+const NOT_TRIED: i32 = i32::MIN;
+
 impl Tx {
-    pub fn new(q: DeviceQueue, hdr_len: usize, call: Notifier) -> Self {
+    pub fn new(q: DeviceQueue, hdr_len: usize, call: Notifier, ring: Option<TxRing>) -> Self {
         Tx {
             q,
             hdr_len,
             call,
+            ring,
             segs: Vec::with_capacity(MAX_CHAIN_SEGS),
-            iovs: Vec::with_capacity(MAX_CHAIN_SEGS),
+            batch: Vec::with_capacity(BATCH),
+            spans: Vec::with_capacity(BATCH),
+            iovs: Vec::with_capacity(BATCH * MAX_CHAIN_SEGS),
+            results: vec![0; BATCH],
             bad_log: RateLimited::default(),
             refused_log: RateLimited::default(),
         }
     }
 
-    pub fn into_queue(self) -> virtio_queue::Queue {
-        self.q.into_queue(0)
+    /// The queue, and the io_uring for the next worker.
+    pub fn into_parts(self) -> (virtio_queue::Queue, Option<TxRing>) {
+        (self.q.into_queue(0), self.ring)
     }
 
     /// Busy polling: whether the guest posted frames.
@@ -105,64 +126,16 @@ impl Tx {
             if t.frames >= FRAME_BUDGET || t.bytes >= BYTE_BUDGET {
                 return Ok(TxOutcome::Budget);
             }
-            let max = (FRAME_BUDGET - t.frames) as usize;
-            let mut stop = None;
-            let (hdr_len, iovs) = (self.hdr_len, &mut self.iovs);
-            let (bad_log, refused_log) = (&mut self.bad_log, &mut self.refused_log);
-            let taken = self.q.pop_batch(
-                mem,
-                false,
-                hdr_len,
-                max,
-                &mut self.segs,
-                |head, res, segs| {
-                    if t.bytes >= BYTE_BUDGET {
-                        stop = Some(Ok(TxOutcome::Budget));
-                        return Verdict::Rewind;
-                    }
-                    let len = match res {
-                        Ok(len) => len,
-                        Err(e) => {
-                            if let Some(n) = bad_log.allow() {
-                                warn!("TX chain {head} rejected: {e}{}", ratelog::suppressed(n));
-                            }
-                            t.bad += 1;
-                            return Verdict::Complete;
-                        }
-                    };
-                    iovs.clear();
-                    iovs.extend(segs.iter().map(Segment::iovec));
-                    match tap.writev(iovs) {
-                        Ok(_) => {
-                            t.frames += 1;
-                            t.bytes += u64::from(len) - hdr_len as u64;
-                        }
-                        // The frame stays in the ring until the tap has room.
-                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                            t.blocked += 1;
-                            stop = Some(Ok(TxOutcome::TapFull));
-                            return Verdict::Rewind;
-                        }
-                        Err(e) if e.raw_os_error() == Some(libc::EBADFD) => {
-                            stop = Some(Err(TxError::TapGone(tap.name().to_string(), e)));
-                            return Verdict::Rewind;
-                        }
-                        Err(e) => {
-                            if let Some(n) = refused_log.allow() {
-                                warn!(
-                                    "tap {} refused a {len}-byte TX frame: {e}{}",
-                                    tap.name(),
-                                    ratelog::suppressed(n)
-                                );
-                            }
-                            t.refused += 1;
-                        }
-                    }
-                    Verdict::Complete
-                },
-            )?;
-            if let Some(outcome) = stop {
-                return outcome;
+            let max = ((FRAME_BUDGET - t.frames) as usize).min(BATCH);
+            let (taken, budget_hit) = self.gather(mem, max, BYTE_BUDGET - t.bytes)?;
+            if !self.batch.is_empty() {
+                self.write(tap);
+                if let Some(stop) = self.complete(tap, t)? {
+                    return stop;
+                }
+            }
+            if budget_hit {
+                return Ok(TxOutcome::Budget);
             }
             if taken < max {
                 if self.q.arm_kick()? {
@@ -172,6 +145,194 @@ impl Tx {
             }
         }
     }
+
+    /// Pop up to `max` chains (fewer once they hold `bytes_left` bytes of frames). Returns how
+    /// many were popped and whether the byte budget stopped it.
+    fn gather(
+        &mut self,
+        mem: &GuestMemoryMmap,
+        max: usize,
+        bytes_left: u64,
+    ) -> Result<(usize, bool), TxError> {
+        self.batch.clear();
+        self.spans.clear();
+        self.iovs.clear();
+        let (batch, spans, iovs) = (&mut self.batch, &mut self.spans, &mut self.iovs);
+        let hdr_len = self.hdr_len as u64;
+        let mut bytes = 0u64;
+        let mut budget_hit = false;
+        let taken = self.q.pop_batch(
+            mem,
+            false,
+            self.hdr_len,
+            max,
+            &mut self.segs,
+            |head, len, segs| {
+                if bytes >= bytes_left {
+                    budget_hit = true;
+                    return Verdict::Rewind;
+                }
+                let start = iovs.len() as u32;
+                if let Ok(l) = len {
+                    bytes += u64::from(l) - hdr_len;
+                    iovs.extend(segs.iter().map(Segment::iovec));
+                }
+                spans.push((start, iovs.len() as u32 - start));
+                batch.push(Gathered { head, len });
+                // Completed after the writes, in ring order (see `complete`).
+                Verdict::Keep
+            },
+        )?;
+        Ok((taken, budget_hit))
+    }
+
+    /// Write the gathered frames: one io_uring submission, or one writev each up to the first
+    /// that would block. Fills `results` (bytes, -errno, or NOT_TRIED).
+    fn write(&mut self, tap: &Tap) {
+        let n = self.batch.len();
+        if let Some(ring) = self.ring.as_mut() {
+            // Rejected chains have empty spans, which are not submitted.
+            // SAFETY: the iovecs point into guest memory mapped by `map_chain`, which stays
+            // mapped while the worker holds the memory, i.e. for this call.
+            match unsafe { ring.write_batch(&self.iovs, &self.spans, &mut self.results[..n]) } {
+                Ok(()) => return,
+                Err(e) => {
+                    // Never seen; the frames were not written (the kernel refused the whole
+                    // submission), so writev takes over for good.
+                    error!(
+                        "tap {}: io_uring failed ({e}); TX uses writev from now on",
+                        tap.name()
+                    );
+                    self.ring = None;
+                }
+            }
+        }
+        let mut blocked = false;
+        for (i, g) in self.batch.iter().enumerate() {
+            if blocked {
+                self.results[i] = NOT_TRIED;
+                continue;
+            }
+            if g.len.is_err() {
+                self.results[i] = 0;
+                continue;
+            }
+            let (start, count) = self.spans[i];
+            let iov = &self.iovs[start as usize..(start + count) as usize];
+            self.results[i] = match tap.writev(iov) {
+                Ok(len) => len as i32,
+                Err(e) => {
+                    let errno = e.raw_os_error().unwrap_or(libc::EIO);
+                    blocked = errno == libc::EAGAIN || errno == libc::EBADFD;
+                    -errno
+                }
+            };
+        }
+    }
+
+    /// Complete the batch in ring order. A chain the tap could not take yet goes back to the
+    /// avail ring with everything after it, so no frame is lost or reordered. Returns the
+    /// worker's next step when the tap stopped the batch.
+    fn complete(
+        &mut self,
+        tap: &Tap,
+        t: &mut Tally,
+    ) -> Result<Option<Result<TxOutcome, TxError>>, TxError> {
+        let n = self.batch.len();
+        let held = |r: i32| r == -libc::EAGAIN || r == -libc::EBADFD || r == NOT_TRIED;
+        let cut = (0..n).find(|&i| self.batch[i].len.is_ok() && held(self.results[i]));
+        // io_uring runs the writes one after the other; if the tap made room between two of
+        // them, a later frame went out while an earlier one was refused. That frame cannot go
+        // back to the ring any more: the earlier ones are written now, waiting for room.
+        let inverted = cut.is_some_and(|c| {
+            (c + 1..n).any(|i| self.batch[i].len.is_ok() && !held(self.results[i]))
+        });
+        if inverted {
+            for i in 0..n {
+                if self.batch[i].len.is_ok() && held(self.results[i]) {
+                    let (start, count) = self.spans[i];
+                    let iov = &self.iovs[start as usize..(start + count) as usize];
+                    self.results[i] = write_waiting(tap, iov);
+                }
+            }
+        }
+        let end = if inverted { n } else { cut.unwrap_or(n) };
+        let mut gone = false;
+        for i in 0..end {
+            let Gathered { head, len } = self.batch[i];
+            match len {
+                Ok(len) => {
+                    let r = self.results[i];
+                    // Only reachable when inverted: the tap went away mid-batch. The frames
+                    // after it may have been written, so nothing goes back to the ring.
+                    gone |= r == -libc::EBADFD;
+                    if r >= 0 {
+                        t.frames += 1;
+                        t.bytes += u64::from(len) - self.hdr_len as u64;
+                    } else {
+                        if let Some(s) = self.refused_log.allow() {
+                            warn!(
+                                "tap {} refused a {len}-byte TX frame: {}{}",
+                                tap.name(),
+                                io::Error::from_raw_os_error(-r),
+                                ratelog::suppressed(s)
+                            );
+                        }
+                        t.refused += 1;
+                    }
+                }
+                Err(e) => {
+                    if let Some(s) = self.bad_log.allow() {
+                        warn!("TX chain {head} rejected: {e}{}", ratelog::suppressed(s));
+                    }
+                    t.bad += 1;
+                }
+            }
+            self.q.add_used(head, 0)?;
+        }
+        let e = || io::Error::from_raw_os_error(libc::EBADFD);
+        if gone {
+            return Ok(Some(Err(TxError::TapGone(tap.name().to_string(), e()))));
+        }
+        let Some(cut) = cut.filter(|_| !inverted) else {
+            return Ok(None);
+        };
+        self.q.rewind((n - cut) as u16);
+        if self.results[cut] == -libc::EBADFD {
+            return Ok(Some(Err(TxError::TapGone(tap.name().to_string(), e()))));
+        }
+        // The frame stays in the ring until the tap has room.
+        t.blocked += 1;
+        Ok(Some(Ok(TxOutcome::TapFull)))
+    }
+}
+
+/// Write one frame, waiting for the tap to have room (the rare path of `Tx::complete`): up to
+/// about a second, then the frame is refused with the last error.
+fn write_waiting(tap: &Tap, iov: &[iovec]) -> i32 {
+    use std::os::fd::AsRawFd;
+    let mut last = -libc::EAGAIN;
+    for _ in 0..50 {
+        match tap.writev(iov) {
+            Ok(n) => return n as i32,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                let mut pfd = libc::pollfd {
+                    fd: tap.as_raw_fd(),
+                    events: libc::POLLOUT,
+                    revents: 0,
+                };
+                // SAFETY: one valid pollfd for the duration of the call.
+                unsafe { libc::poll(&mut pfd, 1, 20) };
+            }
+            Err(e) => {
+                last = -e.raw_os_error().unwrap_or(libc::EIO);
+                if last == -libc::EBADFD {
+                    return last;
+                }
+            }
+        }
+    }
+    last
 }
 
 /// Totals of one batch, added to the shared counters once.

@@ -23,6 +23,7 @@ use crate::rx::{Notifier, Rx, RxCarry, RxOutcome};
 use crate::stats::{self, PairStats};
 use crate::tap::Tap;
 use crate::tx::{Tx, TxOutcome};
+use crate::uring::TxRing;
 
 const STOP: u64 = 0;
 const TAP: u64 = 1;
@@ -47,6 +48,7 @@ pub struct WorkerSetup {
     pub rx: Option<QueueRun>,
     pub tx: Option<QueueRun>,
     pub carry: RxCarry,
+    pub tx_ring: Option<TxRing>,
     pub hdr_len: usize,
     pub mrg_rxbuf: bool,
     pub event_idx: bool,
@@ -62,6 +64,7 @@ pub struct WorkerExit {
     pub rx: Option<virtio_queue::Queue>,
     pub tx: Option<virtio_queue::Queue>,
     pub carry: RxCarry,
+    pub tx_ring: Option<TxRing>,
 }
 
 pub struct Worker {
@@ -154,6 +157,7 @@ fn run(setup: WorkerSetup, stop: EventFd) -> WorkerExit {
         rx,
         tx,
         carry,
+        tx_ring,
         hdr_len,
         mrg_rxbuf,
         event_idx,
@@ -175,10 +179,18 @@ fn run(setup: WorkerSetup, stop: EventFd) -> WorkerExit {
         }
         None => (None, Some(carry)),
     };
-    let mut tx = tx.map(|q| {
-        let dq = crate::ring::DeviceQueue::new(q.queue, event_idx, &mem);
-        Tx::new(dq, hdr_len, Notifier(q.call))
-    });
+    // Like the carry, the ring comes back even when TX is not running.
+    let mut idle_ring = None;
+    let mut tx = match tx {
+        Some(q) => {
+            let dq = crate::ring::DeviceQueue::new(q.queue, event_idx, &mem);
+            Some(Tx::new(dq, hdr_len, Notifier(q.call), tx_ring))
+        }
+        None => {
+            idle_ring = tx_ring;
+            None
+        }
+    };
 
     let result = (|| -> Result<(), String> {
         let epoll = Epoll::new().map_err(|e| format!("epoll: {e}"))?;
@@ -320,9 +332,17 @@ fn run(setup: WorkerSetup, stop: EventFd) -> WorkerExit {
         }
         None => (None, idle_carry.expect("held when RX is not running")),
     };
+    let (tx_q, tx_ring) = match tx {
+        Some(t) => {
+            let (q, ring) = t.into_parts();
+            (Some(q), ring)
+        }
+        None => (None, idle_ring),
+    };
     WorkerExit {
         rx: rx_q,
-        tx: tx.map(Tx::into_queue),
+        tx: tx_q,
         carry,
+        tx_ring,
     }
 }

@@ -460,6 +460,17 @@ fn sigterm_exits_zero_and_removes_the_socket() {
         "socket {} left behind",
         socket.display()
     );
+    // The daemon created the tap, so the tap goes with it, at once: no ring (io_uring holds the
+    // tap's file) keeps it alive after the exit, and a restart does not find it busy.
+    let shown = std::process::Command::new("ip")
+        .args(["-n", &ns.name, "link", "show", TAP])
+        .output()
+        .unwrap();
+    assert!(
+        !shown.status.success(),
+        "tap {TAP} outlived the daemon; log:\n{}",
+        daemon.log()
+    );
 }
 
 #[test]
