@@ -141,10 +141,11 @@ impl Loopback {
         // SAFETY: both descriptors are fresh and owned by nothing else.
         let (dev, wire) = unsafe { (File::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
         let tap = Tap::from_file(dev, "loopback");
-        let ring = match cfg.tx_io_uring {
-            true => Some(TxRing::new(&tap).map_err(LoopbackError::Socket)?),
-            false => None,
-        };
+        let ring = cfg
+            .tx_io_uring
+            .then(|| TxRing::new(&tap))
+            .transpose()
+            .map_err(LoopbackError::Socket)?;
         let tx = Tx::new(tx_q, hdr_len, tx_call, ring);
         Ok(Loopback {
             guest,

@@ -115,9 +115,6 @@ pub fn validate_name(name: &str) -> Result<(), TapError> {
     }
 }
 
-/// How long opening a busy tap is retried before giving up.
-const BUSY_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
-
 impl Tap {
     /// Open `queues` file descriptors on tap `name`, creating it if it does not exist.
     ///
@@ -150,30 +147,11 @@ impl Tap {
             flags |= libc::IFF_MULTI_QUEUE;
         }
         let mut ifr = ifreq_for(name);
-        // A daemon that just exited may still hold the tap for a moment: the kernel releases
-        // the file an io_uring had registered (see uring.rs) from a workqueue after the
-        // process is gone. A restart must not fail on that, so EBUSY is retried briefly.
-        let start = std::time::Instant::now();
-        let res = loop {
-            ifr.ifr_ifru.ifru_flags = flags as c_short;
-            // SAFETY: TUNSETIFF reads and writes an ifreq, which `ifr` is and outlives the call.
-            let res = check(unsafe {
-                vmm_sys_util::ioctl::ioctl_with_mut_ref(&file, libc::TUNSETIFF, &mut ifr)
-            });
-            match res {
-                Err(e) if e.raw_os_error() == Some(libc::EBUSY) && start.elapsed() < BUSY_WAIT => {
-                    std::thread::sleep(std::time::Duration::from_millis(10));
-                }
-                _ => break res,
-            }
-        };
-        if res.is_ok() && start.elapsed() >= std::time::Duration::from_millis(10) {
-            log::info!(
-                "tap {name} was busy for {} ms (its previous holder was exiting)",
-                start.elapsed().as_millis()
-            );
-        }
-        if let Err(e) = res {
+        ifr.ifr_ifru.ifru_flags = flags as c_short;
+        // SAFETY: TUNSETIFF reads and writes an ifreq, which `ifr` is and outlives the call.
+        let ret =
+            unsafe { vmm_sys_util::ioctl::ioctl_with_mut_ref(&file, libc::TUNSETIFF, &mut ifr) };
+        if let Err(e) = check(ret) {
             let mq_hint = if multi_queue { " multi_queue" } else { "" };
             return Err(match e.raw_os_error() {
                 Some(libc::EPERM) | Some(libc::EACCES) => {

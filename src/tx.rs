@@ -48,7 +48,6 @@ pub struct Tx {
     segs: Vec<Segment>,
     /// The gathered batch: its chains in avail order, their iovecs, and each chain's result.
     batch: Vec<Gathered>,
-    spans: Vec<(u32, u32)>,
     iovs: Vec<iovec>,
     results: Vec<i32>,
     bad_log: RateLimited,
@@ -60,6 +59,8 @@ struct Gathered {
     head: u16,
     /// Frame length (vnet header included), or why the chain was rejected.
     len: Result<u32, ChainError>,
+    /// Where its iovecs are in `Tx::iovs` (none for a rejected chain).
+    iovs: std::ops::Range<usize>,
 }
 
 /// `results` entry of a chain that was not written (a write before it would block).
@@ -74,7 +75,6 @@ impl Tx {
             ring,
             segs: Vec::with_capacity(MAX_CHAIN_SEGS),
             batch: Vec::with_capacity(BATCH),
-            spans: Vec::with_capacity(BATCH),
             iovs: Vec::with_capacity(BATCH * MAX_CHAIN_SEGS),
             results: vec![0; BATCH],
             bad_log: RateLimited::default(),
@@ -155,9 +155,8 @@ impl Tx {
         bytes_left: u64,
     ) -> Result<(usize, bool), TxError> {
         self.batch.clear();
-        self.spans.clear();
         self.iovs.clear();
-        let (batch, spans, iovs) = (&mut self.batch, &mut self.spans, &mut self.iovs);
+        let (batch, iovs) = (&mut self.batch, &mut self.iovs);
         let hdr_len = self.hdr_len as u64;
         let mut bytes = 0u64;
         let mut budget_hit = false;
@@ -172,13 +171,16 @@ impl Tx {
                     budget_hit = true;
                     return Verdict::Rewind;
                 }
-                let start = iovs.len() as u32;
+                let start = iovs.len();
                 if let Ok(l) = len {
                     bytes += u64::from(l) - hdr_len;
                     iovs.extend(segs.iter().map(Segment::iovec));
                 }
-                spans.push((start, iovs.len() as u32 - start));
-                batch.push(Gathered { head, len });
+                batch.push(Gathered {
+                    head,
+                    len,
+                    iovs: start..iovs.len(),
+                });
                 // Completed after the writes, in ring order (see `complete`).
                 Verdict::Keep
             },
@@ -191,10 +193,11 @@ impl Tx {
     fn write(&mut self, tap: &Tap) {
         let n = self.batch.len();
         if let Some(ring) = self.ring.as_mut() {
-            // Rejected chains have empty spans, which are not submitted.
+            // Rejected chains have no iovecs and are not submitted.
+            let frames = self.batch.iter().map(|g| &self.iovs[g.iovs.clone()]);
             // SAFETY: the iovecs point into guest memory mapped by `map_chain`, which stays
             // mapped while the worker holds the memory, i.e. for this call.
-            match unsafe { ring.write_batch(&self.iovs, &self.spans, &mut self.results[..n]) } {
+            match unsafe { ring.write_batch(frames, &mut self.results[..n]) } {
                 Ok(()) => return,
                 Err(e) => {
                     // Never seen; the frames were not written (the kernel refused the whole
@@ -217,9 +220,7 @@ impl Tx {
                 self.results[i] = 0;
                 continue;
             }
-            let (start, count) = self.spans[i];
-            let iov = &self.iovs[start as usize..(start + count) as usize];
-            self.results[i] = match tap.writev(iov) {
+            self.results[i] = match tap.writev(&self.iovs[g.iovs.clone()]) {
                 Ok(len) => len as i32,
                 Err(e) => {
                     let errno = e.raw_os_error().unwrap_or(libc::EIO);
@@ -250,16 +251,15 @@ impl Tx {
         if inverted {
             for i in 0..n {
                 if self.batch[i].len.is_ok() && held(self.results[i]) {
-                    let (start, count) = self.spans[i];
-                    let iov = &self.iovs[start as usize..(start + count) as usize];
-                    self.results[i] = write_waiting(tap, iov);
+                    let iovs = self.batch[i].iovs.clone();
+                    self.results[i] = write_waiting(tap, &self.iovs[iovs]);
                 }
             }
         }
         let end = if inverted { n } else { cut.unwrap_or(n) };
         let mut gone = false;
         for i in 0..end {
-            let Gathered { head, len } = self.batch[i];
+            let Gathered { head, len, .. } = self.batch[i];
             match len {
                 Ok(len) => {
                     let r = self.results[i];

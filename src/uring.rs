@@ -43,12 +43,6 @@ pub struct TxRing {
     ring: IoUring,
 }
 
-impl std::fmt::Debug for TxRing {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("TxRing")
-    }
-}
-
 impl TxRing {
     /// A ring that can only write to `tap`. Must be called before seccomp is installed.
     pub fn new(tap: &Tap) -> io::Result<TxRing> {
@@ -66,35 +60,31 @@ impl TxRing {
         Ok(TxRing { ring })
     }
 
-    /// Write the frames `spans` describes (each `(start, count)` into `iovs`) to the tap, in
-    /// order, with one submission; `out[i]` gets frame `i`'s result: bytes written or -errno
-    /// (0 for an empty span, which is skipped).
-    /// Every write completes (or fails with -EAGAIN) inline, in submission order; the call
-    /// still waits for every completion before returning.
+    /// Write `frames` (each the iovecs of one frame) to the tap, in order, with one submission;
+    /// `out[i]` gets frame `i`'s result: bytes written or -errno (0 for a frame without iovecs,
+    /// which is skipped). Every write completes (or fails with -EAGAIN) inline, in submission
+    /// order; the call still waits for every completion before returning.
     ///
     /// # Safety
     /// Every iovec must describe memory readable for the whole call.
-    pub unsafe fn write_batch(
+    pub unsafe fn write_batch<'a>(
         &mut self,
-        iovs: &[iovec],
-        spans: &[(u32, u32)],
+        frames: impl Iterator<Item = &'a [iovec]>,
         out: &mut [i32],
     ) -> io::Result<()> {
-        debug_assert!(spans.len() <= BATCH && out.len() >= spans.len());
         let mut n = 0;
         {
             let mut sq = self.ring.submission();
-            for (i, &(start, count)) in spans.iter().enumerate() {
-                if count == 0 {
+            for (i, iov) in frames.enumerate() {
+                if iov.is_empty() {
                     out[i] = 0;
                     continue;
                 }
                 n += 1;
-                let iov = &iovs[start as usize..(start + count) as usize];
                 // RWF_NOWAIT: without it a write that would block is parked on the tap's poll
                 // queue and the submission waits for room, stalling the whole worker; with it
                 // the write fails with EAGAIN, like writev on the non-blocking tap.
-                let sqe = opcode::Writev::new(types::Fixed(0), iov.as_ptr(), count)
+                let sqe = opcode::Writev::new(types::Fixed(0), iov.as_ptr(), iov.len() as u32)
                     .rw_flags(libc::RWF_NOWAIT)
                     .build()
                     .user_data(i as u64);
