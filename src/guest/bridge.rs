@@ -5,7 +5,7 @@
 //! a Linux guest that bridges or routes.
 
 use std::io;
-use std::os::fd::AsRawFd;
+use std::os::fd::AsFd;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
@@ -99,19 +99,14 @@ pub fn bridge(
             busy = true;
         }
         if !busy {
-            // Nothing moved: sleep until the backend interrupts or a short timeout passes (the
-            // tap is polled on the next round).
-            let mut pfd = libc::pollfd {
-                fd: tap.as_raw_fd(),
-                events: libc::POLLIN,
-                revents: 0,
-            };
-            // SAFETY: one valid pollfd; returns immediately if the tap has a frame.
-            let ready = unsafe { libc::poll(&mut pfd, 1, 0) };
-            if ready == 0 && pending.is_none() {
-                pair.wait(true, false, Some(Duration::from_micros(500)))?;
-            } else if pending.is_some() {
-                pair.wait(false, true, Some(Duration::from_micros(500)))?;
+            // Nothing moved: sleep until the backend interrupts or, unless a frame is already
+            // waiting for TX room, the tap has a frame. The timeout only bounds how late `stop`
+            // is seen.
+            let timeout = Some(Duration::from_millis(100));
+            if pending.is_some() {
+                pair.wait(true, true, timeout)?;
+            } else {
+                pair.wait_with(true, false, Some(tap.as_fd()), timeout)?;
             }
         }
     }

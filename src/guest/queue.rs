@@ -7,7 +7,7 @@
 //! pairs from separate threads.
 
 use std::io;
-use std::os::fd::{AsRawFd, RawFd};
+use std::os::fd::{AsRawFd, BorrowedFd, RawFd};
 use std::time::Duration;
 
 use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryMmap};
@@ -229,6 +229,8 @@ pub struct Wake {
     pub rx: bool,
     /// TX has (or may have) used entries.
     pub tx: bool,
+    /// The extra descriptor given to [`QueuePair::wait_with`] is readable.
+    pub fd: bool,
 }
 
 const RAW_TOKEN: u64 = 1 << 63;
@@ -895,6 +897,18 @@ impl QueuePair {
     /// An interrupt that is already pending is consumed and counted first. Returns which
     /// queues are ready; both false on timeout or EINTR.
     pub fn wait(&mut self, rx: bool, tx: bool, timeout: Option<Duration>) -> Result<Wake> {
+        self.wait_with(rx, tx, None, timeout)
+    }
+
+    /// [`QueuePair::wait`], also woken when `fd` becomes readable (a bridge's tap): one sleep
+    /// covers the device and the other side.
+    pub fn wait_with(
+        &mut self,
+        rx: bool,
+        tx: bool,
+        fd: Option<BorrowedFd<'_>>,
+        timeout: Option<Duration>,
+    ) -> Result<Wake> {
         let (rxq, txq) = (self.rx_queue(), self.tx_queue());
         let mut ready = Wake::default();
         // An interrupt that already fired is delivered (and counted) first, like an IRQ that
@@ -915,10 +929,17 @@ impl QueuePair {
         if tx {
             ready.tx = !self.tx.enable_cb_delayed().map_err(Self::ring_err(txq))?;
         }
-        if ready.rx || ready.tx || (!rx && !tx) {
+        if ready.rx || ready.tx || (!rx && !tx && fd.is_none()) {
             return Ok(ready);
         }
-        let mut fds = Vec::with_capacity(2);
+        let mut fds = Vec::with_capacity(3);
+        if let Some(fd) = fd {
+            fds.push(libc::pollfd {
+                fd: fd.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            });
+        }
         if rx {
             fds.push(libc::pollfd {
                 fd: self.rx_call.as_raw_fd(),
@@ -933,13 +954,25 @@ impl QueuePair {
                 revents: 0,
             });
         }
-        let ms = match timeout {
-            None => -1,
-            Some(d) => d.as_millis().min(i32::MAX as u128) as i32,
-        };
+        // ppoll, not poll: a timeout below a millisecond must sleep, not round to a busy spin.
+        let ts = timeout.map(|d| libc::timespec {
+            tv_sec: d.as_secs().min(i32::MAX as u64) as libc::time_t,
+            tv_nsec: d.subsec_nanos() as libc::c_long,
+        });
+        let tsp = ts
+            .as_ref()
+            .map_or(std::ptr::null(), |t| t as *const libc::timespec);
         // SAFETY: `fds` is a valid, exclusively borrowed array of `fds.len()` pollfd structs
-        // that outlives the call.
-        let r = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, ms) };
+        // and `tsp` is null or points at `ts`; both outlive the call. A null sigmask keeps the
+        // thread's mask.
+        let r = unsafe {
+            libc::ppoll(
+                fds.as_mut_ptr(),
+                fds.len() as libc::nfds_t,
+                tsp,
+                std::ptr::null(),
+            )
+        };
         if r < 0 {
             let e = io::Error::last_os_error();
             if e.kind() == io::ErrorKind::Interrupted {
@@ -949,6 +982,10 @@ impl QueuePair {
         }
         for p in &fds {
             if p.revents == 0 {
+                continue;
+            }
+            if fd.is_some_and(|f| f.as_raw_fd() == p.fd) {
+                ready.fd = true;
                 continue;
             }
             let is_rx = p.fd == self.rx_call.as_raw_fd();
@@ -994,6 +1031,7 @@ impl QueuePair {
         Ok(Wake {
             rx: self.consume_call(true)?,
             tx: self.consume_call(false)?,
+            fd: false,
         })
     }
 
@@ -1235,6 +1273,39 @@ mod tests {
             assert_eq!(pair.stats().tx_interrupts, 1);
             assert_eq!(pair.reclaim_tx().unwrap(), 4);
         }
+    }
+
+    #[test]
+    fn an_extra_fd_wakes_the_wait_and_short_timeouts_sleep() {
+        use std::os::fd::AsFd;
+        let (_ram, mut pair, _dev) = setup(cfg(true, true));
+        pair.post_rx_buffers(16).unwrap();
+        let (other, mut peer) = std::os::unix::net::UnixStream::pair().unwrap();
+        // Nothing ready: a 300 µs timeout is slept, not rounded down to a busy return.
+        let t = Some(Duration::from_micros(300));
+        let start = std::time::Instant::now();
+        let w = pair.wait_with(true, false, Some(other.as_fd()), t).unwrap();
+        assert_eq!(w, Wake::default());
+        assert!(start.elapsed() >= Duration::from_micros(300));
+        // The other side has something: the wait says so, and no interrupt is counted.
+        std::io::Write::write_all(&mut peer, b"x").unwrap();
+        let w = pair
+            .wait_with(
+                true,
+                false,
+                Some(other.as_fd()),
+                Some(Duration::from_secs(5)),
+            )
+            .unwrap();
+        assert_eq!(
+            w,
+            Wake {
+                rx: false,
+                tx: false,
+                fd: true
+            }
+        );
+        assert_eq!(pair.stats().rx_interrupts, 0);
     }
 
     #[test]
