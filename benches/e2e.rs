@@ -17,7 +17,8 @@
 //! the guest then competes with the generator and both lose (measured; see the README).
 //!
 //! `sudo cargo bench --bench e2e` (root: taps and namespaces). VUT_BENCH_SECS (default 5) and
-//! VUT_BENCH_RUNS (default 3) set the length; the median run is reported; VUT_BENCH_DAEMON_ARGS
+//! VUT_BENCH_RUNS (default 3) set the length; the median run is reported, with the spread of the
+//! daemon/floor ratios of each interleaved pair of runs; VUT_BENCH_DAEMON_ARGS
 //! passes options to the daemon (e.g. "--busy-poll-us 50"); VUT_BENCH_TCP_MB sizes the TCP runs. Results also go to
 //! target/vut-bench/e2e.json. VUT_BENCH_CASES picks cases (default "rx,tx,tcp");
 //! VUT_BENCH_VERBOSE=1 prints the daemon's final counters of every run.
@@ -451,12 +452,33 @@ fn median(mut v: Vec<Rate>) -> Rate {
     v[v.len() / 2]
 }
 
+/// A table row from interleaved floor/daemon runs: medians, their ratio, and the spread of the
+/// ratios of each floor run and the daemon run right after it (how much one invocation moves).
+fn row(case: String, floor: Vec<Rate>, daemon: Vec<Rate>) -> Row {
+    let mut pair_ratios: Vec<f64> = floor
+        .iter()
+        .zip(&daemon)
+        .map(|(f, d)| d.pps / f.pps)
+        .collect();
+    pair_ratios.sort_by(f64::total_cmp);
+    let (floor, daemon) = (median(floor), median(daemon));
+    Row {
+        case,
+        ratio: daemon.pps / floor.pps,
+        floor,
+        daemon,
+        pair_ratios,
+    }
+}
+
 #[derive(serde::Serialize)]
 struct Row {
     case: String,
     floor: Rate,
     daemon: Rate,
     ratio: f64,
+    /// daemon/floor of each interleaved pair of runs, sorted.
+    pair_ratios: Vec<f64>,
 }
 
 fn main() {
@@ -476,7 +498,8 @@ fn main() {
     let runs: usize = std::env::var("VUT_BENCH_RUNS")
         .ok()
         .and_then(|v| v.parse().ok())
-        .unwrap_or(3);
+        .unwrap_or(3)
+        .max(1);
     let cases = std::env::var("VUT_BENCH_CASES").unwrap_or_else(|_| "rx,tx,tcp".into());
     let want = |c: &str| cases.split(',').any(|x| x.trim() == c);
     let ns = bench_netns();
@@ -487,13 +510,7 @@ fn main() {
             f.push(floor_rx(&ns, threads, secs));
             d.push(daemon_rx(&ns, threads, secs));
         }
-        let (floor, daemon) = (median(f), median(d));
-        rows.push(Row {
-            case: format!("RX 64B, {threads} sender thread(s)"),
-            ratio: daemon.pps / floor.pps,
-            floor,
-            daemon,
-        });
+        rows.push(row(format!("RX 64B, {threads} sender thread(s)"), f, d));
     }
     if want("tx") {
         let (mut f, mut d) = (Vec::new(), Vec::new());
@@ -501,13 +518,7 @@ fn main() {
             f.push(floor_tx(&ns, secs));
             d.push(daemon_tx(&ns, secs));
         }
-        let (floor, daemon) = (median(f), median(d));
-        rows.push(Row {
-            case: "TX 64B".into(),
-            ratio: daemon.pps / floor.pps,
-            floor,
-            daemon,
-        });
+        rows.push(row("TX 64B".into(), f, d));
     }
 
     // TCP through the daemon: one stream each way, offloads on and off.
@@ -547,16 +558,18 @@ fn main() {
         }
     );
     println!(
-        "| case | floor Mpps | daemon Mpps | daemon/floor | tun drops/s (floor, daemon) | daemon drops | CPU ns/frame (daemon, guest) |"
+        "| case | floor Mpps | daemon Mpps | daemon/floor | per-pair ratios | tun drops/s (floor, daemon) | daemon drops | CPU ns/frame (daemon, guest) |"
     );
-    println!("|---|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|");
     for r in &rows {
         println!(
-            "| {} | {:.3} | {:.3} | {:.2} | {:.0}, {:.0} | {} | {:.0}, {:.0} |",
+            "| {} | {:.3} | {:.3} | {:.2} | {:.2}–{:.2} | {:.0}, {:.0} | {} | {:.0}, {:.0} |",
             r.case,
             r.floor.pps / 1e6,
             r.daemon.pps / 1e6,
             r.ratio,
+            r.pair_ratios[0],
+            r.pair_ratios[r.pair_ratios.len() - 1],
             r.floor.tun_drops_pps,
             r.daemon.tun_drops_pps,
             r.daemon.daemon_drops,
