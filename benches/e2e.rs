@@ -447,8 +447,9 @@ fn daemon_tx(ns: &Netns, secs: f64) -> Rate {
     through_daemon(ns, secs, "tx_frames", &args, || ()).0
 }
 
-fn median(mut v: Vec<Rate>) -> Rate {
-    v.sort_by(|a, b| a.pps.total_cmp(&b.pps));
+/// The middle element of `v` by `key` (runs are at least one).
+fn median<T: Copy>(mut v: Vec<T>, key: impl Fn(&T) -> f64) -> T {
+    v.sort_by(|a, b| key(a).total_cmp(&key(b)));
     v[v.len() / 2]
 }
 
@@ -461,7 +462,8 @@ fn row(case: String, floor: Vec<Rate>, daemon: Vec<Rate>) -> Row {
         .map(|(f, d)| d.pps / f.pps)
         .collect();
     pair_ratios.sort_by(f64::total_cmp);
-    let (floor, daemon) = (median(floor), median(daemon));
+    let pps = |r: &Rate| r.pps;
+    let (floor, daemon) = (median(floor, pps), median(daemon, pps));
     Row {
         case,
         ratio: daemon.pps / floor.pps,
@@ -533,11 +535,7 @@ fn main() {
         let runs: Vec<common::TcpRun> = (0..runs)
             .map(|i| tcp_through_daemon(&tag(i), offloads, tcp_bytes))
             .collect();
-        let med = |f: fn(&common::TcpRun) -> f64| {
-            let mut v: Vec<f64> = runs.iter().map(f).collect();
-            v.sort_by(f64::total_cmp);
-            v[v.len() / 2]
-        };
+        let med = |f: fn(&common::TcpRun) -> f64| median(runs.iter().map(f).collect(), |x| *x);
         tcp.push((
             offloads,
             med(|r| r.host_to_guest_gbps),

@@ -148,6 +148,13 @@ impl RingHost {
     }
 }
 
+/// A queue's `RingHost`, borrowed apart from the rest of the `DeviceQueue` so its position can
+/// be updated while the rings are accessed.
+fn ring_host<'a>(host: &'a Option<RingHost>, queue: &Queue) -> Result<&'a RingHost, RingError> {
+    host.as_ref()
+        .ok_or(RingError::RingMemory(queue.used_ring()))
+}
+
 /// The host address of `[addr, addr + len)` if it lies in one region and is `align`-aligned.
 fn resolve(mem: &GuestMemoryMmap, addr: u64, len: usize, align: usize) -> Option<*mut u8> {
     let slice = mem.get_slice(GuestAddress(addr), len).ok()?;
@@ -186,9 +193,7 @@ impl DeviceQueue {
     }
 
     fn host(&self) -> Result<&RingHost, RingError> {
-        self.host
-            .as_ref()
-            .ok_or(RingError::RingMemory(self.queue.used_ring()))
+        ring_host(&self.host, &self.queue)
     }
 
     /// Hand the queue back with `next_used` folded in; `rewind` chains popped but not used are
@@ -247,10 +252,7 @@ impl DeviceQueue {
         segs: &mut Vec<Segment>,
         mut f: impl FnMut(u16, Result<u32, ChainError>, &[Segment]) -> Verdict,
     ) -> Result<usize, RingError> {
-        let host = self
-            .host
-            .as_ref()
-            .ok_or(RingError::RingMemory(self.queue.used_ring()))?;
+        let host = ring_host(&self.host, &self.queue)?;
         let mut it = match self.queue.iter(mem) {
             Ok(it) => it,
             Err(virtio_queue::Error::InvalidAvailRingIndex) => return Err(self.index_error()),
@@ -285,11 +287,7 @@ impl DeviceQueue {
 
     /// Write a used element without publishing it.
     pub fn add_used(&mut self, head: u16, len: u32) -> Result<(), RingError> {
-        let host = self
-            .host
-            .as_ref()
-            .ok_or(RingError::RingMemory(self.queue.used_ring()))?;
-        host.push_used(&mut self.next_used, head, len);
+        ring_host(&self.host, &self.queue)?.push_used(&mut self.next_used, head, len);
         Ok(())
     }
 
@@ -308,9 +306,8 @@ impl DeviceQueue {
         if new == old {
             return Ok(false);
         }
-        self.host()?;
+        let host = ring_host(&self.host, &self.queue)?;
         self.signalled_used = new;
-        let host = self.host()?;
         // The used.idx store must be visible before we read the guest's suppression state, or we
         // could read a stale used_event and skip an interrupt the guest is waiting for.
         fence(Ordering::SeqCst);
@@ -410,24 +407,23 @@ where
                 len: desc.len(),
                 host: slice.ptr_guard_mut().as_ptr(),
             });
-            total = total.checked_add(desc.len()).ok_or(ChainError::Truncated)?;
-            continue;
-        }
-        // get_slices splits only at region boundaries, so the pieces are consecutive from
-        // desc.addr().
-        let mut addr = desc.addr();
-        for slice in GuestMemoryBackend::get_slices(mem, desc.addr(), desc.len() as usize) {
-            let slice = slice.map_err(|_| bad)?;
-            if segs.len() == MAX_CHAIN_SEGS {
-                return Err(ChainError::TooManySegments);
+        } else {
+            // get_slices splits only at region boundaries, so the pieces are consecutive from
+            // desc.addr().
+            let mut addr = desc.addr();
+            for slice in GuestMemoryBackend::get_slices(mem, desc.addr(), desc.len() as usize) {
+                let slice = slice.map_err(|_| bad)?;
+                if segs.len() == MAX_CHAIN_SEGS {
+                    return Err(ChainError::TooManySegments);
+                }
+                let len = slice.len() as u32;
+                segs.push(Segment {
+                    addr,
+                    len,
+                    host: slice.ptr_guard_mut().as_ptr(),
+                });
+                addr = addr.unchecked_add(u64::from(len));
             }
-            let len = slice.len() as u32;
-            segs.push(Segment {
-                addr,
-                len,
-                host: slice.ptr_guard_mut().as_ptr(),
-            });
-            addr = addr.unchecked_add(u64::from(len));
         }
         total = total.checked_add(desc.len()).ok_or(ChainError::Truncated)?;
     }

@@ -290,16 +290,19 @@ impl Tx {
             }
             self.q.add_used(head, 0)?;
         }
-        let e = || io::Error::from_raw_os_error(libc::EBADFD);
+        let tap_gone = || {
+            let e = io::Error::from_raw_os_error(libc::EBADFD);
+            Ok(Some(Err(TxError::TapGone(tap.name().to_string(), e))))
+        };
         if gone {
-            return Ok(Some(Err(TxError::TapGone(tap.name().to_string(), e()))));
+            return tap_gone();
         }
         let Some(cut) = cut.filter(|_| !inverted) else {
             return Ok(None);
         };
         self.q.rewind((n - cut) as u16);
         if self.results[cut] == -libc::EBADFD {
-            return Ok(Some(Err(TxError::TapGone(tap.name().to_string(), e()))));
+            return tap_gone();
         }
         // The frame stays in the ring until the tap has room.
         t.blocked += 1;
