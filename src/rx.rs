@@ -133,6 +133,8 @@ pub struct Rx {
     /// Buffer bytes gathered before a read: the largest frame expected with the acked features.
     target: usize,
     state: RxState,
+    /// Frames the last `process` call moved.
+    last_batch: u64,
     call: Notifier,
     scratch: Vec<Segment>,
     iovs: Vec<iovec>,
@@ -176,6 +178,7 @@ impl Rx {
             mrg,
             target,
             state: RxState::Running,
+            last_batch: 0,
             call,
             scratch: Vec::with_capacity(crate::ring::MAX_CHAIN_SEGS),
             iovs: Vec::with_capacity(MAX_RX_IOVS + 1),
@@ -202,6 +205,11 @@ impl Rx {
     /// Whether the worker should poll the tap for readability.
     pub fn wants_tap(&self) -> bool {
         self.state == RxState::Running && self.carry.staged == 0
+    }
+
+    /// Frames the last batch moved: how busy the tap is.
+    pub fn last_batch(&self) -> u64 {
+        self.last_batch
     }
 
     /// The guest kicked the RX queue: it posted buffers. The avail index is checked here even
@@ -234,6 +242,7 @@ impl Rx {
     ) -> Result<RxOutcome, RxError> {
         let mut t = Tally::default();
         let result = self.run_batch(mem, tap, stats, &mut t);
+        self.last_batch = t.frames;
         // Publish and interrupt even after an error: what was delivered is the guest's.
         let published = self.publish(stats, &mut t);
         stats::add(&stats.rx_interrupts, t.interrupts);
