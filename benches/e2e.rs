@@ -463,6 +463,7 @@ fn row(case: String, floor: Vec<Rate>, daemon: Vec<Rate>) -> Row {
         .collect();
     pair_ratios.sort_by(f64::total_cmp);
     let pps = |r: &Rate| r.pps;
+    let (floor_runs, daemon_runs) = (floor.clone(), daemon.clone());
     let (floor, daemon) = (median(floor, pps), median(daemon, pps));
     Row {
         case,
@@ -470,6 +471,8 @@ fn row(case: String, floor: Vec<Rate>, daemon: Vec<Rate>) -> Row {
         floor,
         daemon,
         pair_ratios,
+        floor_runs,
+        daemon_runs,
     }
 }
 
@@ -481,6 +484,10 @@ struct Row {
     ratio: f64,
     /// daemon/floor of each interleaved pair of runs, sorted.
     pair_ratios: Vec<f64>,
+    /// Every run, in order (floor run i came right before daemon run i): the machine's speed
+    /// drifts between runs, and a comparison between commits needs to see it.
+    floor_runs: Vec<Rate>,
+    daemon_runs: Vec<Rate>,
 }
 
 fn main() {
