@@ -448,7 +448,8 @@ fn daemon_tx(ns: &Netns, secs: f64) -> Rate {
 }
 
 /// The middle element of `v` by `key` (runs are at least one).
-fn median<T: Copy>(mut v: Vec<T>, key: impl Fn(&T) -> f64) -> T {
+fn median<T: Copy>(v: &[T], key: impl Fn(&T) -> f64) -> T {
+    let mut v = v.to_vec();
     v.sort_by(|a, b| key(a).total_cmp(&key(b)));
     v[v.len() / 2]
 }
@@ -463,16 +464,15 @@ fn row(case: String, floor: Vec<Rate>, daemon: Vec<Rate>) -> Row {
         .collect();
     pair_ratios.sort_by(f64::total_cmp);
     let pps = |r: &Rate| r.pps;
-    let (floor_runs, daemon_runs) = (floor.clone(), daemon.clone());
-    let (floor, daemon) = (median(floor, pps), median(daemon, pps));
+    let (f, d) = (median(&floor, pps), median(&daemon, pps));
     Row {
         case,
-        ratio: daemon.pps / floor.pps,
-        floor,
-        daemon,
+        ratio: d.pps / f.pps,
+        floor: f,
+        daemon: d,
         pair_ratios,
-        floor_runs,
-        daemon_runs,
+        floor_runs: floor,
+        daemon_runs: daemon,
     }
 }
 
@@ -542,7 +542,8 @@ fn main() {
         let runs: Vec<common::TcpRun> = (0..runs)
             .map(|i| tcp_through_daemon(&tag(i), offloads, tcp_bytes))
             .collect();
-        let med = |f: fn(&common::TcpRun) -> f64| median(runs.iter().map(f).collect(), |x| *x);
+        let med =
+            |f: fn(&common::TcpRun) -> f64| median(&runs.iter().map(f).collect::<Vec<_>>(), |x| *x);
         tcp.push((
             offloads,
             med(|r| r.host_to_guest_gbps),

@@ -1,5 +1,5 @@
 //! What the seccomp filter costs per syscall: times a 64-byte writev to /dev/null (the TX path's
-//! syscall) before and after installing the daemon's filters, or, with `--trivial`, a one-line
+//! syscall) before and after installing the daemon's filters, or, with `--trivial`, an
 //! allow-everything filter (the cost of the kernel's filtered syscall entry alone).
 //!
 //! `cargo run --release --example seccomp_cost [-- --trivial]`
@@ -24,27 +24,18 @@ fn ns_per_writev(fd: i32) -> f64 {
 }
 
 fn allow_everything() {
-    // BPF_RET | BPF_K, SECCOMP_RET_ALLOW
-    let prog = [libc::sock_filter {
-        code: 0x06,
-        jt: 0,
-        jf: 0,
-        k: 0x7fff_0000,
-    }];
-    let fprog = libc::sock_fprog {
-        len: 1,
-        filter: prog.as_ptr() as *mut _,
-    };
-    // SAFETY: plain prctls; the program outlives the call (the kernel copies it).
-    unsafe {
-        assert_eq!(libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0), 0);
-        let r = libc::prctl(
-            libc::PR_SET_SECCOMP,
-            libc::SECCOMP_MODE_FILTER,
-            &fprog as *const libc::sock_fprog,
-        );
-        assert_eq!(r, 0, "{}", std::io::Error::last_os_error());
-    }
+    // No rules: every syscall takes the mismatch action, allow (after the architecture check
+    // every seccompiler filter has).
+    let arch = seccompiler::TargetArch::try_from(std::env::consts::ARCH).expect("architecture");
+    let filter = seccompiler::SeccompFilter::new(
+        std::collections::BTreeMap::new(),
+        seccompiler::SeccompAction::Allow,
+        seccompiler::SeccompAction::Errno(libc::EPERM as u32),
+        arch,
+    )
+    .and_then(seccompiler::BpfProgram::try_from)
+    .expect("building the filter");
+    seccompiler::apply_filter(&filter).expect("installing the filter");
 }
 
 fn main() {

@@ -119,8 +119,17 @@ struct Loop {
 }
 
 impl Loop {
-    fn set_tap_interest(&mut self, tap: &Tap, want: EventSet) -> std::io::Result<()> {
+    /// Watch the tap for input only while RX waits for it (see the top of the file), for room
+    /// only while TX waits for it.
+    fn watch_tap(&mut self, tap: &Tap, rx_waits: bool, tx_blocked: bool) -> Result<(), String> {
         use std::os::fd::AsRawFd;
+        let mut want = EventSet::empty();
+        if rx_waits {
+            want |= EventSet::IN;
+        }
+        if tx_blocked {
+            want |= EventSet::OUT;
+        }
         if want == self.tap_interest {
             return Ok(());
         }
@@ -132,23 +141,11 @@ impl Loop {
             ControlOperation::Modify
         };
         self.epoll
-            .ctl(op, tap.as_raw_fd(), EpollEvent::new(want, TAP))?;
+            .ctl(op, tap.as_raw_fd(), EpollEvent::new(want, TAP))
+            .map_err(|e| format!("epoll on tap: {e}"))?;
         self.tap_interest = want;
         Ok(())
     }
-}
-
-/// What to watch the tap for: input only while RX waits for it (see the top of the file), room
-/// only while TX waits for it.
-fn tap_interest(rx_waits: bool, tx_blocked: bool) -> EventSet {
-    let mut want = EventSet::empty();
-    if rx_waits {
-        want |= EventSet::IN;
-    }
-    if tx_blocked {
-        want |= EventSet::OUT;
-    }
-    want
 }
 
 /// The one place a worker gives up. A failed tap ends the daemon (the session watches `fatal`);
@@ -306,8 +303,7 @@ fn run(setup: WorkerSetup, stop: EventFd) -> WorkerExit {
             }
             if let (true, Some(r)) = (rx_ready, rx.as_mut()) {
                 if r.last_batch() >= BUSY_BATCH {
-                    lp.set_tap_interest(&tap, tap_interest(false, tx_blocked))
-                        .map_err(|e| format!("epoll on tap: {e}"))?;
+                    lp.watch_tap(&tap, false, tx_blocked)?;
                 }
                 match r.process(&mem, &tap, &stats) {
                     Ok(RxOutcome::Budget) => {}
@@ -340,8 +336,7 @@ fn run(setup: WorkerSetup, stop: EventFd) -> WorkerExit {
             let rx_waits = rx
                 .as_ref()
                 .is_some_and(|r| r.wants_tap() && (!rx_ready || r.last_batch() < BUSY_BATCH));
-            lp.set_tap_interest(&tap, tap_interest(rx_waits, tx_blocked))
-                .map_err(|e| format!("epoll on tap: {e}"))?;
+            lp.watch_tap(&tap, rx_waits, tx_blocked)?;
         }
     })();
     if let Err(e) = result {
