@@ -43,6 +43,13 @@ pub struct Args {
     #[arg(long, value_name = "FDNUM")]
     pub fd: Option<RawFd>,
 
+    /// Give the socket created by --socket-path this group (name or number) and mode 0660, on
+    /// every start, so a frontend running as a member of the group (libvirt's QEMU runs as
+    /// libvirt-qemu) can connect. Without it the socket has the daemon's user and group and the
+    /// umask's mode. Under systemd the .socket unit's SocketGroup= does this instead.
+    #[arg(long, value_name = "GROUP")]
+    pub socket_group: Option<String>,
+
     /// Tap device to use; created when missing, attached when it exists (a tap pre-created with
     /// `ip tuntap add NAME mode tap user U vnet_hdr` lets the daemon run without privileges).
     #[arg(long, value_name = "NAME")]
@@ -154,6 +161,8 @@ pub enum Listen {
 #[derive(Debug, Clone)]
 pub struct Config {
     pub listen: Listen,
+    /// Group id for the socket file (`--socket-group`; only with `Listen::Path`).
+    pub socket_group: Option<u32>,
     pub tap: String,
     pub mac: [u8; 6],
     /// Offer the CONFIG protocol feature (only when --mac was given).
@@ -190,6 +199,27 @@ pub enum ConfigError {
     BadBusyPoll(u64),
     #[error("--qdisc {0:?}: expected a qdisc kind such as fq_codel or pfifo")]
     BadQdisc(String),
+    #[error("--socket-group {0:?}: no such group")]
+    NoSuchGroup(String),
+    #[error("--socket-group {0:?}: looking up the group failed: {1}")]
+    GroupLookup(String, String),
+    #[error(
+        "--socket-group applies to the socket the daemon creates (--socket-path); an inherited \
+         socket keeps the group it was given (systemd: SocketGroup= in the .socket unit)"
+    )]
+    SocketGroupNeedsPath,
+}
+
+/// The gid of `group`, a group name or a number.
+fn resolve_group(group: &str) -> Result<u32, ConfigError> {
+    if let Ok(gid) = group.parse::<u32>() {
+        return Ok(gid);
+    }
+    match nix::unistd::Group::from_name(group) {
+        Ok(Some(g)) => Ok(g.gid.as_raw()),
+        Ok(None) => Err(ConfigError::NoSuchGroup(group.to_string())),
+        Err(e) => Err(ConfigError::GroupLookup(group.to_string(), e.to_string())),
+    }
 }
 
 pub fn parse_mac(s: &str) -> Option<[u8; 6]> {
@@ -228,6 +258,11 @@ impl TryFrom<Args> for Config {
             (None, Some(fd)) => return Err(ConfigError::BadFd(fd)),
             _ => return Err(ConfigError::NoListener),
         };
+        let socket_group = match (&a.socket_group, &listen) {
+            (None, _) => None,
+            (Some(g), Listen::Path(_)) => Some(resolve_group(g)?),
+            (Some(_), Listen::Fd(_)) => return Err(ConfigError::SocketGroupNeedsPath),
+        };
         let tap = a.tap.ok_or(ConfigError::NoTap)?;
         tap::validate_name(&tap).map_err(|e| ConfigError::BadTap(e.to_string()))?;
         let serve_config = a.mac.is_some();
@@ -258,6 +293,7 @@ impl TryFrom<Args> for Config {
         }
         Ok(Config {
             listen,
+            socket_group,
             tap,
             mac,
             serve_config,
@@ -354,6 +390,27 @@ mod tests {
         assert_eq!(
             with(&["--qdisc", "fq codel"]),
             ConfigError::BadQdisc("fq codel".into())
+        );
+        assert_eq!(
+            with(&["--socket-group", "no-such-group-vut"]),
+            ConfigError::NoSuchGroup("no-such-group-vut".into())
+        );
+        assert_eq!(
+            parse(&["--fd", "3", "--tap", "t", "--socket-group", "0"]).unwrap_err(),
+            ConfigError::SocketGroupNeedsPath
+        );
+    }
+
+    #[test]
+    fn socket_group_takes_a_name_or_a_number() {
+        let with = |g: &str| parse(&["--socket-path", "/s", "--tap", "t", "--socket-group", g]);
+        assert_eq!(with("root").unwrap().socket_group, Some(0));
+        assert_eq!(with("4242").unwrap().socket_group, Some(4242));
+        assert_eq!(
+            parse(&["--socket-path", "/s", "--tap", "t"])
+                .unwrap()
+                .socket_group,
+            None
         );
     }
 

@@ -91,7 +91,9 @@ pub struct Listener {
 }
 
 impl Listener {
-    pub fn bind(path: &Path) -> anyhow::Result<Listener> {
+    /// Bind a fresh socket at `path`; with `group`, give it that group and mode 0660 (who may
+    /// connect is then decided by group membership, e.g. libvirt's QEMU user).
+    pub fn bind(path: &Path, group: Option<u32>) -> anyhow::Result<Listener> {
         if let Ok(meta) = fs::symlink_metadata(path) {
             if !meta.file_type().is_socket() {
                 bail!(
@@ -108,10 +110,22 @@ impl Listener {
         }
         let inner = UnixListener::bind(path)
             .with_context(|| format!("binding vhost-user socket {}", path.display()))?;
-        Ok(Listener {
+        let listener = Listener {
             inner,
             owned_path: Some(path.to_path_buf()),
-        })
+        };
+        if let Some(gid) = group {
+            use std::os::unix::fs::PermissionsExt;
+            // Group first, then the mode that lets it in: the socket is never connectable by
+            // others in between (a fresh socket's mode comes from the umask, 0755 by default,
+            // and connecting needs write permission).
+            std::os::unix::fs::chown(path, None, Some(gid))
+                .with_context(|| format!("giving {} the group {gid}", path.display()))?;
+            fs::set_permissions(path, fs::Permissions::from_mode(0o660))
+                .with_context(|| format!("setting mode 0660 on {}", path.display()))?;
+            info!("socket {}: group {gid}, mode 0660", path.display());
+        }
+        Ok(listener)
     }
 
     /// Adopt an inherited listening socket (`--fd`, systemd socket activation).
@@ -222,7 +236,7 @@ impl Daemon {
         backpressure::check_qdisc(&config.tap, backpressure);
         let offered = offered_features(&taps[0], taps.len());
         let listener = match &config.listen {
-            Listen::Path(p) => Listener::bind(p)?,
+            Listen::Path(p) => Listener::bind(p, config.socket_group)?,
             Listen::Fd(fd) => Listener::from_fd(*fd)?,
         };
         let tx_rings = tx_rings(&config, &taps);

@@ -85,6 +85,17 @@ fn bad_arguments_give_one_line_naming_them_and_status_2() {
             vec!["--socket-path", "/tmp/x", "--tap", "t", "--mtu", "many"],
             "--mtu",
         ),
+        (
+            vec![
+                "--socket-path",
+                "/tmp/x",
+                "--tap",
+                "t",
+                "--socket-group",
+                "no-such-vut",
+            ],
+            "--socket-group \"no-such-vut\": no such group",
+        ),
     ] {
         let out = daemon(&args);
         let err = String::from_utf8_lossy(&out.stderr);
@@ -238,4 +249,52 @@ fn backpressure_mode_follows_the_kernel_and_says_why() {
             "{err}"
         );
     }
+}
+
+/// Whether user nobody, with `group` as its only group, can connect to the unix socket `path`.
+fn nobody_can_connect(path: &std::path::Path, group: &str) -> bool {
+    let out = Command::new("setpriv")
+        .args([
+            "--reuid=nobody",
+            &format!("--regid={group}"),
+            "--clear-groups",
+        ])
+        .args(["/usr/bin/python3", "-c"])
+        .arg("import socket, sys; socket.socket(socket.AF_UNIX).connect(sys.argv[1])")
+        .arg(path)
+        .output()
+        .expect("setpriv and python3 (Debian packages util-linux, python3)");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success() || err.contains("PermissionError"),
+        "connecting failed for another reason: {err}"
+    );
+    out.status.success()
+}
+
+#[test]
+fn socket_group_lets_that_group_connect_after_every_start() {
+    use std::os::unix::fs::MetadataExt;
+    if !root_or_skip("sockgroup") {
+        return;
+    }
+    let ns = Netns::new("sockgroup");
+    // nogroup stands in for libvirt-qemu's group; `users` for everyone else.
+    let nogroup = nix::unistd::Group::from_name("nogroup")
+        .unwrap()
+        .expect("group nogroup");
+    for start in 0..2 {
+        let mut d = Daemon::start(&ns, TAP, &["--socket-group", "nogroup"]);
+        let meta = std::fs::metadata(&d.socket).unwrap();
+        assert_eq!(meta.gid(), nogroup.gid.as_raw(), "start {start}");
+        assert_eq!(meta.mode() & 0o777, 0o660, "start {start}");
+        assert!(nobody_can_connect(&d.socket, "nogroup"), "start {start}");
+        assert!(!nobody_can_connect(&d.socket, "users"), "start {start}");
+        assert!(d.terminate().success(), "{}", d.log());
+    }
+    // Without the option the socket keeps the daemon's group and the umask's mode: a frontend
+    // in another group is refused (what libvirt users met).
+    let mut d = Daemon::start(&ns, TAP, &[]);
+    assert!(!nobody_can_connect(&d.socket, "nogroup"));
+    assert!(d.terminate().success(), "{}", d.log());
 }
