@@ -23,6 +23,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use crate::backpressure;
 use crate::config::{Config, Listen};
+use crate::kernel::{self, KernelSupport, TxPath};
 use crate::metrics::{self, MetricsServer};
 use crate::protocol::{Connection, ProtocolError};
 use crate::session::{Device, PairSlot, Session};
@@ -30,7 +31,7 @@ use crate::stats::PairStats;
 use crate::systemd::{self, Watchdog};
 use crate::tap::Tap;
 use crate::uring::TxRing;
-use crate::virtio_net::{self, GUEST_OFFLOADS};
+use crate::virtio_net::{self, GUEST_OFFLOADS, HOST_OFFLOADS};
 
 /// SIGTERM and SIGINT as a readable fd, so the event loops can wait for them with everything else.
 pub struct SignalFd(OwnedFd);
@@ -170,12 +171,11 @@ enum SessionEnd {
     TapFailed,
 }
 
-fn offered_features(tap: &Tap, pairs: usize) -> u64 {
-    let tun_flags: Vec<u32> = GUEST_OFFLOADS.iter().map(|&(_, t)| t).collect();
-    let supported = tap.probe_offloads(&tun_flags);
+/// The virtio features to offer, given the `TUN_F_*` flags the tap accepts.
+fn offered_features(tun_offloads: u32, pairs: usize) -> u64 {
     let mut offered = virtio_net::base_features();
-    for &(feature, tun) in GUEST_OFFLOADS.iter() {
-        if supported & tun != 0 {
+    for &(feature, tun) in GUEST_OFFLOADS.iter().chain(HOST_OFFLOADS.iter()) {
+        if tun_offloads & tun == tun {
             offered |= virtio_net::bit(feature);
         }
     }
@@ -185,33 +185,35 @@ fn offered_features(tap: &Tap, pairs: usize) -> u64 {
     offered
 }
 
-/// One io_uring per pair for TX, made now because seccomp will forbid it later. All or none:
-/// a failure means the kernel (or a filter around us) does not allow it, and TX uses writev.
-fn tx_rings(config: &Config, taps: &[Tap]) -> Vec<Option<TxRing>> {
+/// One io_uring per pair for TX, made now because seccomp will forbid it later, and tried with
+/// a write that sends nothing (a kernel may make rings its tap refuses to write through). All
+/// or none: a failure means the kernel (or a filter around us) does not allow it, and TX uses
+/// writev. The log says which path was chosen and why.
+fn tx_rings(config: &Config, taps: &[Tap]) -> (Vec<Option<TxRing>>, TxPath) {
     let none = || taps.iter().map(|_| None).collect();
     if !config.io_uring {
         info!("TX: one writev per frame (--no-io-uring)");
-        return none();
+        return (none(), TxPath::Disabled);
     }
-    match taps
-        .iter()
-        .map(TxRing::new)
-        .collect::<std::io::Result<Vec<_>>>()
-    {
-        Ok(rings) => {
-            info!(
-                "TX: frames written in batches of up to {} through io_uring ({} ring(s), each \
-                 limited to writing its tap queue)",
-                crate::uring::BATCH,
-                rings.len()
-            );
-            rings.into_iter().map(Some).collect()
-        }
+    let rings = match taps.iter().map(TxRing::new).collect::<io::Result<Vec<_>>>() {
+        Ok(rings) => rings,
         Err(e) => {
-            info!("TX: io_uring unavailable ({e}); one writev per frame");
-            none()
+            info!("TX: one writev per frame: io_uring unavailable ({e})");
+            return (none(), TxPath::NoRing(e.to_string()));
         }
+    };
+    let mut rings = rings;
+    if let Some(e) = rings.iter_mut().find_map(|r| r.probe().err()) {
+        info!("TX: one writev per frame: {e}");
+        return (none(), TxPath::TapRefuses(e.to_string()));
     }
+    info!(
+        "TX: frames written in batches of up to {} through io_uring ({} ring(s), each limited \
+         to writing its tap queue)",
+        crate::uring::BATCH,
+        rings.len()
+    );
+    (rings.into_iter().map(Some).collect(), TxPath::IoUring)
 }
 
 pub struct Daemon {
@@ -227,19 +229,31 @@ pub struct Daemon {
 impl Daemon {
     /// Open the tap and the listener; nothing is served yet.
     pub fn new(config: Config) -> anyhow::Result<Daemon> {
+        let release = kernel::release();
+        kernel::check_minimum(&release)?;
         let signals = SignalFd::new().context("setting up signal handling")?;
+        let tun_features = crate::tap::tun_features()?;
         let (taps, backpressure) =
             backpressure::open_tap(&config.tap, config.queue_pairs, config.backpressure)?;
         if let Some(kind) = &config.qdisc {
             backpressure::install_qdisc(&config.tap, kind)?;
         }
         backpressure::check_qdisc(&config.tap, backpressure);
-        let offered = offered_features(&taps[0], taps.len());
+        let groups: Vec<u32> = GUEST_OFFLOADS.iter().map(|&(_, t)| t).collect();
+        let tun_offloads = taps[0].probe_offloads(&groups);
+        let offered = offered_features(tun_offloads, taps.len());
         let listener = match &config.listen {
             Listen::Path(p) => Listener::bind(p, config.socket_group)?,
             Listen::Fd(fd) => Listener::from_fd(*fd)?,
         };
-        let tx_rings = tx_rings(&config, &taps);
+        let (tx_rings, tx_path) = tx_rings(&config, &taps);
+        let support = KernelSupport {
+            release,
+            tun_features,
+            tun_offloads,
+            tx: tx_path,
+        };
+        info!("{}", support.summary());
         let mut pairs: Vec<PairSlot> = taps
             .into_iter()
             .zip(tx_rings)
@@ -266,6 +280,7 @@ impl Daemon {
                     pairs: pairs.iter().map(|p| p.stats.clone()).collect(),
                     backpressure,
                     connected: connected.clone(),
+                    kernel: support.clone(),
                 };
                 Some(MetricsServer::start(addr, Arc::new(source))?)
             }

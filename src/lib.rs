@@ -6,6 +6,7 @@
 //! - [`netlink`]: the tap's kernel and qdisc counters over rtnetlink.
 //! - [`metrics`]: the Prometheus endpoint.
 //! - [`tap`]: the tap device (the only ioctl code).
+//! - [`kernel`]: what the running kernel offers, probed at start; the oldest kernel accepted.
 //! - [`virtio_net`]: feature bits, header sizes, config space.
 //! - [`ring`]: device side of a split virtqueue on top of `virtio_queue::Queue`.
 //! - [`rx`]: tap → guest, the stop/wake heart of the daemon.
@@ -24,6 +25,7 @@ pub mod backpressure;
 pub mod config;
 pub mod daemon;
 pub mod guest;
+pub mod kernel;
 pub mod loopback;
 pub mod metrics;
 pub mod netlink;

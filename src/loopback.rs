@@ -437,4 +437,139 @@ mod tests {
             "the malformed ones among them"
         );
     }
+
+    /// The loopback with TX writing to `dev` instead of the socketpair, through a fresh io_uring
+    /// (not probed) or writev.
+    fn tx_into(lb: Loopback, dev: File, io_uring: bool) -> Loopback {
+        let Loopback {
+            guest,
+            rx,
+            tx,
+            stats,
+            wire,
+            mem,
+            _ram,
+            ..
+        } = lb;
+        let tap = Tap::from_file(dev, "fake");
+        let ring = io_uring.then(|| TxRing::new(&tap).unwrap());
+        let (q, _) = tx.into_parts();
+        let dq = DeviceQueue::new(q, true, &mem);
+        let call = Notifier(Some(dup_file(guest.tx_call_fd()).unwrap()));
+        let tx = Tx::new(dq, HDR_LEN, call, ring);
+        Loopback {
+            guest,
+            rx,
+            tx,
+            stats,
+            tap,
+            wire,
+            mem,
+            _ram,
+        }
+    }
+
+    /// A FIFO takes writev but, like tun before Linux 6.4, refuses non-blocking writes through
+    /// io_uring with EOPNOTSUPP. Returns (write end, read end, the directory holding it).
+    fn fifo() -> (File, File, std::path::PathBuf) {
+        use std::os::unix::fs::OpenOptionsExt;
+        let dir = std::env::temp_dir().join(format!("vut-fifo-{}", std::process::id()));
+        let _ = std::fs::create_dir(&dir);
+        let path = dir.join(format!("f{}", rand_suffix()));
+        let c = std::ffi::CString::new(path.to_str().unwrap()).unwrap();
+        // SAFETY: mkfifo with a valid NUL-terminated path.
+        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+        let rd = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NONBLOCK)
+            .open(&path)
+            .unwrap();
+        let wr = std::fs::OpenOptions::new()
+            .write(true)
+            .custom_flags(libc::O_NONBLOCK)
+            .open(&path)
+            .unwrap();
+        std::fs::remove_file(&path).unwrap();
+        (wr, rd, dir)
+    }
+
+    fn rand_suffix() -> u64 {
+        use std::sync::atomic::{AtomicU64, Ordering};
+        static N: AtomicU64 = AtomicU64::new(0);
+        N.fetch_add(1, Ordering::Relaxed)
+    }
+
+    #[test]
+    fn the_probe_finds_a_file_that_refuses_io_urings_writes() {
+        let (wr, _rd, _) = fifo();
+        let tap = Tap::from_file(wr, "fifo");
+        let mut ring = TxRing::new(&tap).unwrap();
+        assert!(matches!(
+            ring.probe(),
+            Err(crate::uring::ProbeError::NoNowait)
+        ));
+    }
+
+    #[test]
+    fn tx_refused_by_io_uring_falls_back_to_writev_and_loses_nothing() {
+        use std::io::Read;
+        let (wr, mut rd, _) = fifo();
+        let mut lb = tx_into(Loopback::new(LoopbackConfig::default()).unwrap(), wr, true);
+        let frames: Vec<Vec<u8>> = (0..100u32).map(|i| frame(i, 60 + i as usize)).collect();
+        let mut sent = 0;
+        while sent < frames.len() {
+            while sent < frames.len() && lb.guest.send_frame(&frames[sent]).unwrap() {
+                sent += 1;
+            }
+            assert_eq!(lb.tx_process().unwrap(), TxOutcome::Empty);
+            lb.guest.reclaim_tx().unwrap();
+        }
+        // A FIFO keeps no frame boundaries: the bytes are the frames, each after its header.
+        let mut got = Vec::new();
+        rd.read_to_end(&mut got).ok();
+        let want: Vec<u8> = frames
+            .iter()
+            .flat_map(|f| [0u8; HDR_LEN].iter().chain(f.iter()).copied())
+            .collect();
+        assert!(
+            got == want,
+            "the bytes on the wire differ from the frames sent"
+        );
+        let s = lb.stats.snapshot();
+        assert_eq!(s.tx_frames, 100);
+        assert_eq!(s.tx_io_uring_fallbacks, 1, "one switch, then writev");
+        assert_eq!(s.daemon_drops(), 0);
+    }
+
+    #[test]
+    fn a_tap_that_refuses_every_frame_for_a_second_stops_the_pair() {
+        let dev = File::open("/dev/null").unwrap(); // read-only: every write fails with EBADF
+        let mut lb = tx_into(
+            Loopback::new(LoopbackConfig::default()).unwrap(),
+            dev,
+            false,
+        );
+        let send = |lb: &mut Loopback, n: u32| {
+            for i in 0..n {
+                assert!(lb.guest.send_frame(&frame(i, 100)).unwrap());
+            }
+            let r = lb.tx_process();
+            lb.guest.reclaim_tx().unwrap();
+            r
+        };
+        // Refused frames are dropped and counted, but a second has not passed yet.
+        assert_eq!(send(&mut lb, 100).unwrap(), TxOutcome::Empty);
+        assert_eq!(lb.stats.snapshot().tx_dropped_tap_error, 100);
+        // The time is the condition itself here, not a stand-in for an event.
+        std::thread::sleep(REFUSING_TIME_FOR_TESTS);
+        let e = send(&mut lb, 1).unwrap_err();
+        assert!(
+            matches!(e, TxError::TapRefusesAll { frames: 101, .. }),
+            "{e}"
+        );
+        let s = lb.stats.snapshot();
+        assert_eq!((s.tx_dropped_tap_error, s.tx_stops_tap_refusing), (101, 1));
+    }
+
+    const REFUSING_TIME_FOR_TESTS: std::time::Duration = std::time::Duration::from_millis(1050);
 }

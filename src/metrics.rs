@@ -62,6 +62,7 @@ pub struct Source {
     pub pairs: Vec<Arc<PairStats>>,
     pub backpressure: bool,
     pub connected: Arc<AtomicBool>,
+    pub kernel: crate::kernel::KernelSupport,
 }
 
 #[derive(Debug)]
@@ -127,8 +128,31 @@ impl prometheus_client::collector::Collector for Collector {
             &[(tap(), i64::from(src.backpressure))],
         )?;
 
+        gauge(
+            &mut enc,
+            "kernel_support",
+            "1 when the running kernel has this feature the daemon uses (probed at start; README, \
+             Supported kernels).",
+            &src.kernel
+                .features()
+                .into_iter()
+                .map(|(f, present)| (vec![("feature", f.to_string())], i64::from(present)))
+                .collect::<Vec<_>>(),
+        )?;
+        let uring = src.kernel.tx == crate::kernel::TxPath::IoUring;
+        gauge(
+            &mut enc,
+            "tx_io_uring",
+            "1 while this queue pair writes TX frames through io_uring, 0 while it uses writev.",
+            &snaps
+                .iter()
+                .enumerate()
+                .map(|(i, s)| (q(i), i64::from(uring && s.tx_io_uring_fallbacks == 0)))
+                .collect::<Vec<_>>(),
+        )?;
+
         type F = fn(&crate::stats::PairSnapshot) -> u64;
-        let daemon: [(&str, &str, F); 15] = [
+        let daemon: [(&str, &str, F); 17] = [
             ("rx_frames", "Frames delivered to the guest.", |s| {
                 s.rx_frames
             }),
@@ -191,6 +215,17 @@ impl prometheus_client::collector::Collector for Collector {
                 "ring_errors",
                 "Fatal ring errors that stopped a queue pair.",
                 |s| s.ring_errors,
+            ),
+            (
+                "tx_io_uring_fallbacks",
+                "Times TX left io_uring for writev because the tap refused its writes (the \
+                 frames were sent again).",
+                |s| s.tx_io_uring_fallbacks,
+            ),
+            (
+                "tx_stops_tap_refusing",
+                "Times this pair stopped because the tap refused every TX frame for a second.",
+                |s| s.tx_stops_tap_refusing,
             ),
         ];
         for (name, help, f) in daemon {
@@ -414,6 +449,12 @@ mod tests {
             pairs: vec![stats],
             backpressure: false,
             connected: Arc::new(AtomicBool::new(true)),
+            kernel: crate::kernel::KernelSupport {
+                release: "6.1.0".into(),
+                tun_features: 0,
+                tun_offloads: libc::TUN_F_CSUM,
+                tx: crate::kernel::TxPath::TapRefuses("EOPNOTSUPP".into()),
+            },
         }))));
         let mut out = String::new();
         prometheus_client::encoding::text::encode(&mut out, &registry).unwrap();
@@ -428,6 +469,14 @@ mod tests {
             "{out}"
         );
         assert!(out.contains("vhost_user_tap_frontend_connected 1"), "{out}");
+        for line in [
+            "vhost_user_tap_kernel_support{feature=\"tun_offload_csum\"} 1",
+            "vhost_user_tap_kernel_support{feature=\"tun_offload_uso\"} 0",
+            "vhost_user_tap_kernel_support{feature=\"io_uring_tap_writes\"} 0",
+            "vhost_user_tap_tx_io_uring{queue=\"0\"} 0",
+        ] {
+            assert!(out.contains(line), "{line} missing in {out}");
+        }
         assert!(out.contains("vhost_user_tap_build_info{version="), "{out}");
     }
 }

@@ -86,6 +86,13 @@ counters! {
         tx_dropped_tap_error,
         /// Fatal ring errors (corrupted indices) that stopped this pair's worker.
         ring_errors,
+        /// Times TX left io_uring for writev because the tap refused io_uring's writes
+        /// (EOPNOTSUPP); the refused frames were written again with writev, not dropped.
+        tx_io_uring_fallbacks,
+        /// Times this pair's worker stopped because the tap refused every TX frame, with the
+        /// same error and none accepted, for at least a second: a tap or kernel that cannot take
+        /// the frames at all, which must not pass for a trickle of drops.
+        tx_stops_tap_refusing,
     }
 }
 

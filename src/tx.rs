@@ -5,8 +5,17 @@
 //! the chain goes back to the avail ring and the worker waits for the tap to become writable: the
 //! frame is kept, not dropped. A malformed chain is completed with length 0, counted, and logged
 //! (at most once a second).
+//!
+//! A tap that refuses frames is not congestion. When the kernel refuses io_uring's writes
+//! (EOPNOTSUPP: tun before Linux 6.4, if the start-up probe was ever wrong) TX switches to writev
+//! for good and writes the refused frames again. When the tap refuses every frame with the same
+//! error for a second (at least `REFUSING_FRAMES` of them, none accepted), the pair stops with
+//! an error in the log and the metrics instead of dropping the guest's traffic a frame at a time
+//! behind rate-limited warnings. A tap that is down (EIO) is the one exception: that is the
+//! operator's choice, and the pair goes on once it is up.
 
 use std::io;
+use std::time::{Duration, Instant};
 
 use libc::iovec;
 use log::{error, warn};
@@ -23,12 +32,27 @@ use crate::uring::{TxRing, BATCH};
 pub const FRAME_BUDGET: u64 = 256;
 pub const BYTE_BUDGET: u64 = 512 * 1024;
 
+/// Refusals in a row (same error, nothing accepted) that stop the pair, once they have lasted
+/// `REFUSING_TIME`.
+const REFUSING_FRAMES: u64 = 64;
+const REFUSING_TIME: Duration = Duration::from_secs(1);
+
 #[derive(Debug, Error)]
 pub enum TxError {
     #[error("TX ring: {0}")]
     Ring(#[from] RingError),
     #[error("tap {0} is gone: {1}")]
     TapGone(String, io::Error),
+    #[error(
+        "tap {tap} refused every TX frame for {secs:.1} s ({frames} frames, none accepted): \
+         {err}; stopping this queue pair"
+    )]
+    TapRefusesAll {
+        tap: String,
+        frames: u64,
+        secs: f64,
+        err: io::Error,
+    },
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -52,6 +76,15 @@ pub struct Tx {
     results: Vec<i32>,
     bad_log: RateLimited,
     refused_log: RateLimited,
+    /// The tap's current run of refusals, if its last write was refused.
+    refusing: Option<Refusing>,
+}
+
+/// A run of frames the tap refused with one error and nothing accepted in between.
+struct Refusing {
+    errno: i32,
+    since: Instant,
+    frames: u64,
 }
 
 /// A chain popped for this batch.
@@ -65,6 +98,8 @@ struct Gathered {
 
 /// `results` entry of a chain that was not written (a write before it would block).
 const NOT_TRIED: i32 = i32::MIN;
+/// `results` entry of a chain still to be written with writev.
+const PENDING: i32 = i32::MIN + 1;
 
 impl Tx {
     pub fn new(q: DeviceQueue, hdr_len: usize, call: Notifier, ring: Option<TxRing>) -> Self {
@@ -79,6 +114,7 @@ impl Tx {
             results: vec![0; BATCH],
             bad_log: RateLimited::default(),
             refused_log: RateLimited::default(),
+            refusing: None,
         }
     }
 
@@ -106,6 +142,10 @@ impl Tx {
         stats::add(&stats.tx_dropped_bad_desc, t.bad);
         stats::add(&stats.tx_dropped_tap_error, t.refused);
         stats::add(&stats.tx_blocked, t.blocked);
+        stats::add(&stats.tx_io_uring_fallbacks, t.uring_fallbacks);
+        if let Err(TxError::TapRefusesAll { .. }) = &result {
+            stats::inc(&stats.tx_stops_tap_refusing);
+        }
         let published = self.q.publish().and_then(|_| self.q.needs_interrupt());
         if let Ok(true) = published {
             self.call.signal();
@@ -129,7 +169,7 @@ impl Tx {
             let max = ((FRAME_BUDGET - t.frames) as usize).min(BATCH);
             let (taken, budget_hit) = self.gather(mem, max, BYTE_BUDGET - t.bytes)?;
             if !self.batch.is_empty() {
-                self.write(tap);
+                self.write(tap, t);
                 if let Some(stop) = self.complete(tap, t)? {
                     return stop;
                 }
@@ -190,15 +230,30 @@ impl Tx {
 
     /// Write the gathered frames: one io_uring submission, or one writev each up to the first
     /// that would block. Fills `results` (bytes, -errno, or NOT_TRIED).
-    fn write(&mut self, tap: &Tap) {
+    fn write(&mut self, tap: &Tap, t: &mut Tally) {
         let n = self.batch.len();
+        let results = &mut self.results[..n];
         if let Some(ring) = self.ring.as_mut() {
             // Rejected chains have no iovecs and are not submitted.
             let frames = self.batch.iter().map(|g| &self.iovs[g.iovs.clone()]);
             // SAFETY: the iovecs point into guest memory mapped by `map_chain`, which stays
             // mapped while the worker holds the memory, i.e. for this call.
-            match unsafe { ring.write_batch(frames, &mut self.results[..n]) } {
-                Ok(()) => return,
+            match unsafe { ring.write_batch(frames, results) } {
+                Ok(()) if !results.contains(&-libc::EOPNOTSUPP) => return,
+                Ok(()) => {
+                    // The kernel checks the flag before the file sees the write, so every frame
+                    // of the batch was refused and none went out: writing them again keeps the
+                    // order.
+                    error!(
+                        "tap {}: the kernel refuses io_uring's non-blocking writes to the tap \
+                         (EOPNOTSUPP; tun takes them from Linux 6.4); TX uses writev from now on \
+                         and writes the refused frames again",
+                        tap.name()
+                    );
+                    for r in results.iter_mut().filter(|r| **r == -libc::EOPNOTSUPP) {
+                        *r = PENDING;
+                    }
+                }
                 Err(e) => {
                     // Never seen; the frames were not written (the kernel refused the whole
                     // submission), so writev takes over for good.
@@ -206,21 +261,28 @@ impl Tx {
                         "tap {}: io_uring failed ({e}); TX uses writev from now on",
                         tap.name()
                     );
-                    self.ring = None;
+                    results.fill(PENDING);
                 }
             }
+            self.ring = None;
+            t.uring_fallbacks += 1;
+        } else {
+            results.fill(PENDING);
         }
         let mut blocked = false;
-        for (i, g) in self.batch.iter().enumerate() {
+        for (r, g) in results.iter_mut().zip(&self.batch) {
+            if *r != PENDING {
+                continue;
+            }
             if blocked {
-                self.results[i] = NOT_TRIED;
+                *r = NOT_TRIED;
                 continue;
             }
             if g.len.is_err() {
-                self.results[i] = 0;
+                *r = 0;
                 continue;
             }
-            self.results[i] = match tap.writev(&self.iovs[g.iovs.clone()]) {
+            *r = match tap.writev(&self.iovs[g.iovs.clone()]) {
                 Ok(len) => len as i32,
                 Err(e) => {
                     let errno = e.raw_os_error().unwrap_or(libc::EIO);
@@ -269,16 +331,32 @@ impl Tx {
                     if r >= 0 {
                         t.frames += 1;
                         t.bytes += u64::from(len) - self.hdr_len as u64;
+                        self.refusing = None;
                     } else {
                         if let Some(s) = self.refused_log.allow() {
                             warn!(
-                                "tap {} refused a {len}-byte TX frame: {}{}",
+                                "tap {} refused a {len}-byte TX frame: {}{}{}",
                                 tap.name(),
                                 io::Error::from_raw_os_error(-r),
+                                if r == -libc::EIO {
+                                    " (is the tap down?)"
+                                } else {
+                                    ""
+                                },
                                 ratelog::suppressed(s)
                             );
                         }
                         t.refused += 1;
+                        match &mut self.refusing {
+                            Some(run) if run.errno == -r => run.frames += 1,
+                            _ => {
+                                self.refusing = Some(Refusing {
+                                    errno: -r,
+                                    since: Instant::now(),
+                                    frames: 1,
+                                })
+                            }
+                        }
                     }
                 }
                 Err(e) => {
@@ -296,6 +374,18 @@ impl Tx {
         };
         if gone {
             return tap_gone();
+        }
+        if let Some(run) = self.refusing.as_ref().filter(|r| {
+            r.errno != libc::EIO
+                && r.frames >= REFUSING_FRAMES
+                && r.since.elapsed() >= REFUSING_TIME
+        }) {
+            return Ok(Some(Err(TxError::TapRefusesAll {
+                tap: tap.name().to_string(),
+                frames: run.frames,
+                secs: run.since.elapsed().as_secs_f64(),
+                err: io::Error::from_raw_os_error(run.errno),
+            })));
         }
         let Some(cut) = cut.filter(|_| !inverted) else {
             return Ok(None);
@@ -346,4 +436,5 @@ struct Tally {
     bad: u64,
     refused: u64,
     blocked: u64,
+    uring_fallbacks: u64,
 }

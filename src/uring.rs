@@ -21,7 +21,11 @@
 //! Dropping a `TxRing` unregisters the file first, which releases it before the call returns.
 //!
 //! Where io_uring is unavailable (an old kernel, `kernel.io_uring_disabled`, a container's
-//! filter) the daemon logs why and writes with `writev`.
+//! filter) or cannot write to the tap, the daemon logs why and writes with `writev`. The second
+//! case is every kernel before 6.4: tun only accepts non-blocking (RWF_NOWAIT) writes from
+//! Linux 6.4 (commit 438b406055cd, "tun: flag the device as supporting FMODE_NOWAIT"); before
+//! that each such write fails with EOPNOTSUPP. A ring can be made there, so making one proves
+//! nothing: [`TxRing::probe`] tries a write that sends nothing.
 
 use std::io;
 
@@ -43,6 +47,20 @@ pub struct TxRing {
     ring: IoUring,
 }
 
+/// Why a ring cannot write to the tap.
+#[derive(Debug, thiserror::Error)]
+pub enum ProbeError {
+    #[error(
+        "tun on this kernel refuses non-blocking writes through io_uring (EOPNOTSUPP; it takes \
+         them from Linux 6.4)"
+    )]
+    NoNowait,
+    #[error("the test write returned {0} instead of EINVAL")]
+    Unexpected(i32),
+    #[error("the test write failed: {0}")]
+    Io(#[source] io::Error),
+}
+
 impl TxRing {
     /// A ring that can only write to `tap`. Must be called before seccomp is installed.
     pub fn new(tap: &Tap) -> io::Result<TxRing> {
@@ -58,6 +76,28 @@ impl TxRing {
         ])?;
         s.register_enable_rings()?;
         Ok(TxRing { ring })
+    }
+
+    /// Whether the tap takes this ring's writes: one write of a single byte, shorter than any
+    /// vnet header. A kernel whose tun lacks non-blocking writes refuses it with EOPNOTSUPP
+    /// before tun sees it; one that has them passes it to tun, which refuses it with EINVAL
+    /// before building a frame (no frame is sent, no counter moves). A zero-length write would
+    /// not do: the kernel may complete it without looking at the flags.
+    pub fn probe(&mut self) -> Result<(), ProbeError> {
+        let byte = [0u8; 1];
+        let iov = [iovec {
+            iov_base: byte.as_ptr() as *mut libc::c_void,
+            iov_len: 1,
+        }];
+        let mut out = [0i32; 1];
+        // SAFETY: `byte` and `iov` live on this frame for the whole call, which waits for the
+        // completion.
+        unsafe { self.write_batch(std::iter::once(&iov[..]), &mut out) }.map_err(ProbeError::Io)?;
+        match -out[0] {
+            libc::EINVAL | libc::EBADFD => Ok(()),
+            libc::EOPNOTSUPP => Err(ProbeError::NoNowait),
+            _ => Err(ProbeError::Unexpected(out[0])),
+        }
     }
 
     /// Write `frames` (each the iovecs of one frame) to the tap, in order, with one submission;

@@ -38,8 +38,16 @@ pub const GUEST_OFFLOADS: [(u32, u32); 7] = [
     (VIRTIO_NET_F_GUEST_USO6, libc::TUN_F_USO4 | libc::TUN_F_USO6),
 ];
 
-/// Features that need nothing from the tap: ring layout, host offloads (a tap with IFF_VNET_HDR
-/// accepts checksum-partial and GSO frames from us), and the config fields we serve.
+/// Host offloads the tap takes only on some kernels: a guest that negotiated one sends frames
+/// every write of which a kernel without it refuses (EINVAL). UDP segmentation came to tun's
+/// writes (`virtio_net_hdr_to_skb`) in Linux 6.2, in the same series as TUN_F_USO4/6, so the
+/// tap accepting those flags is the probe for it; offered only with them.
+pub const HOST_OFFLOADS: [(u32, u32); 1] =
+    [(VIRTIO_NET_F_HOST_USO, libc::TUN_F_USO4 | libc::TUN_F_USO6)];
+
+/// Features that need nothing from the tap: ring layout, the host offloads every supported
+/// kernel's tap accepts from us with IFF_VNET_HDR (checksum-partial, TSO, UFO), and the config
+/// fields we serve.
 pub fn base_features() -> u64 {
     bit(VIRTIO_F_VERSION_1)
         | bit(VIRTIO_F_ANY_LAYOUT)
@@ -51,7 +59,6 @@ pub fn base_features() -> u64 {
         | bit(VIRTIO_NET_F_HOST_TSO6)
         | bit(VIRTIO_NET_F_HOST_ECN)
         | bit(VIRTIO_NET_F_HOST_UFO)
-        | bit(VIRTIO_NET_F_HOST_USO)
         | bit(VIRTIO_NET_F_MAC)
         | bit(VIRTIO_NET_F_MTU)
         | bit(VIRTIO_NET_F_STATUS)

@@ -30,7 +30,7 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use crate::rx::{Notifier, Rx, RxCarry, RxOutcome};
 use crate::stats::{self, PairStats};
 use crate::tap::Tap;
-use crate::tx::{Tx, TxOutcome};
+use crate::tx::{Tx, TxError, TxOutcome};
 use crate::uring::TxRing;
 
 const STOP: u64 = 0;
@@ -148,10 +148,11 @@ impl Loop {
     }
 }
 
-/// The one place a worker gives up. A failed tap ends the daemon (the session watches `fatal`);
-/// a broken ring (the guest corrupted an index) stops only this pair, tells the frontend through
-/// the vring's error eventfd (QEMU logs "vhost vring error"), and is counted. The pair runs again
-/// when the frontend reconfigures it, e.g. after a guest reset.
+/// The one place a worker gives up (but for a tap that refuses every TX frame, which TX counts
+/// itself). A failed tap ends the daemon (the session watches `fatal`); a broken ring (the guest
+/// corrupted an index) stops only this pair, tells the frontend through the vring's error
+/// eventfd (QEMU logs "vhost vring error"), and is counted. The pair runs again when the
+/// frontend reconfigures it, e.g. after a guest reset.
 fn give_up(
     tap_failed: bool,
     err_fd: &Option<Arc<File>>,
@@ -322,8 +323,13 @@ fn run(setup: WorkerSetup, stop: EventFd) -> WorkerExit {
                         tx_ready = false;
                         tx_blocked = true;
                     }
+                    Err(e @ TxError::TapRefusesAll { .. }) => {
+                        // Counted by TX itself (tx_stops_tap_refusing).
+                        Notifier(tx_err.clone()).signal();
+                        return Err(e.to_string());
+                    }
                     Err(e) => {
-                        let tap_failed = matches!(e, crate::tx::TxError::TapGone(..));
+                        let tap_failed = matches!(e, TxError::TapGone(..));
                         return Err(give_up(tap_failed, &tx_err, &fatal, &stats, e));
                     }
                 }

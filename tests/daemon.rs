@@ -852,3 +852,100 @@ fn malformed_frontend_messages_close_that_connection_only() {
     drop(g);
     assert!(daemon.terminate().success());
 }
+
+/// What this kernel should offer the daemon, by version: the lab runs this test on 5.10, 6.1,
+/// 6.12 and 7.3 (qemu-scripts/kernel-lab.sh), the suite on this machine's kernel. Each entry is
+/// the first kernel that has the feature (README, "Supported kernels").
+fn expected_support(release: &str) -> Vec<(&'static str, bool)> {
+    let v = vhost_user_tap::kernel::version(release).expect("kernel version");
+    let io_uring_disabled = std::fs::read_to_string("/proc/sys/kernel/io_uring_disabled")
+        .is_ok_and(|s| s.trim() != "0");
+    vec![
+        ("tun_multi_queue", true),
+        ("tun_offload_csum", true),
+        ("tun_offload_tso", true),
+        ("tun_offload_ecn", true),
+        ("tun_offload_ufo", true),
+        ("tun_offload_uso", v >= (6, 2)),
+        ("tun_backpressure", v >= (7, 3)),
+        ("io_uring", !io_uring_disabled),
+        ("io_uring_tap_writes", !io_uring_disabled && v >= (6, 4)),
+    ]
+}
+
+#[test]
+fn startup_report_matches_what_this_kernel_supports() {
+    use virtio_bindings::virtio_net::*;
+    let dir = TempDir::new("report");
+    let msock = dir.0.join("metrics.sock");
+    let arg = format!("unix:{}", msock.display());
+    let Some(mut r) = rig_full("report", &["--metrics", &arg, "--qdisc", "pfifo"], |_| {}) else {
+        return;
+    };
+    let release = vhost_user_tap::kernel::release();
+    let m = scrape(&msock);
+    let want = expected_support(&release);
+    for &(feature, present) in &want {
+        let key = format!("vhost_user_tap_kernel_support{{feature=\"{feature}\"}}");
+        let got = m
+            .get(&key)
+            .unwrap_or_else(|| panic!("{key} missing from the scrape: {m:?}"));
+        assert_eq!(*got, f64::from(present), "{feature} on Linux {release}");
+    }
+    let uring = want.contains(&("io_uring_tap_writes", true));
+    assert_eq!(
+        m["vhost_user_tap_tx_io_uring{queue=\"0\"}"],
+        f64::from(uring),
+        "TX path on Linux {release}"
+    );
+    let bp = want.contains(&("tun_backpressure", true));
+    assert_eq!(
+        m["vhost_user_tap_backpressure{tap=\"vut0\"}"],
+        f64::from(bp)
+    );
+    // The log says which TX path was chosen and why.
+    let log = r.daemon.log();
+    let tx_line = log.lines().find(|l| l.contains("TX: ")).expect("TX line");
+    assert_eq!(tx_line.contains("io_uring ("), uring, "{tx_line}");
+    if !uring && want.contains(&("io_uring", true)) {
+        assert!(tx_line.contains("Linux 6.4"), "{tx_line}");
+    }
+
+    // What is offered follows the tap: UDP segmentation both ways only where tun has it.
+    let uso = want.contains(&("tun_offload_uso", true));
+    let offered = r.guest.offered_features();
+    for f in [
+        VIRTIO_NET_F_GUEST_USO4,
+        VIRTIO_NET_F_GUEST_USO6,
+        VIRTIO_NET_F_HOST_USO,
+    ] {
+        assert_eq!(
+            offered & (1 << f) != 0,
+            uso,
+            "feature bit {f} on Linux {release}"
+        );
+    }
+
+    // Whatever path was chosen, TX delivers, and the probe sent nothing into the tap.
+    let spec = guest_to_host_spec(&r.ns);
+    r.host.set_read_timeout(Some(WAIT)).unwrap();
+    let mut frame = Vec::new();
+    let mut buf = [0u8; 2048];
+    for seq in 0..50u64 {
+        spec.build(100, 0, seq, &mut frame).unwrap();
+        while !r.guest.send_frame(&frame).unwrap() {
+            r.guest.wait_interrupt(1, WAIT).unwrap();
+        }
+        let (n, _) = r.host.recv_from(&mut buf).expect("datagram from the guest");
+        assert_eq!(&buf[..n], &frame[14 + 20 + 8..], "datagram {seq}");
+    }
+    let link = r.ns.link_stats(TAP);
+    assert_eq!((link.rx_packets, link.rx_dropped), (50, 0), "{link:?}");
+    let c = stop_and_counters(r);
+    assert_eq!(c["tx_frames"], 50);
+    assert_eq!(
+        c["tx_dropped_tap_error"] + c["tx_io_uring_fallbacks"],
+        0,
+        "{c:?}"
+    );
+}
