@@ -12,12 +12,16 @@ use log::{info, warn};
 
 use crate::config::Backpressure;
 use crate::netlink;
-use crate::tap::{self, Tap, TapError, IFF_BACKPRESSURE};
+use crate::tap::{Tap, TapError, IFF_BACKPRESSURE};
 
-/// Open the tap's queues with the backpressure mode decided from `mode` and the kernel. Returns
-/// the queues and whether IFF_BACKPRESSURE is in force.
-pub fn open_tap(name: &str, queues: usize, mode: Backpressure) -> anyhow::Result<(Vec<Tap>, bool)> {
-    let features = tap::tun_features()?;
+/// Open the tap's queues with the backpressure mode decided from `mode` and the kernel's tun
+/// `features` (TUNGETFEATURES). Returns the queues and whether IFF_BACKPRESSURE is in force.
+pub fn open_tap(
+    name: &str,
+    queues: usize,
+    mode: Backpressure,
+    features: u32,
+) -> anyhow::Result<(Vec<Tap>, bool)> {
     let kernel_has = features & IFF_BACKPRESSURE as u32 != 0;
     let want = match mode {
         Backpressure::Off => false,

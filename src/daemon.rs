@@ -233,8 +233,12 @@ impl Daemon {
         kernel::check_minimum(&release)?;
         let signals = SignalFd::new().context("setting up signal handling")?;
         let tun_features = crate::tap::tun_features()?;
-        let (taps, backpressure) =
-            backpressure::open_tap(&config.tap, config.queue_pairs, config.backpressure)?;
+        let (taps, backpressure) = backpressure::open_tap(
+            &config.tap,
+            config.queue_pairs,
+            config.backpressure,
+            tun_features,
+        )?;
         if let Some(kind) = &config.qdisc {
             backpressure::install_qdisc(&config.tap, kind)?;
         }
