@@ -14,6 +14,9 @@ use crate::config::Backpressure;
 use crate::netlink;
 use crate::tap::{Tap, TapError, IFF_BACKPRESSURE};
 
+/// How long a busy tap is waited for at start (see `Tap::open_queues_patiently`).
+const BUSY_PATIENCE: std::time::Duration = std::time::Duration::from_secs(2);
+
 /// Open the tap's queues with the backpressure mode decided from `mode` and the kernel's tun
 /// `features` (TUNGETFEATURES). Returns the queues and whether IFF_BACKPRESSURE is in force.
 pub fn open_tap(
@@ -33,7 +36,12 @@ pub fn open_tap(
              (e.g. Linux 7.3). Use --backpressure auto or off"
         ),
     };
-    let taps = match Tap::open_queues(name, queues, if want { IFF_BACKPRESSURE } else { 0 }) {
+    let taps = match Tap::open_queues_patiently(
+        name,
+        queues,
+        if want { IFF_BACKPRESSURE } else { 0 },
+        BUSY_PATIENCE,
+    ) {
         Err(TapError::Incompatible(..)) if want => {
             let hint = format!(
                 "tap {name} exists and refuses IFF_BACKPRESSURE: delete it (`ip link del {name}`) \
@@ -43,7 +51,10 @@ pub fn open_tap(
                 bail!("--backpressure on: {hint}");
             }
             warn!("{hint}; continuing in stock mode");
-            return Ok((Tap::open_queues(name, queues, 0)?, false));
+            return Ok((
+                Tap::open_queues_patiently(name, queues, 0, BUSY_PATIENCE)?,
+                false,
+            ));
         }
         r => r?,
     };

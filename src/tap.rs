@@ -128,6 +128,28 @@ impl Tap {
             .collect()
     }
 
+    /// `open_queues`, waiting up to `patience` while the tap is busy. A daemon that was just
+    /// killed holds its tap a little longer than its process lives: the kernel drops the files
+    /// registered with an io_uring from a workqueue after the ring is freed (20-40 ms measured),
+    /// and a supervisor that restarts at once must not find the tap busy then. There is no event
+    /// to wait for, so it polls every 10 ms.
+    pub fn open_queues_patiently(
+        name: &str,
+        queues: usize,
+        extra: c_int,
+        patience: std::time::Duration,
+    ) -> Result<Vec<Tap>, TapError> {
+        let deadline = std::time::Instant::now() + patience;
+        loop {
+            match Tap::open_queues(name, queues, extra) {
+                Err(TapError::Busy(_)) if std::time::Instant::now() < deadline => {
+                    std::thread::sleep(std::time::Duration::from_millis(10))
+                }
+                r => return r,
+            }
+        }
+    }
+
     fn open_tun() -> Result<File, TapError> {
         OpenOptions::new()
             .read(true)

@@ -949,3 +949,23 @@ fn startup_report_matches_what_this_kernel_supports() {
         "{c:?}"
     );
 }
+
+#[test]
+fn a_daemon_started_right_after_a_sigkill_gets_the_tap() {
+    if !root_or_skip("restart") {
+        return;
+    }
+    let ns = Netns::new("restart");
+    for round in 0..5 {
+        // Default options: TX through io_uring, whose ring holds the tap a moment after the
+        // process is gone.
+        let mut d = Daemon::start(&ns, TAP, &[]);
+        d.kill();
+        let mut again = Daemon::start(&ns, TAP, &[]);
+        assert!(
+            again.terminate().success(),
+            "round {round}: {}",
+            again.log()
+        );
+    }
+}
