@@ -164,6 +164,9 @@ impl Drop for Listener {
     }
 }
 
+/// How long after SET_FEATURES a missing memory table is reported (QEMU sends it at once).
+const MEMORY_GRACE: std::time::Duration = std::time::Duration::from_secs(2);
+
 /// Why a session ended.
 enum SessionEnd {
     Disconnected,
@@ -404,13 +407,32 @@ impl Daemon {
         let fatal = self.dev.fatal.clone();
         let mut session = Session::new(&mut self.dev);
         let mut events = [EpollEvent::default(); 3];
+        let mut memory_warned = false;
         loop {
-            let n = match epoll.wait(watchdog.epoll_timeout_ms(), &mut events) {
+            let mut timeout = watchdog.epoll_timeout_ms();
+            if let (Some(t), false) = (session.memory_overdue(), memory_warned) {
+                let left = MEMORY_GRACE.saturating_sub(t).as_millis() as i32 + 1;
+                timeout = if timeout < 0 { left } else { timeout.min(left) };
+            }
+            let n = match epoll.wait(timeout, &mut events) {
                 Ok(n) => n,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) => return Err(anyhow!("epoll: {e}")),
             };
             watchdog.tick();
+            if let Some(t) = session.memory_overdue().filter(|t| *t >= MEMORY_GRACE) {
+                if !memory_warned {
+                    error!(
+                        "the frontend acked features {} ms ago but sent no memory table: the \
+                         guest's memory is not shared, so its NIC cannot work (QEMU: -object \
+                         memory-backend-memfd,id=mem,size=<RAM>,share=on -numa node,memdev=mem; \
+                         libvirt: <memoryBacking><source type='memfd'/><access \
+                         mode='shared'/></memoryBacking>)",
+                        t.as_millis()
+                    );
+                    memory_warned = true;
+                }
+            }
             for ev in &events[..n] {
                 match ev.data() {
                     1 => {

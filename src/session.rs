@@ -155,6 +155,8 @@ struct Region {
 pub struct Session<'d> {
     dev: &'d mut Device,
     features: u64,
+    /// When features were acked while no memory table had come (see `memory_overdue`).
+    features_acked_at: Option<std::time::Instant>,
     protocol: u64,
     mem: Option<Arc<GuestMemoryMmap>>,
     regions: Vec<Region>,
@@ -170,6 +172,7 @@ impl<'d> Session<'d> {
         Session {
             dev,
             features: 0,
+            features_acked_at: None,
             protocol: 0,
             mem: None,
             regions: Vec::new(),
@@ -224,7 +227,20 @@ impl<'d> Session<'d> {
             nf.event_idx(),
             nf.tun_offloads()
         );
+        if self.mem.is_none() {
+            self.features_acked_at = Some(std::time::Instant::now());
+        }
         self.with_all_pairs(|s| s.features = features)
+    }
+
+    /// How long the frontend has been overdue with its memory table, if it is: QEMU sends
+    /// SET_MEM_TABLE right after SET_FEATURES, in the same millisecond, unless the guest's
+    /// memory cannot be shared (no fd to pass), in which case it never does and the NIC is dead
+    /// on both sides with nothing but a line in QEMU's log. `None` once the table came.
+    pub fn memory_overdue(&self) -> Option<std::time::Duration> {
+        self.features_acked_at
+            .filter(|_| self.mem.is_none())
+            .map(|t| t.elapsed())
     }
 
     pub fn get_protocol_features(&self) -> u64 {
@@ -408,6 +424,7 @@ impl<'d> Session<'d> {
             *v = Vring::new(max);
         }
         self.features = 0;
+        self.features_acked_at = None;
         self.mem = None;
         self.regions.clear();
     }

@@ -969,3 +969,28 @@ fn a_daemon_started_right_after_a_sigkill_gets_the_tap() {
         );
     }
 }
+
+#[test]
+fn a_frontend_without_shared_memory_is_named_in_the_log() {
+    use vhost_user_tap::guest::HandshakeOrder;
+    if !root_or_skip("unshared") {
+        return;
+    }
+    let ns = Netns::new("unshared");
+    let mut d = Daemon::start(&ns, TAP, &[]);
+    let mut cfg = guest_config(&d);
+    cfg.order = HandshakeOrder::QemuUnsharedMemory;
+    let g = Guest::connect(cfg).expect("the handshake up to SET_FEATURES");
+    let line = d.wait_for_log("sent no memory table", WAIT);
+    assert!(
+        line.contains("ERROR") && line.contains("share=on") && line.contains("memoryBacking"),
+        "{line}"
+    );
+    drop(g);
+    // A frontend that does send its table is not warned about.
+    let g = Guest::connect(guest_config(&d)).expect("guest connects");
+    d.wait_for_log("guest memory:", WAIT);
+    drop(g);
+    assert!(d.terminate().success());
+    assert_eq!(d.log().matches("sent no memory table").count(), 1);
+}

@@ -31,6 +31,10 @@ pub enum HandshakeOrder {
     /// SET_VRING_ERR for every ring and SET_VRING_ENABLE for pair 0 *before* SET_FEATURES; then
     /// SET_FEATURES, SET_MEM_TABLE, per ring NUM, BASE, ADDR, KICK, CALL; then ENABLE for all.
     Qemu,
+    /// What QEMU does when the guest's memory cannot be shared (no `share=on`): the `Qemu`
+    /// order up to SET_FEATURES, then nothing, as it has no fd to send with SET_MEM_TABLE. The
+    /// rings are never set up.
+    QemuUnsharedMemory,
 }
 
 /// How the guest is set up.
@@ -338,7 +342,7 @@ impl Guest {
                     }
                 }
             }
-            HandshakeOrder::Qemu => {
+            HandshakeOrder::Qemu | HandshakeOrder::QemuUnsharedMemory => {
                 // vhost_dev_init: GET_FEATURES again, then per-vq call (masked) and err fds.
                 self.conn()?
                     .get_features()
@@ -363,6 +367,9 @@ impl Guest {
                 self.conn()?
                     .set_features(features)
                     .map_err(step("SET_FEATURES"))?;
+                if self.cfg.order == HandshakeOrder::QemuUnsharedMemory {
+                    return Ok(());
+                }
                 self.set_mem_table()?;
                 for q in 0..self.nvrings() {
                     self.setup_vring(q, true)?;
