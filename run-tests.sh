@@ -17,6 +17,7 @@ echo "== prerequisites"
 qemu-scripts/build-guest.sh
 qemu-scripts/fetch-qemu.sh
 qemu-scripts/systemd-tools.sh
+qemu-scripts/libvirt-tools.sh
 qemu-scripts/backpressure-lab.sh --fetch-only
 if ! cargo fmt --version >/dev/null 2>&1 || ! cargo clippy --version >/dev/null 2>&1; then
     rustup component add rustfmt clippy
