@@ -18,12 +18,12 @@ fn unprivileged(ns: &Netns) -> Command {
         "mount -t tmpfs tmpfs /dev/net && mknod -m 666 /dev/net/tun c 10 200 && \
          exec setpriv --reuid=nobody --regid=nogroup --clear-groups \"$0\" \"$@\"",
     );
-    c.arg(DAEMON);
+    c.arg(daemon_bin());
     c
 }
 
 fn daemon(args: &[&str]) -> std::process::Output {
-    Command::new(DAEMON)
+    Command::new(daemon_bin())
         .args(args)
         .output()
         .expect("running the daemon")
@@ -31,7 +31,7 @@ fn daemon(args: &[&str]) -> std::process::Output {
 
 fn in_ns(ns: &Netns, args: &[&str]) -> std::process::Output {
     Command::new("ip")
-        .args(["netns", "exec", &ns.name, DAEMON])
+        .args(["netns", "exec", &ns.name, daemon_bin()])
         .args(args)
         .env("RUST_LOG", "info")
         .output()

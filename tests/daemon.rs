@@ -793,8 +793,13 @@ fn tcp_through_the_daemon_arrives_intact_with_and_without_offloads() {
         Ok("0") => vec![false],
         _ => vec![true, false],
     };
+    // VUT_TCP_BYTES: bytes each way (the kernel lab's quick mode moves less under TCG).
+    let bytes = std::env::var("VUT_TCP_BYTES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(16 << 20);
     for offloads in sets {
-        let r = tcp_through_daemon(if offloads { "tcpo" } else { "tcpn" }, offloads, 16 << 20);
+        let r = tcp_through_daemon(if offloads { "tcpo" } else { "tcpn" }, offloads, bytes);
         eprintln!("TCP offloads={offloads}: {r:?}");
     }
 }

@@ -50,7 +50,7 @@ use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use common::{on_path, Daemon, Netns, TempDir, DAEMON, GUEST_IP, GUEST_MAC, HOST_IP, TAP};
+use common::{daemon_bin, on_path, Daemon, Netns, TempDir, GUEST_IP, GUEST_MAC, HOST_IP, TAP};
 
 const QEMU: &str = "/usr/bin/qemu-system-x86_64";
 const LIBVIRTD: &str = "/usr/sbin/libvirtd";
@@ -598,7 +598,7 @@ impl Drop for Rig {
 
 fn start_daemon(socket: &Path, ns: &Netns) -> Daemon {
     let mut cmd = Command::new("ip");
-    cmd.args(["netns", "exec", &ns.name, DAEMON, "--socket-path"])
+    cmd.args(["netns", "exec", &ns.name, daemon_bin(), "--socket-path"])
         .arg(socket)
         .args(["--tap", TAP, "--socket-group", QEMU_GROUP]);
     let d = Daemon::spawn(&mut cmd, socket.to_path_buf(), "listening on");

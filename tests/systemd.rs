@@ -41,11 +41,11 @@ fn staged_units(dir: &Path) -> (PathBuf, PathBuf) {
         let text = unit_text(name);
         let staged = text
             .replace("/usr/libexec/vhost-user-tap-prepare", &prepare)
-            .replace("/usr/libexec/vhost-user-tap", DAEMON);
+            .replace("/usr/libexec/vhost-user-tap", daemon_bin());
         if name.ends_with(".service") {
             assert!(
                 text.contains("ExecStart=/usr/libexec/vhost-user-tap\n")
-                    && staged.contains(&format!("ExecStart={DAEMON}\n"))
+                    && staged.contains(&format!("ExecStart={}\n", daemon_bin()))
                     && staged.contains(&format!("ExecStartPre=+{prepare} ")),
                 "the service's ExecStart/ExecStartPre are not where the test expects them"
             );
@@ -213,7 +213,7 @@ fn the_seccomp_allow_list_fits_inside_the_units_sandbox() {
 }
 
 fn daemon_with(env: &[(&str, &str)], args: &[&str]) -> Output {
-    let mut c = Command::new(DAEMON);
+    let mut c = Command::new(daemon_bin());
     c.env_clear()
         .env("PATH", std::env::var_os("PATH").unwrap_or_default());
     c.envs(env.iter().copied()).args(args);
@@ -276,7 +276,7 @@ fn activated(n: &str, fds: &[i32], args: &[&str]) -> Output {
     let mut c = Command::new("sh");
     c.arg("-c")
         .arg(format!("LISTEN_PID=$$ LISTEN_FDS={n} exec \"$0\" \"$@\""))
-        .arg(DAEMON)
+        .arg(daemon_bin())
         .args(args);
     let fds = fds.to_vec();
     // SAFETY: only dup2/fcntl (async-signal-safe) between fork and exec.
@@ -410,7 +410,7 @@ fn guest_to_host(ns: &Netns, host: &UdpSocket, g: &mut Guest, n: u64) {
     }
 }
 
-/// Exit status of a daemon that ran `ip netns exec ... DAEMON` (or a chain of execs ending in it).
+/// Exit status of a daemon that ran `ip netns exec ... <daemon>` (or a chain of execs ending in it).
 fn assert_clean_exit(d: &mut Daemon) {
     let st = d.terminate();
     assert!(st.success(), "exit status {st}; log:\n{}", d.log());
@@ -434,7 +434,7 @@ fn systemd_socket_activate_starts_the_daemon_and_traffic_flows() {
         .arg(&socket)
         .args(["-E", "RUST_LOG=info", "-E"])
         .arg(format!("VHOST_USER_TAP_TAP={TAP}"))
-        .arg(DAEMON);
+        .arg(daemon_bin());
     let mut d = Daemon::spawn(&mut cmd, socket.clone(), "Listening on");
     assert!(
         !d.log().contains("vhost_user_tap"),
@@ -536,7 +536,7 @@ fn readiness_watchdog_pings_and_stopping_reach_notify_socket() {
         "netns",
         "exec",
         &ns.name,
-        DAEMON,
+        daemon_bin(),
         "--tap",
         TAP,
         "--socket-path",
@@ -592,7 +592,7 @@ fn seccomp_refuses_a_forbidden_syscall_unless_turned_off() {
                 "netns",
                 "exec",
                 &ns.name,
-                DAEMON,
+                daemon_bin(),
                 "--tap",
                 TAP,
                 "--socket-path",
@@ -669,7 +669,7 @@ fn activated_unprivileged(ns: &Netns, listener: &UnixListener) -> Command {
          export LISTEN_PID=$$ LISTEN_FDS=1 && \
          exec setpriv --reuid=nobody --regid=nogroup --clear-groups \"$0\" \"$@\"",
     );
-    c.arg(DAEMON).env("VHOST_USER_TAP_TAP", TAP);
+    c.arg(daemon_bin()).env("VHOST_USER_TAP_TAP", TAP);
     let fd = listener.as_raw_fd();
     // SAFETY: only dup2/fcntl (async-signal-safe) between fork and exec.
     unsafe { c.pre_exec(move || inherit_as(&[fd], 3)) };

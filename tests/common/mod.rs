@@ -13,10 +13,19 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
-pub const DAEMON: &str = env!("CARGO_BIN_EXE_vhost-user-tap");
+/// The daemon binary under test: the one this build made, or `VUT_DAEMON_BIN` when set. The
+/// kernel lab (qemu-scripts/kernel-lab.sh) runs these test binaries inside a VM, where cargo's
+/// absolute host path does not exist.
+pub fn daemon_bin() -> &'static str {
+    static BIN: OnceLock<String> = OnceLock::new();
+    BIN.get_or_init(|| match std::env::var("VUT_DAEMON_BIN") {
+        Ok(bin) if !bin.is_empty() => bin,
+        _ => env!("CARGO_BIN_EXE_vhost-user-tap").to_string(),
+    })
+}
 pub const HOST_IP: &str = "10.99.0.1";
 pub const GUEST_IP: &str = "10.99.0.2";
 pub const GUEST_MAC: [u8; 6] = [0x52, 0x54, 0x00, 0xaa, 0xbb, 0x01];
@@ -210,7 +219,7 @@ impl Daemon {
         let dir = TempDir::new("sock");
         let socket = dir.0.join("vhost.sock");
         let mut cmd = Command::new("ip");
-        cmd.args(["netns", "exec", &ns.name, DAEMON, "--socket-path"])
+        cmd.args(["netns", "exec", &ns.name, daemon_bin(), "--socket-path"])
             .arg(&socket)
             .args(["--tap", tap])
             .args(extra);
