@@ -40,6 +40,8 @@ LAB_DIR=$SCRIPT_DIR/lab
 VUT_LOG_PREFIX=backpressure-lab
 # shellcheck source=lib-vm.sh
 source "$SCRIPT_DIR/lib-vm.sh"
+# shellcheck source=lib-kernel.sh
+source "$SCRIPT_DIR/lib-kernel.sh"
 
 usage() {
     sed -n '/^# Usage:/,/^# Exit status/p' "$0" | sed 's/^# \{0,1\}//' | head -n -1 >&2
@@ -110,43 +112,14 @@ vut_require_root "apt-get, and mknod in the initramfs"
 vut_apt_install busybox-static cpio xz-utils gcc libc6-dev binutils iproute2 qemu-system-x86
 
 # --- the 7.3.4 kernel ----------------------------------------------------------
-KABI=7.3.4+deb13-cloud-amd64
-SUITE=trixie-backports
-# linux-binary-*: vmlinuz; linux-modules-*: the .ko.xz files (tun);
-# linux-base-*: config and modules.builtin (which qdiscs are built in).
-KPACKAGES=("linux-binary-$KABI" "linux-modules-$KABI" "linux-base-$KABI")
-
-if ! grep -rqsE "^[^#]*$SUITE|^Suites:.*$SUITE" /etc/apt/sources.list /etc/apt/sources.list.d/; then
-    vut_log "adding $SUITE to /etc/apt/sources.list.d/vut-$SUITE.list (pinned to -1)"
-    echo "deb http://deb.debian.org/debian $SUITE main" >"/etc/apt/sources.list.d/vut-$SUITE.list"
-    # This host is not trixie: nothing from that suite may ever be installed
-    # here by accident. Priority -1 forbids installing from it; apt-get
-    # download of an explicit version still works.
-    printf 'Package: *\nPin: release n=%s\nPin-Priority: -1\n' "$SUITE" \
-        >"/etc/apt/preferences.d/vut-$SUITE"
-    vut_apt_update_once
-fi
-KVERSION=$(vut_apt_candidate "${KPACKAGES[0]}/$SUITE")
-if [[ -z $KVERSION ]]; then
-    vut_apt_update_once
-    KVERSION=$(vut_apt_candidate "${KPACKAGES[0]}/$SUITE")
-fi
-[[ -n $KVERSION ]] || vut_die "${KPACKAGES[0]} not found in $SUITE (apt-cache show ${KPACKAGES[0]}/$SUITE)"
-
-KDIR=$VUT_CACHE/lab-kernel/$(vut_sanitize "${KABI}_$KVERSION")
-if [[ ! -f $KDIR/extracted ]]; then
-    rm -rf "$KDIR" # a partial download or extraction from an interrupted run
-    for pkg in "${KPACKAGES[@]}"; do
-        vut_log "downloading $pkg=$KVERSION"
-        deb=$(vut_apt_download "$pkg" "$KVERSION" "$KDIR/deb/$pkg")
-        dpkg -x "$deb" "$KDIR/root"
-    done
-    rm -rf "$KDIR/deb"
-    touch "$KDIR/extracted"
-fi
-MODDIR=$KDIR/root/usr/lib/modules/$KABI
-VMLINUZ=$MODDIR/vmlinuz
-[[ -f $VMLINUZ && -d $MODDIR/kernel ]] || vut_die "no vmlinuz or modules in $MODDIR"
+# From trixie-backports (pinned to -1: nothing from it is ever installed
+# here); cached in $VUT_CACHE/lab-kernel/ (lib-kernel.sh).
+vut_kernel_prepare 7.3
+KABI=$VUT_KREL
+KVERSION=$VUT_KVERSION
+KDIR=$VUT_KDIR
+MODDIR=$VUT_MODDIR
+VMLINUZ=$VUT_VMLINUZ
 if [[ $FETCH_ONLY == 1 ]]; then
     vut_log "kernel $KABI ($KVERSION) ready in $KDIR"
     exit 0
@@ -175,7 +148,7 @@ BP_FLAG=0 QDISC_FLAG=0 METRICS=0
 WORK=$(mktemp -d "${TMPDIR:-/tmp}/vut-lab.XXXXXX")
 trap 'rm -rf "$WORK"' EXIT
 hash_of() { sha256sum "$@" | cut -d' ' -f1 | sha256sum | cut -c1-16; }
-INPUTS="lab=$(hash_of "$0" "$SCRIPT_DIR/lib-vm.sh" "$LAB_DIR"/*)
+INPUTS="lab=$(hash_of "$0" "$SCRIPT_DIR/lib-vm.sh" "$SCRIPT_DIR/lib-kernel.sh" "$LAB_DIR"/*)
 kernel=$KABI=$KVERSION
 binaries=$(hash_of "$DAEMON" "$GUEST")
 busybox=$(dpkg-query -W -f='${Version}' busybox-static)
@@ -186,54 +159,22 @@ INITRD=$IMG/initrd.img
 
 build_initramfs() {
     local stage=$WORK/stage
-    mkdir -p "$stage"/{bin,usr/bin,usr/sbin,dev,etc,proc,sys,tmp,run,lib/modules}
+    vut_initramfs_base "$stage"
 
     # Modules: tun only. sch_fq_codel and pfifo (sch_fifo) are built into this
-    # kernel (CONFIG_NET_SCH_FQ_CODEL=y, NET_SCH_FIFO=y); the loop also follows
+    # kernel (CONFIG_NET_SCH_FQ_CODEL=y, NET_SCH_FIFO=y); staging follows
     # depends= and would pick up a qdisc module a future config splits out.
-    local -A seen=()
-    local order=()
-    add_module() {
-        local name=$1 file deps dep
-        [[ -n ${seen[$name]:-} ]] && return 0
-        seen[$name]=1
-        grep -Eq "/${name//[-_]/[-_]}\.ko$" "$MODDIR/modules.builtin" && return 0
-        file=$(find "$MODDIR/kernel" -regextype posix-extended \
-            -regex ".*/${name//[-_]/[-_]}\.ko(\.xz)?" -print -quit)
-        [[ -n $file ]] || vut_die "module $name neither built in nor under $MODDIR"
-        # busybox insmod wants a plain ELF file.
-        if [[ $file == *.xz ]]; then xz -dc "$file"; else cat "$file"; fi >"$stage/lib/modules/$name.ko"
-        deps=$(tr '\0' '\n' <"$stage/lib/modules/$name.ko" | sed -n 's/^depends=//p' | head -n1)
-        for dep in ${deps//,/ }; do add_module "$dep"; done
-        order+=("$name")
-    }
-    local m
-    for m in tun sch_fq_codel; do add_module "$m"; done
-    printf '%s\n' "${order[@]}" >"$stage/etc/vut-modules"
-    vut_log "modules to load: ${order[*]:-none} (the qdiscs are built in)"
-
-    # busybox applets as relative links; init.sh calls iproute2's ip and tc
-    # by path.
-    cp /bin/busybox "$stage/bin/busybox"
-    local applet
-    for applet in $(/bin/busybox --list); do
-        [[ $applet == busybox ]] || ln -s busybox "$stage/bin/$applet"
-    done
-    mknod -m 600 "$stage/dev/console" c 5 1
+    vut_stage_modules "$MODDIR" "$stage" tun sch_fq_codel
+    vut_log "modules to load: ${VUT_STAGED_MODULES[*]:-none} (the qdiscs are built in)"
 
     # Dynamically linked programs, stripped of debug info (the release
     # profile keeps it; 20 MB each), with their libraries and the loader at
-    # the paths ldd names, so they run unchanged.
+    # the paths ldd names, so they run unchanged. init.sh calls iproute2's ip
+    # and tc by path.
     strip --strip-debug -o "$stage/usr/bin/vhost-user-tap" "$DAEMON"
     strip --strip-debug -o "$stage/usr/bin/vhost-user-tap-guest" "$GUEST"
     cp /usr/sbin/ip /usr/sbin/tc "$stage/usr/sbin/"
-    local lib prog
-    for lib in $(for prog in "$DAEMON" "$GUEST" /usr/sbin/ip /usr/sbin/tc; do
-        ldd "$prog" | awk '$2 == "=>" && $3 ~ /^\// { print $3 } $1 ~ /^\// { print $1 }'
-    done | sort -u); do
-        mkdir -p "$stage$(dirname "$lib")"
-        cp -L "$lib" "$stage$lib"
-    done
+    vut_initramfs_add_libs "$stage" "$DAEMON" "$GUEST" /usr/sbin/ip /usr/sbin/tc
 
     gcc -O2 -static -pthread -Wall -Wextra -Werror -s -o "$stage/usr/bin/vut-udpsend" \
         "$LAB_DIR/vut-udpsend.c" || vut_die "compiling vut-udpsend failed"
@@ -243,11 +184,8 @@ build_initramfs() {
 
     mkdir -p "$IMG"
     rm -f "$IMG/inputs"
-    # Uncompressed: it is rebuilt on every binary change, and under TCG the
-    # kernel would spend longer inflating it than the disk space is worth.
-    (cd "$stage" && find . -print0 | LC_ALL=C sort -z | cpio --null -o -H newc --owner=0:0 --quiet) \
-        >"$INITRD.tmp"
-    mv "$INITRD.tmp" "$INITRD"
+    # Uncompressed (see vut_initramfs_pack): it is rebuilt on every binary change.
+    vut_initramfs_pack "$stage" "$INITRD"
     echo "$INPUTS" >"$IMG/inputs"
     vut_log "initramfs $(du -h "$INITRD" | cut -f1)"
 }
