@@ -1,0 +1,327 @@
+//! The kernel lab (`qemu-scripts/kernel-lab.sh --quick`) as tests: the integration tests of
+//! tests/daemon.rs that carry the datapath's promises, run on other kernels than this host's.
+//! Each test boots one Debian kernel under QEMU (TCG, 2 vCPUs) with this build's test binary,
+//! daemon and synthetic guest inside, and runs the scenarios there:
+//!
+//! - TX byte-exact guest → host socket, RX byte-exact tap → guest (also for every feature set);
+//! - a full RX ring stops reading the tap and resumes on the guest's kick without loss (300
+//!   rounds instead of 1000);
+//! - four queue pairs carry 64 flows; TCP through the daemon intact with and without offloads
+//!   (4 MiB each way instead of 16);
+//! - malformed descriptors rejected with traffic going on; SIGTERM exits 0 and removes the socket;
+//! - the daemon's startup report matches what the booted kernel supports.
+//!
+//! What each test guarantees: the kernel booted is the one named, every scenario ran, and each
+//! passed the same assertions as on this host. Scenarios that fail on a kernel fail its test, with
+//! their output (the lab's table and each failure's panic and daemon log).
+//!
+//! Kernels: Debian 11's stock 5.10, Debian 12's 6.1 (the test guest's kernel), Debian 13's 6.12,
+//! and trixie-backports' 7.3.4 cloud kernel (IFF_BACKPRESSURE). About a minute each.
+//!
+//! Prerequisites (missing ones fail the test with instructions; `VUT_SKIP_QEMU=1` prints
+//! `SKIPPED: <reason>` and passes instead): root, QEMU (`qemu-system-x86_64`), busybox-static,
+//! iproute2, cpio, binutils, python3, and the kernels:
+//! `qemu-scripts/kernel-lab.sh --kernel all --fetch-only`. `VUT_KERNEL_LAB_TESTS=label,...` runs
+//! only those scenarios (labels from `qemu-scripts/kernel-lab.sh --list`).
+//!
+//! Run: `cargo test --test kernel_lab -- --nocapture` (as root).
+
+use std::fs;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+const SCRIPT: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/qemu-scripts/kernel-lab.sh");
+const FETCH: &str = "run `qemu-scripts/kernel-lab.sh --kernel all --fetch-only` as root";
+/// A quick run takes about a minute; a scenario that hangs is killed after 120 s in the VM, and a
+/// VM whose kernel crashed while booting is run once more.
+const DEADLINE: Duration = Duration::from_secs(30 * 60);
+
+/// One VM at a time: the machine has two cores, and the lab's cached initramfs parts are shared.
+static ONE_VM: Mutex<()> = Mutex::new(());
+
+fn cache_dir() -> PathBuf {
+    if let Some(dir) = std::env::var_os("VUT_CACHE") {
+        return PathBuf::from(dir);
+    }
+    let home = std::env::var_os("HOME").unwrap_or_else(|| "/root".into());
+    PathBuf::from(home).join(".cache/vhost-user-tap")
+}
+
+fn in_path(program: &str) -> bool {
+    std::env::var_os("PATH")
+        .is_some_and(|p| std::env::split_paths(&p).any(|d| d.join(program).is_file()))
+}
+
+/// Is a kernel whose cache directory starts with `prefix` extracted under `VUT_CACHE/sub`?
+fn fetched(sub: &str, prefix: &str) -> bool {
+    fs::read_dir(cache_dir().join(sub))
+        .ok()
+        .is_some_and(|dirs| {
+            dirs.flatten().any(|d| {
+                d.file_name().to_string_lossy().starts_with(prefix)
+                    && d.path().join("extracted").is_file()
+            })
+        })
+}
+
+/// Why the lab cannot run here, and how to fix it.
+fn check_prerequisites(kernel: &Kernel) -> Result<(), String> {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    if unsafe { libc::geteuid() } != 0 {
+        return Err(
+            "must run as root (network namespaces in the VM, device nodes in its \
+                    initramfs, apt-get)"
+                .into(),
+        );
+    }
+    for program in ["qemu-system-x86_64", "python3", "cpio", "strip", "ss"] {
+        if !in_path(program) {
+            return Err(format!("{program} not found: {FETCH}"));
+        }
+    }
+    for (tool, package) in [
+        ("/bin/busybox", "busybox-static"),
+        ("/usr/sbin/tc", "iproute2"),
+    ] {
+        if !Path::new(tool).exists() {
+            return Err(format!("{tool} missing (package {package}): {FETCH}"));
+        }
+    }
+    if !fetched(kernel.cache, kernel.cache_prefix) {
+        return Err(format!(
+            "kernel {} ({}) is not in {}: {FETCH}",
+            kernel.name,
+            kernel.what,
+            cache_dir().join(kernel.cache).display()
+        ));
+    }
+    Ok(())
+}
+
+struct Kernel {
+    /// `--kernel` argument.
+    name: &'static str,
+    what: &'static str,
+    /// Where the lab caches it, and how its directory there begins.
+    cache: &'static str,
+    cache_prefix: &'static str,
+    /// How the release it boots (`uname -r`) begins.
+    release_prefix: &'static str,
+}
+
+/// The lab script in its own process group, killed as a whole (QEMU included) if the test ends
+/// early.
+struct Lab(Child);
+
+impl Lab {
+    fn spawn(cmd: &mut Command) -> Lab {
+        cmd.process_group(0);
+        Lab(cmd
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot run {SCRIPT}: {e}")))
+    }
+
+    fn wait(&mut self, deadline: Instant) -> Option<std::process::ExitStatus> {
+        while Instant::now() < deadline {
+            if let Some(status) = self.0.try_wait().expect("waiting for the lab") {
+                return Some(status);
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        None
+    }
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        if matches!(self.0.try_wait(), Ok(None)) {
+            let pgid = self.0.id() as libc::pid_t;
+            // SAFETY: kill has no memory-safety preconditions; the group is the one we created.
+            unsafe { libc::kill(-pgid, libc::SIGKILL) };
+            let _ = self.0.wait();
+        }
+    }
+}
+
+/// The scenario labels and test names the lab runs (`kernel-lab.sh --list`, or the ones
+/// `VUT_KERNEL_LAB_TESTS` names).
+fn scenarios() -> Vec<(String, String)> {
+    let out = Command::new(SCRIPT)
+        .arg("--list")
+        .output()
+        .unwrap_or_else(|e| panic!("{SCRIPT} --list: {e}"));
+    let all: Vec<(String, String)> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| l.split_once(' '))
+        .map(|(label, test)| (label.to_string(), test.to_string()))
+        .collect();
+    assert!(!all.is_empty(), "{SCRIPT} --list printed no scenarios");
+    match std::env::var("VUT_KERNEL_LAB_TESTS") {
+        Ok(wanted) if !wanted.is_empty() => wanted
+            .split(',')
+            .map(|w| {
+                all.iter()
+                    .find(|(label, test)| label == w || test == w)
+                    .cloned()
+                    .unwrap_or_else(|| (w.to_string(), w.to_string()))
+            })
+            .collect(),
+        _ => all,
+    }
+}
+
+fn run_lab(kernel: Kernel) {
+    if let Err(reason) = check_prerequisites(&kernel) {
+        if std::env::var_os("VUT_SKIP_QEMU").is_some_and(|v| v == "1") {
+            println!("SKIPPED: kernel lab {}: {reason}", kernel.name);
+            return;
+        }
+        panic!(
+            "kernel lab {}: {reason} (set VUT_SKIP_QEMU=1 to skip)",
+            kernel.name
+        );
+    }
+    let _one = ONE_VM.lock().unwrap_or_else(|e| e.into_inner());
+    let scenarios = scenarios();
+    let tests: Vec<&str> = scenarios.iter().map(|(_, t)| t.as_str()).collect();
+    let out = std::env::temp_dir().join(format!(
+        "vut-kernel-lab-{}-{}",
+        kernel.name,
+        std::process::id()
+    ));
+    let _ = fs::remove_dir_all(&out);
+    fs::create_dir_all(&out).expect("creating the output directory");
+    // The script's own output goes to a file: a child's stdout/stderr would bypass the test
+    // harness's capture. Its tail is shown when the lab fails.
+    let log_path = out.join("lab.log");
+    let log = fs::File::create(&log_path).expect("creating lab.log");
+    let start = Instant::now();
+    let mut lab = Lab::spawn(
+        Command::new(SCRIPT)
+            .args(["--kernel", kernel.name, "--quick", "--tests"])
+            .arg(tests.join(","))
+            .arg("--out")
+            .arg(&out)
+            .stdout(log.try_clone().expect("lab.log"))
+            .stderr(log),
+    );
+    let status = lab.wait(start + DEADLINE);
+    drop(lab);
+    let table = fs::read_to_string(out.join("table.txt")).unwrap_or_default();
+    println!("{table}");
+    let log = fs::read_to_string(&log_path).unwrap_or_default();
+    let lines: Vec<&str> = log.lines().collect();
+    let log_tail = lines[lines.len().saturating_sub(40)..].join("\n");
+    let status = status.unwrap_or_else(|| {
+        panic!(
+            "the lab did not finish within {DEADLINE:?}; logs under {}:\n{log_tail}",
+            out.display()
+        )
+    });
+    let text = fs::read_to_string(out.join("results.json")).unwrap_or_else(|e| {
+        panic!(
+            "the lab ({status}) wrote no results.json ({e}); logs under {}:\n{log_tail}",
+            out.display()
+        )
+    });
+    let results: Value = serde_json::from_str(&text).expect("results.json is JSON");
+    let k = results["kernels"]
+        .as_array()
+        .and_then(|ks| ks.iter().find(|k| k["kernel"] == kernel.name))
+        .unwrap_or_else(|| panic!("results.json has no kernel {}: {text}", kernel.name));
+    println!(
+        "kernel lab {} ({}): {} s, {} VM attempt(s), {status}",
+        kernel.name,
+        k["package"],
+        start.elapsed().as_secs(),
+        k["vm_attempts"]
+    );
+    let booted = k["booted_release"].as_str().unwrap_or("(none)");
+    assert!(
+        booted.starts_with(kernel.release_prefix) && k["release_matches"] == Value::Bool(true),
+        "kernel {}: booted {booted:?}, expected {} ({}); console under {}",
+        kernel.name,
+        k["expected_release"],
+        kernel.what,
+        out.display()
+    );
+    let ran = k["scenarios"].as_array().expect("scenarios");
+    let mut failed = Vec::new();
+    for (label, test) in &scenarios {
+        let s = ran
+            .iter()
+            .find(|s| s["test"] == test.as_str())
+            .unwrap_or_else(|| panic!("results.json: scenario {label} ({test}) missing"));
+        let result = s["result"].as_str().unwrap_or("?");
+        if result != "ok" {
+            failed.push(format!("{label} ({test}): {result}"));
+        }
+    }
+    assert!(
+        failed.is_empty(),
+        "on kernel {} ({booted}), not every scenario ran and passed:\n  {}\n\n{table}\nconsole \
+         log: {}",
+        kernel.name,
+        failed.join("\n  "),
+        out.join(kernel.name).join("console.log").display()
+    );
+    assert_eq!(
+        k["finished"],
+        Value::Bool(true),
+        "the VM did not finish: {table}"
+    );
+    assert!(
+        status.success(),
+        "the lab reported a failure ({status}):\n{log_tail}"
+    );
+    let _ = fs::remove_dir_all(&out);
+}
+
+#[test]
+fn datapath_scenarios_pass_on_debian11_kernel_5_10() {
+    run_lab(Kernel {
+        name: "5.10",
+        what: "Debian 11 bullseye's linux-image-amd64",
+        cache: "kernel",
+        cache_prefix: "linux-image-5.10.",
+        release_prefix: "5.10.",
+    });
+}
+
+#[test]
+fn datapath_scenarios_pass_on_debian12_kernel_6_1() {
+    run_lab(Kernel {
+        name: "6.1",
+        what: "Debian 12 bookworm's linux-image-amd64",
+        cache: "kernel",
+        cache_prefix: "linux-image-6.1.",
+        release_prefix: "6.1.",
+    });
+}
+
+#[test]
+fn datapath_scenarios_pass_on_debian13_kernel_6_12() {
+    run_lab(Kernel {
+        name: "6.12",
+        what: "Debian 13 trixie's linux-image-amd64",
+        cache: "kernel",
+        cache_prefix: "linux-image-6.12.",
+        release_prefix: "6.12.",
+    });
+}
+
+#[test]
+fn datapath_scenarios_pass_on_trixie_backports_kernel_7_3() {
+    run_lab(Kernel {
+        name: "7.3",
+        what: "trixie-backports' 7.3.4 cloud kernel, with IFF_BACKPRESSURE",
+        cache: "lab-kernel",
+        cache_prefix: "7.3.4+deb13-cloud-amd64_",
+        release_prefix: "7.3.4+deb13-cloud-amd64",
+    });
+}
