@@ -26,6 +26,8 @@
 #   --qemu PATH      QEMU binary (default: qemu-system-x86_64 in PATH)
 #   --test-timeout S seconds one scenario may take before it is killed
 #                    (default 120 with --quick, 600 otherwise)
+#   --daemon-args A  extra daemon options for every scenario, e.g.
+#                    "--no-io-uring" (words of [A-Za-z0-9=,._/:-])
 #   --fetch-only     install the packages and fetch the kernel(s), then exit
 #   --list           print the scenarios and exit
 #
@@ -78,6 +80,7 @@ TESTS=
 OUT_DIR=
 QEMU=qemu-system-x86_64
 TEST_TIMEOUT=
+DAEMON_ARGS=
 FETCH_ONLY=0
 while [[ $# -gt 0 ]]; do
     case $1 in
@@ -87,6 +90,7 @@ while [[ $# -gt 0 ]]; do
     --out) OUT_DIR=${2:?}; shift 2 ;;
     --qemu) QEMU=${2:?}; shift 2 ;;
     --test-timeout) TEST_TIMEOUT=${2:?}; shift 2 ;;
+    --daemon-args) DAEMON_ARGS=${2?}; shift 2 ;;
     --fetch-only) FETCH_ONLY=1; shift ;;
     --list) printf '%s\n' "${SCENARIOS[@]}"; exit 0 ;;
     -h | --help) usage ;;
@@ -101,6 +105,7 @@ for k in "${KLIST[@]}"; do
 done
 [[ -z $TEST_TIMEOUT ]] && TEST_TIMEOUT=$([[ $QUICK == 1 ]] && echo 120 || echo 600)
 [[ $TEST_TIMEOUT =~ ^[1-9][0-9]*$ ]] || bad_usage "--test-timeout: a whole number > 0"
+[[ $DAEMON_ARGS =~ ^[A-Za-z0-9=,._/:\ -]*$ ]] || bad_usage "--daemon-args: words of [A-Za-z0-9=,._/:-]"
 
 # The scenarios asked for, as "label test" lines.
 PLAN=()
@@ -127,6 +132,8 @@ if [[ $QUICK == 1 ]]; then
 else
     TEST_ENV=
 fi
+# --daemon-args: the tests run a wrapper that adds them (VUT_DAEMON_BIN).
+[[ -z ${DAEMON_ARGS// /} ]] || TEST_ENV+=${TEST_ENV:+,}VUT_DAEMON_BIN=/usr/bin/vut-daemon-with-args
 
 vut_require_root "apt-get, and mknod in the initramfs"
 # busybox-static: the VM's userland; iproute2: ip, tc, ss for the tests
@@ -257,7 +264,7 @@ APPEND+=" vut.tests=$TEST_NAMES vut.test_timeout=$TEST_TIMEOUT"
 [[ -n $TEST_ENV ]] && APPEND+=" vut.env=$TEST_ENV"
 # x86's kernel command line holds 2047 bytes.
 [[ ${#APPEND} -lt 2000 ]] || bad_usage "--tests: too many names for the kernel command line"
-vut_log "$NTESTS scenario(s) on ${KLIST[*]}$([[ $QUICK == 1 ]] && echo ' (quick)'); $QEMU_VERSION"
+vut_log "$NTESTS scenario(s) on ${KLIST[*]}$([[ $QUICK == 1 ]] && echo ' (quick)')${DAEMON_ARGS:+, daemon $DAEMON_ARGS}; $QEMU_VERSION"
 
 run_vm() {
     local k=$1 initrd=$2 console=$3 status
@@ -273,11 +280,21 @@ run_vm() {
     return "$status"
 }
 
+# A third archive, per run: the --daemon-args wrapper.
+EXTRA=$WORK/extra.cpio
+mkdir -p "$WORK/extra/usr/bin"
+if [[ -n ${DAEMON_ARGS// /} ]]; then
+    printf '#!/bin/sh\nexec /usr/bin/vhost-user-tap %s "$@"\n' "$DAEMON_ARGS" \
+        >"$WORK/extra/usr/bin/vut-daemon-with-args"
+    chmod 755 "$WORK/extra/usr/bin/vut-daemon-with-args"
+fi
+vut_initramfs_pack "$WORK/extra" "$EXTRA"
+
 KJSON=()
 for k in "${KLIST[@]}"; do
     modules=$(modules_archive "$k")
     initrd=$WORK/initrd-$k.img
-    cat "$PROGS" "$modules" >"$initrd"
+    cat "$PROGS" "$modules" "$EXTRA" >"$initrd"
     mkdir -p "$RESULTS/$k"
     console=$RESULTS/$k/console.log
     crashes=()
@@ -312,11 +329,13 @@ done
 # --- report ------------------------------------------------------------------------
 python3 -c '
 import json, sys
-quick, qemu, env = sys.argv[1:4]
-scen = [dict(zip(("label", "test"), s.split(" ", 1))) for s in sys.argv[4].split("\n") if s]
-kernels = [json.loads(k) for k in sys.argv[5:]]
-print(json.dumps({"quick": quick == "1", "qemu": qemu, "env": env, "scenarios": scen, "kernels": kernels}))
-' "$QUICK" "$QEMU_VERSION" "$TEST_ENV" "$(printf '%s\n' "${PLAN[@]}")" "${KJSON[@]}" >"$RESULTS/plan.json"
+quick, qemu, env, daemon_args = sys.argv[1:5]
+scen = [dict(zip(("label", "test"), s.split(" ", 1))) for s in sys.argv[5].split("\n") if s]
+kernels = [json.loads(k) for k in sys.argv[6:]]
+print(json.dumps({"quick": quick == "1", "qemu": qemu, "env": env, "daemon_args": daemon_args,
+    "scenarios": scen, "kernels": kernels}))
+' "$QUICK" "$QEMU_VERSION" "$TEST_ENV" "$DAEMON_ARGS" "$(printf '%s\n' "${PLAN[@]}")" "${KJSON[@]}" \
+    >"$RESULTS/plan.json"
 set +e
 python3 "$KLAB_DIR/report.py" "$RESULTS/plan.json" "$RESULTS"
 ok=$?

@@ -12,7 +12,8 @@
 # Parameters come on the kernel command line:
 #   vut.tests=NAME,NAME,...   tests to run, one libtest invocation each
 #   vut.test_timeout=S        seconds a test may take before it is killed
-#   vut.env=K=V,K=V           environment for the tests (quick mode sizes)
+#   vut.env=K=V,K=V           environment for the tests (quick mode sizes,
+#                             VUT_DAEMON_BIN for kernel-lab.sh --daemon-args)
 # Results go to the serial console as one-line markers kernel-lab.sh parses:
 #   VUT-KLAB-BOOT kernel=RELEASE ...    the kernel that really booted
 #   VUT-KLAB-MODULE NAME ok|failed      each insmod
@@ -89,12 +90,21 @@ if [ -r /proc/sys/kernel/io_uring_disabled ]; then
     echo "VUT-KLAB-SYSCTL kernel.io_uring_disabled=$(cat /proc/sys/kernel/io_uring_disabled)"
 fi
 
+export VUT_DAEMON_BIN=/usr/bin/vhost-user-tap
+# Failed tests show the daemon's log lines with their own output.
+export VUT_ECHO_DAEMON=1
+export RUST_BACKTRACE=0
+for kv in $(echo "$env" | tr , ' '); do
+    # shellcheck disable=SC2163 # exporting the assignment "K=V" itself
+    export "$kv"
+done
+
 # The daemon's startup report on this kernel (tun features, backpressure, TX
 # write path, seccomp), for the record: start it in a namespace of its own,
 # let it report, stop it.
 probe_daemon() {
     "$IP" netns add vutprobe || return 0
-    RUST_LOG=info "$IP" netns exec vutprobe /usr/bin/vhost-user-tap \
+    RUST_LOG=info "$IP" netns exec vutprobe "$VUT_DAEMON_BIN" \
         --socket-path /run/vutprobe.sock --tap vutp0 2>/tmp/probe.log &
     pd_pid=$!
     wait_for 200 grep -q "listening on" /tmp/probe.log ||
@@ -118,15 +128,6 @@ cleanup() {
         case "$ns" in vut-*) "$IP" netns del "$ns" ;; esac
     done
 }
-
-export VUT_DAEMON_BIN=/usr/bin/vhost-user-tap
-# Failed tests show the daemon's log lines with their own output.
-export VUT_ECHO_DAEMON=1
-export RUST_BACKTRACE=0
-for kv in $(echo "$env" | tr , ' '); do
-    # shellcheck disable=SC2163 # exporting the assignment "K=V" itself
-    export "$kv"
-done
 
 count=0
 for t in $(echo "$tests" | tr , ' '); do count=$((count + 1)); done

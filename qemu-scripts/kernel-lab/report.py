@@ -138,6 +138,7 @@ def main():
         "quick": plan["quick"],
         "qemu": plan["qemu"],
         "env": plan["env"],
+        "daemon_args": plan["daemon_args"],
         "scenarios": plan["scenarios"],
         "kernels": kernels,
     }
@@ -174,6 +175,8 @@ def main():
     table.append("")
     for s in plan["scenarios"]:
         table.append(f"{s['label']}: {s['test']}")
+    if plan["daemon_args"].strip():
+        table.append(f"(every scenario's daemon ran with {plan['daemon_args'].strip()})")
     text = "\n".join(table)
 
     notes = []
@@ -188,6 +191,8 @@ def main():
                 "remaining scenarios did not run"
             )
             notes.extend(f"    {line}" for line in k.get("crash", []))
+        for c in k["crashes_before_tests"]:
+            notes.append(f"{k['kernel']}: crashed before the tests started, VM run again: {c}")
         for e in k["errors"]:
             notes.append(f"{k['kernel']}: {e}")
         for mod, status in k["modules"].items():
