@@ -126,7 +126,9 @@ fi
 TEST_NAMES=$(for s in "${PLAN[@]}"; do echo "${s#* }"; done | paste -sd,)
 
 # Quick mode: the same assertions with fewer rounds (full: 1000 stop/wake
-# iterations, 16 MiB each way per offload set).
+# iterations, 16 MiB each way per offload set). Measured here (QEMU 7.2 TCG,
+# 2 vCPUs): a kernel's VM runs 40-57 s quick, 84-101 s full; stop/wake is
+# ~65 ms an iteration, the rest of the scenarios ~20 s together.
 if [[ $QUICK == 1 ]]; then
     TEST_ENV=VUT_STOPWAKE_ITERATIONS=300,VUT_TCP_BYTES=4194304
 else
