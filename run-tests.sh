@@ -19,6 +19,7 @@ qemu-scripts/fetch-qemu.sh
 qemu-scripts/systemd-tools.sh
 qemu-scripts/libvirt-tools.sh
 qemu-scripts/backpressure-lab.sh --fetch-only
+qemu-scripts/kernel-lab.sh --kernel all --fetch-only
 if ! cargo fmt --version >/dev/null 2>&1 || ! cargo clippy --version >/dev/null 2>&1; then
     rustup component add rustfmt clippy
 fi

@@ -911,7 +911,11 @@ fn startup_report_matches_what_this_kernel_supports() {
     // The log says which TX path was chosen and why.
     let log = r.daemon.log();
     let tx_line = log.lines().find(|l| l.contains("TX: ")).expect("TX line");
-    assert_eq!(tx_line.contains("io_uring ("), uring, "{tx_line}");
+    assert_eq!(
+        tx_line.contains("frames written in batches"),
+        uring,
+        "{tx_line}"
+    );
     if !uring && want.contains(&("io_uring", true)) {
         assert!(tx_line.contains("Linux 6.4"), "{tx_line}");
     }
