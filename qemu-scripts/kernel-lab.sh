@@ -72,6 +72,7 @@ SCENARIOS=(
     "bad-descriptors malformed_descriptors_are_rejected_and_traffic_goes_on"
     "sigterm sigterm_exits_zero_and_removes_the_socket"
     "startup-report startup_report_matches_what_this_kernel_supports"
+    "metrics metrics_show_where_frames_went_and_move_with_traffic"
     "restart-after-kill a_daemon_started_right_after_a_sigkill_gets_the_tap"
 )
 
