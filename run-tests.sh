@@ -26,7 +26,7 @@ fi
 
 echo "== format and lints"
 cargo fmt --all -- --check
-cargo clippy --all-targets -- -D warnings
+cargo clippy --workspace --all-targets -- -D warnings
 
 echo "== tests"
-cargo test --all-targets -- "$@"
+cargo test --workspace --all-targets -- "$@"

@@ -128,7 +128,7 @@ fi
 # --- the binaries ----------------------------------------------------------------
 if [[ -z $BIN_DIR ]]; then
     vut_log "cargo build --release (daemon and synthetic guest)"
-    (cd "$REPO" && cargo build --release --quiet --bin vhost-user-tap --bin vhost-user-tap-guest) ||
+    (cd "$REPO" && cargo build --release --quiet -p vhost-user-tap -p vhost-user-tap-guest) ||
         vut_die "cargo build --release failed"
     BIN_DIR=${CARGO_TARGET_DIR:-$REPO/target}/release
 fi

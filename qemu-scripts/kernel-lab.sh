@@ -168,9 +168,10 @@ fi
 # The integration test binary of tests/daemon.rs and the daemon and guest of
 # the same build: cargo names the first in its JSON messages; the others are
 # in the profile directory above it (target/debug/deps/.. = target/debug).
-vut_log "cargo test --no-run --test daemon (debug build)"
-CARGO_JSON=$(cd "$REPO" && cargo test --no-run --test daemon --message-format=json) ||
+vut_log "cargo test --no-run --test daemon, cargo build -p vhost-user-tap-guest (debug build)"
+CARGO_JSON=$(cd "$REPO" && cargo test --no-run -p vhost-user-tap --test daemon --message-format=json) ||
     vut_die "cargo test --no-run --test daemon failed"
+(cd "$REPO" && cargo build --quiet -p vhost-user-tap-guest) || vut_die "cargo build -p vhost-user-tap-guest failed"
 TESTS_EXE=$(python3 -c '
 import json, sys
 for line in sys.stdin:

@@ -40,20 +40,12 @@ use serde_json::Value;
 const SCRIPT_DEADLINE: Duration = Duration::from_secs(300);
 const SECONDS: &str = "3";
 
-fn cache_dir() -> PathBuf {
-    if let Some(dir) = std::env::var_os("VUT_CACHE") {
-        return PathBuf::from(dir);
-    }
-    let home = std::env::var_os("HOME").unwrap_or_else(|| "/root".into());
-    PathBuf::from(home).join(".cache/vhost-user-tap")
-}
-
 fn repo() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+    vhost_user_tap_guest::kit::repo_root()
 }
 
 fn qemu10() -> PathBuf {
-    cache_dir().join("qemu-10/qemu-system-x86_64")
+    vhost_user_tap_guest::kit::cache_dir().join("qemu-10/qemu-system-x86_64")
 }
 
 /// Why the test cannot run, and how to fix it.
@@ -62,7 +54,7 @@ fn missing_prerequisite() -> Option<String> {
     if unsafe { libc::geteuid() } != 0 {
         return Some("must run as root (network namespaces, taps)".into());
     }
-    let guest = cache_dir().join("guest");
+    let guest = vhost_user_tap_guest::kit::cache_dir().join("guest");
     for f in ["vmlinuz", "initrd.img"] {
         if !guest.join(f).is_file() {
             return Some(format!(

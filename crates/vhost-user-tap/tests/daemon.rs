@@ -1,14 +1,12 @@
 //! The real daemon binary in a throwaway network namespace with a real tap, driven by the
 //! synthetic guest. Needs root; set VUT_SKIP_ROOT=1 to skip (prints SKIPPED).
 
-mod common;
-
 use std::net::{SocketAddrV4, UdpSocket};
 use std::time::{Duration, Instant};
 
-use common::*;
 use rand::Rng;
-use vhost_user_tap::guest::{Guest, GuestConfig, RawDesc, RawNext};
+use vhost_user_tap_guest::kit::*;
+use vhost_user_tap_guest::{Guest, GuestConfig, RawDesc, RawNext};
 
 const WAIT: Duration = Duration::from_secs(10);
 
@@ -989,7 +987,7 @@ fn a_daemon_started_right_after_a_sigkill_gets_the_tap() {
 
 #[test]
 fn a_frontend_without_shared_memory_is_named_in_the_log() {
-    use vhost_user_tap::guest::HandshakeOrder;
+    use vhost_user_tap_guest::HandshakeOrder;
     if !root_or_skip("unshared") {
         return;
     }

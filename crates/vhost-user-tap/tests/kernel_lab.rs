@@ -35,7 +35,9 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-const SCRIPT: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/qemu-scripts/kernel-lab.sh");
+fn script() -> PathBuf {
+    vhost_user_tap_guest::kit::repo_root().join("qemu-scripts/kernel-lab.sh")
+}
 const FETCH: &str = "run `qemu-scripts/kernel-lab.sh --kernel all --fetch-only` as root";
 /// A quick run takes about a minute; a scenario that hangs is killed after 120 s in the VM, and a
 /// VM whose kernel crashed while booting is run once more.
@@ -44,22 +46,9 @@ const DEADLINE: Duration = Duration::from_secs(30 * 60);
 /// One VM at a time: the machine has two cores, and the lab's cached initramfs parts are shared.
 static ONE_VM: Mutex<()> = Mutex::new(());
 
-fn cache_dir() -> PathBuf {
-    if let Some(dir) = std::env::var_os("VUT_CACHE") {
-        return PathBuf::from(dir);
-    }
-    let home = std::env::var_os("HOME").unwrap_or_else(|| "/root".into());
-    PathBuf::from(home).join(".cache/vhost-user-tap")
-}
-
-fn in_path(program: &str) -> bool {
-    std::env::var_os("PATH")
-        .is_some_and(|p| std::env::split_paths(&p).any(|d| d.join(program).is_file()))
-}
-
 /// Is a kernel whose cache directory starts with `prefix` extracted under `VUT_CACHE/sub`?
 fn fetched(sub: &str, prefix: &str) -> bool {
-    fs::read_dir(cache_dir().join(sub))
+    fs::read_dir(vhost_user_tap_guest::kit::cache_dir().join(sub))
         .ok()
         .is_some_and(|dirs| {
             dirs.flatten().any(|d| {
@@ -80,7 +69,7 @@ fn check_prerequisites(kernel: &Kernel) -> Result<(), String> {
         );
     }
     for program in ["qemu-system-x86_64", "python3", "cpio", "strip", "ss"] {
-        if !in_path(program) {
+        if !vhost_user_tap_guest::kit::on_path(program) {
             return Err(format!("{program} not found: {FETCH}"));
         }
     }
@@ -97,7 +86,9 @@ fn check_prerequisites(kernel: &Kernel) -> Result<(), String> {
             "kernel {} ({}) is not in {}: {FETCH}",
             kernel.name,
             kernel.what,
-            cache_dir().join(kernel.cache).display()
+            vhost_user_tap_guest::kit::cache_dir()
+                .join(kernel.cache)
+                .display()
         ));
     }
     Ok(())
@@ -123,7 +114,7 @@ impl Lab {
         cmd.process_group(0);
         Lab(cmd
             .spawn()
-            .unwrap_or_else(|e| panic!("cannot run {SCRIPT}: {e}")))
+            .unwrap_or_else(|e| panic!("cannot run {}: {e}", script().display())))
     }
 
     fn wait(&mut self, deadline: Instant) -> Option<std::process::ExitStatus> {
@@ -151,16 +142,20 @@ impl Drop for Lab {
 /// The scenario labels and test names the lab runs (`kernel-lab.sh --list`, or the ones
 /// `VUT_KERNEL_LAB_TESTS` names).
 fn scenarios() -> Vec<(String, String)> {
-    let out = Command::new(SCRIPT)
+    let out = Command::new(script())
         .arg("--list")
         .output()
-        .unwrap_or_else(|e| panic!("{SCRIPT} --list: {e}"));
+        .unwrap_or_else(|e| panic!("{} --list: {e}", script().display()));
     let all: Vec<(String, String)> = String::from_utf8_lossy(&out.stdout)
         .lines()
         .filter_map(|l| l.split_once(' '))
         .map(|(label, test)| (label.to_string(), test.to_string()))
         .collect();
-    assert!(!all.is_empty(), "{SCRIPT} --list printed no scenarios");
+    assert!(
+        !all.is_empty(),
+        "{} --list printed no scenarios",
+        script().display()
+    );
     match std::env::var("VUT_KERNEL_LAB_TESTS") {
         Ok(wanted) if !wanted.is_empty() => wanted
             .split(',')
@@ -202,7 +197,7 @@ fn run_lab(kernel: Kernel) {
     let log = fs::File::create(&log_path).expect("creating lab.log");
     let start = Instant::now();
     let mut lab = Lab::spawn(
-        Command::new(SCRIPT)
+        Command::new(script())
             .args(["--kernel", kernel.name, "--quick", "--tests"])
             .arg(tests.join(","))
             .arg("--out")

@@ -9,8 +9,8 @@ use std::os::fd::AsFd;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use crate::guest::queue::{QueueError, QueuePair};
-use crate::tap::Tap;
+use crate::queue::{QueueError, QueuePair};
+use vhost_user_tap::tap::Tap;
 
 #[derive(Debug, thiserror::Error)]
 pub enum BridgeError {

@@ -10,8 +10,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use clap::{Parser, ValueEnum};
-use vhost_user_tap::guest::net::{format_mac, parse_mac};
-use vhost_user_tap::guest::{
+use vhost_user_tap_guest::net::{format_mac, parse_mac};
+use vhost_user_tap_guest::{
     run, FrameSpec, Guest, GuestConfig, HandshakeOrder, RunConfig, RunReport, StopReason, TxLayout,
     UdpFlow,
 };

@@ -1,6 +1,8 @@
 //! Synthetic guest: a vhost-user *frontend* that drives virtio-net split rings the way a Linux
 //! guest's virtio-net driver does, without a VM. Used by tests, benchmarks and the
-//! `vhost-user-tap-guest` binary.
+//! `vhost-user-tap-guest` binary. Also the project's test kit ([`kit`]) and the in-process
+//! loopback of the daemon's data path ([`loopback`]): everything that tests the daemon and
+//! does not ship with it.
 //!
 //! - [`mem`]: memfd-backed guest memory shared with the backend.
 //! - [`ring`]: driver side of a split virtqueue (EVENT_IDX, suppression, barriers as Linux).
@@ -10,10 +12,12 @@
 //! - [`net`]: vnet header, feature bits, test frames.
 //! - [`run`]: the binary's traffic mode.
 //! - [`bridge`]: forwarding between the rings and a second tap (TCP through a backend).
+//! - [`loopback`]: the daemon's RX/TX wired to a guest queue pair in-process.
+//! - [`kit`]: namespaces, the daemon process, counters, prerequisites for integration tests.
 //!
 //! ```no_run
 //! use std::time::Duration;
-//! use vhost_user_tap::guest::{Guest, GuestConfig};
+//! use vhost_user_tap_guest::{Guest, GuestConfig};
 //! let mut g = Guest::connect(GuestConfig::new("/tmp/vhost-user-tap.sock"))?;
 //! g.post_rx_buffers(usize::MAX)?;
 //! g.send_frame(&[0xff; 60])?;
@@ -21,10 +25,12 @@
 //!     g.poll_rx(|frame, hdr| println!("{} bytes, {hdr:?}", frame.len()))?;
 //! }
 //! let bases = g.disconnect()?;
-//! # Ok::<(), vhost_user_tap::guest::GuestError>(())
+//! # Ok::<(), vhost_user_tap_guest::GuestError>(())
 //! ```
 pub mod bridge;
 pub mod frontend;
+pub mod kit;
+pub mod loopback;
 pub mod mem;
 pub mod net;
 pub mod queue;

@@ -19,14 +19,10 @@
 //! - [`seccomp`]: the syscall allow-list applied after setup.
 //! - [`stats`]: per-queue-pair counters.
 //! - [`ratelog`]: rate limiting for guest-triggered warnings.
-//! - [`loopback`]: the data path wired in-process (tests, micro-benchmarks).
-//! - [`guest`]: a synthetic guest (vhost-user frontend) for tests, benchmarks and smoke tests.
 pub mod backpressure;
 pub mod config;
 pub mod daemon;
-pub mod guest;
 pub mod kernel;
-pub mod loopback;
 pub mod metrics;
 pub mod netlink;
 pub mod protocol;

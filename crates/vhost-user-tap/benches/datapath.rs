@@ -7,7 +7,7 @@
 use std::time::{Duration, Instant};
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
-use vhost_user_tap::loopback::{Loopback, LoopbackConfig};
+use vhost_user_tap_guest::loopback::{Loopback, LoopbackConfig};
 
 const BATCH: usize = 64;
 

@@ -10,8 +10,6 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use serde::Serialize;
-
 macro_rules! counters {
     ($(#[$m:meta])* $name:ident / $snap:ident { $($(#[$fm:meta])* $field:ident,)* }) => {
         $(#[$m])*
@@ -21,7 +19,7 @@ macro_rules! counters {
         }
 
         /// A plain copy of every counter.
-        #[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Serialize)]
+        #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
         pub struct $snap {
             $(pub $field: u64,)*
         }

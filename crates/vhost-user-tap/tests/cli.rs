@@ -1,13 +1,11 @@
 //! The daemon's command line and start-up failures, as a user meets them.
 
-mod common;
-
 use std::os::unix::fs::PermissionsExt;
 use std::process::Command;
 use std::time::Duration;
 
-use common::*;
-use vhost_user_tap::guest::Guest;
+use vhost_user_tap_guest::kit::*;
+use vhost_user_tap_guest::Guest;
 
 /// Run as user nobody with a world-accessible /dev/net/tun, as distributions ship it (this
 /// machine's is 0600): a private mount namespace gets its own /dev/net, the host's is untouched.
@@ -180,7 +178,7 @@ fn an_unprivileged_daemon_serves_a_tap_created_for_its_user() {
         .spawn()
         .unwrap();
     ns.configure_tap(TAP);
-    let mut cfg = vhost_user_tap::guest::GuestConfig::new(&sock);
+    let mut cfg = vhost_user_tap_guest::GuestConfig::new(&sock);
     cfg.read_config = false;
     let mut g = Guest::connect(cfg).expect("the unprivileged daemon accepts a guest");
     g.post_rx_buffers(usize::MAX).unwrap();

@@ -35,12 +35,8 @@ use std::time::{Duration, Instant};
 use vhost_user_tap::netlink;
 use vhost_user_tap::tap::Tap;
 
-#[path = "../tests/common/mod.rs"]
-mod common;
+use vhost_user_tap_guest::kit::{guest_bin, tcp_through_daemon, Daemon, Netns};
 
-use common::{tcp_through_daemon, Daemon, Netns};
-
-const GUEST: &str = env!("CARGO_BIN_EXE_vhost-user-tap-guest");
 const TAP: &str = "vutb0";
 const HOST_IP: &str = "10.98.0.1";
 const GUEST_IP: &str = "10.98.0.2";
@@ -322,10 +318,10 @@ fn guest_json(args: &[&str]) -> serde_json::Value {
     let mut cmd = match placement() {
         Some((side, _)) => {
             let mut c = Command::new("taskset");
-            c.args(["-c", &side.to_string(), GUEST]);
+            c.args(["-c", &side.to_string(), guest_bin()]);
             c
         }
-        None => Command::new(GUEST),
+        None => Command::new(guest_bin()),
     };
     let out = cmd.args(args).stderr(Stdio::inherit()).output().unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
@@ -539,11 +535,12 @@ fn main() {
     let mut tcp = Vec::new();
     for offloads in [true, false].into_iter().filter(|_| want("tcp")) {
         let tag = |i: usize| format!("btcp{i}{}", u8::from(offloads));
-        let runs: Vec<common::TcpRun> = (0..runs)
+        let runs: Vec<vhost_user_tap_guest::kit::TcpRun> = (0..runs)
             .map(|i| tcp_through_daemon(&tag(i), offloads, tcp_bytes))
             .collect();
-        let med =
-            |f: fn(&common::TcpRun) -> f64| median(&runs.iter().map(f).collect::<Vec<_>>(), |x| *x);
+        let med = |f: fn(&vhost_user_tap_guest::kit::TcpRun) -> f64| {
+            median(&runs.iter().map(f).collect::<Vec<_>>(), |x| *x)
+        };
         tcp.push((
             offloads,
             med(|r| r.host_to_guest_gbps),
@@ -598,7 +595,7 @@ fn main() {
             on_g / off_g
         );
     }
-    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("target/vut-bench");
+    let dir = vhost_user_tap_guest::kit::repo_root().join("target/vut-bench");
     std::fs::create_dir_all(&dir).unwrap();
     std::fs::write(
         dir.join("e2e.json"),

@@ -37,8 +37,6 @@
 //!
 //! Run: `cargo test --test libvirt -- --nocapture` (as root).
 
-mod common;
-
 use std::ffi::CString;
 use std::fs;
 use std::io::{Read, Write};
@@ -50,7 +48,9 @@ use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use common::{daemon_bin, on_path, Daemon, Netns, TempDir, GUEST_IP, GUEST_MAC, HOST_IP, TAP};
+use vhost_user_tap_guest::kit::{
+    daemon_bin, on_path, Daemon, Netns, TempDir, GUEST_IP, GUEST_MAC, HOST_IP, TAP,
+};
 
 const QEMU: &str = "/usr/bin/qemu-system-x86_64";
 const LIBVIRTD: &str = "/usr/sbin/libvirtd";
@@ -74,14 +74,6 @@ const GUEST_PING_SECS: u32 = 20;
 /// From the restarted daemon listening to the host's first answered ping.
 const RECOVERY_DEADLINE: Duration = Duration::from_secs(30);
 const WAIT: Duration = Duration::from_secs(15);
-
-fn cache_dir() -> PathBuf {
-    if let Some(dir) = std::env::var_os("VUT_CACHE") {
-        return PathBuf::from(dir);
-    }
-    let home = std::env::var_os("HOME").unwrap_or_else(|| "/root".into());
-    PathBuf::from(home).join(".cache/vhost-user-tap")
-}
 
 fn skip_requested() -> bool {
     ["VUT_SKIP_LIBVIRT", "VUT_SKIP_QEMU"]
@@ -127,7 +119,7 @@ fn prerequisites() -> Result<(PathBuf, PathBuf), String> {
             "user/group {QEMU_USER} (libvirt's QEMU user) missing: {tools}"
         ));
     }
-    let guest = cache_dir().join("guest");
+    let guest = vhost_user_tap_guest::kit::cache_dir().join("guest");
     let (kernel, initrd) = (guest.join("vmlinuz"), guest.join("initrd.img"));
     for f in [&kernel, &initrd] {
         if !f.is_file() {
@@ -235,7 +227,7 @@ struct Libvirtd {
 impl Libvirtd {
     fn start() -> Libvirtd {
         let root = TempDir::new("libvirt-state");
-        let cache = cache_dir().join("libvirt-cache");
+        let cache = vhost_user_tap_guest::kit::cache_dir().join("libvirt-cache");
         fs::create_dir_all(&cache).unwrap();
         let mut created = Vec::new();
         let mut script = String::from("set -e\n");

@@ -4,7 +4,7 @@
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::cell::Cell;
 
-use vhost_user_tap::loopback::{Loopback, LoopbackConfig};
+use vhost_user_tap_guest::loopback::{Loopback, LoopbackConfig};
 
 struct Counting;
 

@@ -7,8 +7,6 @@
 //! for the daemon tests, root. A missing prerequisite fails the test unless VUT_SKIP_SYSTEMD=1 /
 //! VUT_SKIP_ROOT=1 asks to skip it (prints SKIPPED).
 
-mod common;
-
 use std::collections::BTreeSet;
 use std::io::ErrorKind;
 use std::net::{SocketAddrV4, UdpSocket};
@@ -20,22 +18,27 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
-use common::*;
-use vhost_user_tap::guest::{Guest, GuestConfig};
 use vhost_user_tap::seccomp;
+use vhost_user_tap_guest::kit::*;
+use vhost_user_tap_guest::{Guest, GuestConfig};
 
-const UNIT_DIR: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/qemu-scripts/systemd");
+fn unit_dir() -> PathBuf {
+    repo_root().join("qemu-scripts/systemd")
+}
 const WAIT: Duration = Duration::from_secs(10);
 
 fn unit_text(name: &str) -> String {
-    let p = Path::new(UNIT_DIR).join(name);
+    let p = unit_dir().join(name);
     std::fs::read_to_string(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()))
 }
 
 /// Copies of the two unit templates in `dir` whose ExecStart*= point at this build's daemon and
 /// the repository's prepare script instead of /usr/libexec (which `verify` wants to exist).
 fn staged_units(dir: &Path) -> (PathBuf, PathBuf) {
-    let prepare = format!("{UNIT_DIR}/vhost-user-tap-prepare");
+    let prepare = unit_dir()
+        .join("vhost-user-tap-prepare")
+        .display()
+        .to_string();
     let mut out = Vec::new();
     for name in ["vhost-user-tap@.socket", "vhost-user-tap@.service"] {
         let text = unit_text(name);
@@ -636,7 +639,10 @@ fn the_prepare_script_creates_the_tap_for_the_service_user_once() {
         return;
     }
     let ns = Netns::new("prepare");
-    let prepare = format!("{UNIT_DIR}/vhost-user-tap-prepare");
+    let prepare = unit_dir()
+        .join("vhost-user-tap-prepare")
+        .display()
+        .to_string();
     let run_prepare = |queues: &str, tap: &str| {
         run(Command::new("ip")
             .args(["netns", "exec", &ns.name, &prepare, "nobody"])
@@ -695,7 +701,12 @@ fn a_killed_daemon_restarts_on_the_held_socket_and_traffic_resumes() {
     // The tap as the unit's ExecStartPre creates it: persistent, for the service user.
     run(Command::new("ip")
         .args(["netns", "exec", &ns.name])
-        .arg(format!("{UNIT_DIR}/vhost-user-tap-prepare"))
+        .arg(
+            unit_dir()
+                .join("vhost-user-tap-prepare")
+                .display()
+                .to_string(),
+        )
         .arg("nobody")
         .env("VHOST_USER_TAP_TAP", TAP));
     ns.configure_tap(TAP);

@@ -1,8 +1,8 @@
-//! Shared harness for the integration tests: throwaway network namespaces, the real daemon binary
-//! inside one, sockets created in a namespace, and the daemon's counters.
+//! The test kit every integration test and benchmark uses: where the binaries and the project's
+//! scripts are, throwaway network namespaces, the real daemon binary inside one, sockets created
+//! in a namespace, and the daemon's counters.
 //!
 //! Every namespace is deleted on drop and every daemon is stopped on drop, also when a test fails.
-#![allow(dead_code)]
 
 use std::collections::HashMap;
 use std::fs::File;
@@ -16,16 +16,78 @@ use std::sync::mpsc;
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
+/// The top of the repository (qemu-scripts/, target/).
+pub fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../..")
+        .canonicalize()
+        .expect("the repository")
+}
+
+/// `target/<profile>` of the running test or benchmark: the binaries cargo built for it sit
+/// beside its `deps/` directory.
+fn profile_dir() -> PathBuf {
+    let exe = std::env::current_exe().expect("the test executable");
+    let deps = exe.parent().expect("deps/");
+    if deps.ends_with("deps") {
+        deps.parent().expect("target/<profile>").to_path_buf()
+    } else {
+        deps.to_path_buf()
+    }
+}
+
+/// A workspace binary of this build: `$env` when set, else the one beside the running test,
+/// built first (`cargo build -p package`) when a test of another package runs alone.
+fn workspace_bin(env: &str, package: &str, name: &str) -> String {
+    if let Ok(bin) = std::env::var(env) {
+        if !bin.is_empty() {
+            return bin;
+        }
+    }
+    let dir = profile_dir();
+    let path = dir.join(name);
+    if !path.exists() {
+        let mut cmd = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+        cmd.current_dir(repo_root())
+            .args(["build", "--quiet", "-p", package, "--bin", name]);
+        if dir.ends_with("release") {
+            cmd.arg("--release");
+        }
+        run(&mut cmd);
+    }
+    path.to_string_lossy().into_owned()
+}
+
 /// The daemon binary under test: the one this build made, or `VUT_DAEMON_BIN` when set. The
-/// kernel lab (qemu-scripts/kernel-lab.sh) runs these test binaries inside a VM, where cargo's
-/// absolute host path does not exist.
+/// kernel lab (qemu-scripts/kernel-lab.sh) runs these test binaries inside a VM, where the host's
+/// target directory does not exist.
 pub fn daemon_bin() -> &'static str {
     static BIN: OnceLock<String> = OnceLock::new();
-    BIN.get_or_init(|| match std::env::var("VUT_DAEMON_BIN") {
-        Ok(bin) if !bin.is_empty() => bin,
-        _ => env!("CARGO_BIN_EXE_vhost-user-tap").to_string(),
+    BIN.get_or_init(|| workspace_bin("VUT_DAEMON_BIN", "vhost-user-tap", "vhost-user-tap"))
+}
+
+/// The synthetic guest's binary of this build, or `VUT_GUEST_BIN` when set.
+pub fn guest_bin() -> &'static str {
+    static BIN: OnceLock<String> = OnceLock::new();
+    BIN.get_or_init(|| {
+        workspace_bin(
+            "VUT_GUEST_BIN",
+            "vhost-user-tap-guest",
+            "vhost-user-tap-guest",
+        )
     })
 }
+
+/// Where downloads and built images live: `$VUT_CACHE` or `~/.cache/vhost-user-tap` (the
+/// scripts' lib-vm.sh uses the same).
+pub fn cache_dir() -> PathBuf {
+    if let Some(dir) = std::env::var_os("VUT_CACHE") {
+        return PathBuf::from(dir);
+    }
+    let home = std::env::var_os("HOME").unwrap_or_else(|| "/root".into());
+    PathBuf::from(home).join(".cache/vhost-user-tap")
+}
+
 pub const HOST_IP: &str = "10.99.0.1";
 pub const GUEST_IP: &str = "10.99.0.2";
 pub const GUEST_MAC: [u8; 6] = [0x52, 0x54, 0x00, 0xaa, 0xbb, 0x01];
@@ -433,10 +495,10 @@ pub struct TcpRun {
 /// Sends `bytes` each way over one connection and checks every byte. With `offloads` the guest
 /// negotiates checksum and TSO offloads both ways and the frames cross as GSO super-frames.
 pub fn tcp_through_daemon(tag: &str, offloads: bool, bytes: usize) -> TcpRun {
+    use crate::{bridge::bridge, Guest, GuestConfig};
     use std::io::{Read, Write};
     use std::net::{TcpListener, TcpStream};
     use std::sync::atomic::AtomicBool;
-    use vhost_user_tap::guest::{bridge::bridge, Guest, GuestConfig};
     use vhost_user_tap::tap::Tap;
     use virtio_bindings::virtio_net::*;
 
@@ -598,14 +660,14 @@ pub fn tcp_through_daemon(tag: &str, offloads: bool, bytes: usize) -> TcpRun {
 
 /// UDP frames from GUEST_IP:GUEST_PORT to HOST_IP:HOST_PORT, addressed to the MAC of the tap in
 /// `ns`, as a guest sends them to the host.
-pub fn guest_to_host_spec(ns: &Netns) -> vhost_user_tap::guest::FrameSpec {
+pub fn guest_to_host_spec(ns: &Netns) -> crate::FrameSpec {
     let out = ns.ip(&["-j", "link", "show", TAP]);
     let v: serde_json::Value = serde_json::from_str(&out).unwrap();
     let tap_mac = vhost_user_tap::config::parse_mac(v[0]["address"].as_str().unwrap()).unwrap();
-    vhost_user_tap::guest::FrameSpec {
+    crate::FrameSpec {
         dst_mac: tap_mac,
         src_mac: GUEST_MAC,
-        udp: Some(vhost_user_tap::guest::UdpFlow {
+        udp: Some(crate::UdpFlow {
             src: format!("{GUEST_IP}:{GUEST_PORT}").parse().unwrap(),
             dst: format!("{HOST_IP}:{HOST_PORT}").parse().unwrap(),
         }),

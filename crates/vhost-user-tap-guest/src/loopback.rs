@@ -12,15 +12,15 @@ use thiserror::Error;
 use virtio_queue::{Queue, QueueT};
 use vm_memory::GuestMemoryMmap;
 
-use crate::guest::mem::GuestRam;
-use crate::guest::queue::{PairConfig, QueuePair, TxLayout};
-use crate::ring::DeviceQueue;
-use crate::rx::{Notifier, Rx, RxCarry, RxError, RxOutcome};
-use crate::stats::PairStats;
-use crate::tap::Tap;
-use crate::tx::{Tx, TxError, TxOutcome};
-use crate::uring::TxRing;
-use crate::virtio_net::HDR_LEN;
+use crate::mem::GuestRam;
+use crate::queue::{PairConfig, QueuePair, TxLayout};
+use vhost_user_tap::ring::DeviceQueue;
+use vhost_user_tap::rx::{Notifier, Rx, RxCarry, RxError, RxOutcome};
+use vhost_user_tap::stats::PairStats;
+use vhost_user_tap::tap::Tap;
+use vhost_user_tap::tx::{Tx, TxError, TxOutcome};
+use vhost_user_tap::uring::TxRing;
+use vhost_user_tap::virtio_net::HDR_LEN;
 
 #[derive(Debug, Error)]
 pub enum LoopbackError {
@@ -69,7 +69,7 @@ pub struct Loopback {
 }
 
 fn device_queue(
-    ring: &crate::guest::ring::DriverRing,
+    ring: &crate::ring::DriverRing,
     event_idx: bool,
     mem: &Arc<GuestMemoryMmap>,
 ) -> Result<DeviceQueue, LoopbackError> {
@@ -279,11 +279,14 @@ mod tests {
             injected += 1;
         }
         assert!(
-            injected > crate::rx::FRAME_BUDGET as u32,
+            injected > vhost_user_tap::rx::FRAME_BUDGET as u32,
             "socket took only {injected}"
         );
         assert_eq!(lb.rx_process().unwrap(), RxOutcome::Budget);
-        assert_eq!(lb.stats.snapshot().rx_frames, 100 + crate::rx::FRAME_BUDGET);
+        assert_eq!(
+            lb.stats.snapshot().rx_frames,
+            100 + vhost_user_tap::rx::FRAME_BUDGET
+        );
     }
 
     #[test]
@@ -308,7 +311,7 @@ mod tests {
 
     #[test]
     fn a_stopped_rx_hands_unused_buffers_back_exactly_once() {
-        use crate::guest::ring::{RawDesc, RawNext};
+        use crate::ring::{RawDesc, RawNext};
         use virtio_queue::QueueT;
         // Plain case: the window's unused chains go back to the avail ring.
         let mut lb = Loopback::new(LoopbackConfig::default()).unwrap();
@@ -398,7 +401,7 @@ mod tests {
 
     #[test]
     fn io_uring_tx_completes_malformed_chains_in_order_with_the_good_ones() {
-        use crate::guest::ring::{RawDesc, RawNext};
+        use crate::ring::{RawDesc, RawNext};
         let mut lb = Loopback::new(LoopbackConfig {
             tx_io_uring: true,
             ..LoopbackConfig::default()
@@ -506,7 +509,7 @@ mod tests {
         let mut ring = TxRing::new(&tap).unwrap();
         assert!(matches!(
             ring.probe(),
-            Err(crate::uring::ProbeError::NoNowait)
+            Err(vhost_user_tap::uring::ProbeError::NoNowait)
         ));
     }
 

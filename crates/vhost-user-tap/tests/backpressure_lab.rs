@@ -32,27 +32,12 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-const DAEMON: &str = env!("CARGO_BIN_EXE_vhost-user-tap");
-const SCRIPT: &str = concat!(
-    env!("CARGO_MANIFEST_DIR"),
-    "/qemu-scripts/backpressure-lab.sh"
-);
+fn script() -> PathBuf {
+    vhost_user_tap_guest::kit::repo_root().join("qemu-scripts/backpressure-lab.sh")
+}
 const KERNEL: &str = "7.3.4+deb13-cloud-amd64";
 /// The lab boots in ~3 s and runs 8 cases of ~6 s; a VM that crashed under TCG is run again.
 const DEADLINE: Duration = Duration::from_secs(420);
-
-fn cache_dir() -> PathBuf {
-    if let Some(dir) = std::env::var_os("VUT_CACHE") {
-        return PathBuf::from(dir);
-    }
-    let home = std::env::var_os("HOME").unwrap_or_else(|| "/root".into());
-    PathBuf::from(home).join(".cache/vhost-user-tap")
-}
-
-fn in_path(program: &str) -> bool {
-    std::env::var_os("PATH")
-        .is_some_and(|p| std::env::split_paths(&p).any(|d| d.join(program).is_file()))
-}
 
 /// Why the lab cannot run here, and how to fix it.
 fn check_prerequisites() -> Result<(), String> {
@@ -61,7 +46,7 @@ fn check_prerequisites() -> Result<(), String> {
         return Err("must run as root (builds an initramfs with device nodes)".into());
     }
     let fetch = "run `qemu-scripts/backpressure-lab.sh --fetch-only` as root";
-    if !in_path("qemu-system-x86_64") {
+    if !vhost_user_tap_guest::kit::on_path("qemu-system-x86_64") {
         return Err(format!("qemu-system-x86_64 not found: {fetch}"));
     }
     for (tool, package) in [
@@ -75,7 +60,7 @@ fn check_prerequisites() -> Result<(), String> {
             return Err(format!("{tool} missing (package {package}): {fetch}"));
         }
     }
-    let kernels = cache_dir().join("lab-kernel");
+    let kernels = vhost_user_tap_guest::kit::cache_dir().join("lab-kernel");
     let fetched = fs::read_dir(&kernels).ok().is_some_and(|dirs| {
         dirs.flatten().any(|d| {
             d.file_name().to_string_lossy().starts_with(KERNEL)
@@ -100,7 +85,7 @@ impl Lab {
         cmd.process_group(0);
         Lab(cmd
             .spawn()
-            .unwrap_or_else(|e| panic!("cannot run {SCRIPT}: {e}")))
+            .unwrap_or_else(|e| panic!("cannot run {}: {e}", script().display())))
     }
 
     fn wait(&mut self, deadline: Instant) -> Option<std::process::ExitStatus> {
@@ -155,7 +140,12 @@ fn backpressure_lab_quick() {
     }
     let bin_dir = std::env::var_os("VUT_LAB_BIN_DIR")
         .map(PathBuf::from)
-        .unwrap_or_else(|| Path::new(DAEMON).parent().unwrap().to_path_buf());
+        .unwrap_or_else(|| {
+            // Both binaries of this build, side by side.
+            vhost_user_tap_guest::kit::guest_bin();
+            let daemon = vhost_user_tap_guest::kit::daemon_bin();
+            Path::new(daemon).parent().unwrap().to_path_buf()
+        });
     let out = std::env::temp_dir().join(format!("vut-backpressure-lab-{}", std::process::id()));
     let _ = fs::remove_dir_all(&out);
     fs::create_dir_all(&out).expect("creating the output directory");
@@ -165,7 +155,7 @@ fn backpressure_lab_quick() {
     let log = fs::File::create(&log_path).expect("creating lab.log");
     let start = Instant::now();
     let mut lab = Lab::spawn(
-        Command::new(SCRIPT)
+        Command::new(script())
             .arg("--quick")
             .arg("--bin-dir")
             .arg(&bin_dir)

@@ -92,7 +92,7 @@ impl Backend {
 }
 
 fn qemu10_wrapper() -> PathBuf {
-    cache_dir().join("qemu-10/qemu-system-x86_64")
+    vhost_user_tap_guest::kit::cache_dir().join("qemu-10/qemu-system-x86_64")
 }
 
 #[test]
@@ -123,14 +123,6 @@ fn qemu_tap_backend_baseline() {
 
 // --- prerequisites -------------------------------------------------------------
 
-fn cache_dir() -> PathBuf {
-    if let Some(dir) = std::env::var_os("VUT_CACHE") {
-        return PathBuf::from(dir);
-    }
-    let home = std::env::var_os("HOME").unwrap_or_else(|| "/root".into());
-    PathBuf::from(home).join(".cache/vhost-user-tap")
-}
-
 struct Guest {
     kernel: PathBuf,
     initrd: PathBuf,
@@ -158,7 +150,7 @@ fn check_prerequisites(qemu: &Path) -> Result<Guest, String> {
             ));
         }
     }
-    let guest_dir = cache_dir().join("guest");
+    let guest_dir = vhost_user_tap_guest::kit::cache_dir().join("guest");
     let guest = Guest {
         kernel: guest_dir.join("vmlinuz"),
         initrd: guest_dir.join("initrd.img"),
