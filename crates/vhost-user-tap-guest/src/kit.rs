@@ -214,7 +214,11 @@ impl Netns {
         let out = self.ip(&["-s", "-j", "link", "show", dev]);
         let v: serde_json::Value = serde_json::from_str(&out).expect("ip -j output");
         let s = &v[0]["stats64"];
-        let get = |dir: &str, k: &str| s[dir][k].as_u64().unwrap_or(0);
+        let get = |dir: &str, k: &str| {
+            s[dir][k]
+                .as_u64()
+                .unwrap_or_else(|| panic!("no {dir} {k} in `ip -s -j link show {dev}`: {out}"))
+        };
         LinkStats {
             tx_packets: get("tx", "packets"),
             tx_dropped: get("tx", "dropped"),
@@ -271,6 +275,8 @@ pub struct Daemon {
     lines: mpsc::Receiver<String>,
     /// Reads the daemon's stderr until it closes: joined after exit so the log is complete.
     reader: Option<std::thread::JoinHandle<()>>,
+    /// The daemon's metrics socket, where its counters are read.
+    metrics: Option<PathBuf>,
     _dir: TempDir,
 }
 
@@ -358,22 +364,95 @@ impl Daemon {
         }
     }
 
-    /// The counters the daemon logged at shutdown for queue pair `pair`.
-    pub fn final_counters(&self, pair: usize) -> HashMap<String, u64> {
-        let prefix = format!("queue pair {pair}: rx_frames=");
-        let log = self.log();
-        let line = log
-            .lines()
-            .rev()
-            .find(|l| l.contains(&prefix))
-            .unwrap_or_else(|| panic!("no counters for pair {pair} in log:\n{log}"));
-        let start = line.find(&format!("queue pair {pair}: ")).unwrap();
-        line[start..]
-            .split_whitespace()
-            .skip(3)
-            .filter_map(|kv| kv.split_once('='))
-            .map(|(k, v)| (k.to_string(), v.parse().unwrap_or(0)))
-            .collect()
+    /// Queue pair `pair`'s counters, from a scrape of the daemon's metrics. Every counter the
+    /// daemon declares must be there: a missing one fails the test (it is never read as 0).
+    pub fn counters(&self, pair: usize) -> Counters {
+        let path = self
+            .metrics
+            .as_ref()
+            .expect("this daemon serves no metrics on a unix socket");
+        Counters::from_scrape(&scrape(path), pair)
+    }
+
+    /// The counters once no frontend is connected: the session's workers have stopped, so the
+    /// numbers are final (call after the guest disconnected, before stopping the daemon).
+    pub fn counters_when_idle(&self, pair: usize) -> Counters {
+        let path = self
+            .metrics
+            .as_ref()
+            .expect("this daemon serves no metrics on a unix socket");
+        counters_when_idle(path, pair)
+    }
+}
+
+/// `Daemon::counters_when_idle` for a daemon serving metrics at `path`.
+pub fn counters_when_idle(path: &Path, pair: usize) -> Counters {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let m = scrape(path);
+        if m.get("vhost_user_tap_frontend_connected") == Some(&0.0) {
+            return Counters::from_scrape(&m, pair);
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the frontend never went away: {m:?}"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// One queue pair's counters, by the names the daemon declares
+/// (`vhost_user_tap::stats::COUNTERS`). Indexing with a name the daemon does not declare panics.
+pub struct Counters(std::collections::BTreeMap<&'static str, u64>);
+
+impl Counters {
+    fn from_scrape(m: &HashMap<String, f64>, pair: usize) -> Counters {
+        let values = vhost_user_tap::stats::COUNTERS
+            .iter()
+            .map(|c| {
+                let labels: String = c
+                    .labels
+                    .iter()
+                    .map(|(k, v)| format!(",{k}=\"{v}\""))
+                    .collect();
+                let key = format!(
+                    "vhost_user_tap_{}_total{{queue=\"{pair}\"{labels}}}",
+                    c.metric
+                );
+                let v = m
+                    .get(&key)
+                    .unwrap_or_else(|| panic!("{key} missing from the daemon's metrics: {m:?}"));
+                (c.field, *v as u64)
+            })
+            .collect();
+        Counters(values)
+    }
+
+    /// Frames the daemon dropped, all reasons.
+    pub fn drops(&self) -> u64 {
+        self.0
+            .iter()
+            .filter(|(k, _)| k.contains("dropped"))
+            .map(|(_, v)| v)
+            .sum()
+    }
+}
+
+impl std::ops::Index<&str> for Counters {
+    type Output = u64;
+
+    fn index(&self, name: &str) -> &u64 {
+        self.0
+            .get(name)
+            .unwrap_or_else(|| panic!("the daemon declares no counter named {name:?}"))
+    }
+}
+
+impl std::fmt::Debug for Counters {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_map()
+            .entries(self.0.iter().filter(|(_, v)| **v != 0))
+            .finish()
     }
 }
 
@@ -406,7 +485,12 @@ pub fn scrape(path: &Path) -> HashMap<String, f64> {
     body.lines()
         .filter(|l| l.starts_with("vhost_user_tap_"))
         .filter_map(|l| l.rsplit_once(' '))
-        .map(|(k, v)| (k.to_string(), v.parse().unwrap_or(f64::NAN)))
+        .map(|(k, v)| {
+            let value = v
+                .parse()
+                .unwrap_or_else(|e| panic!("metric {k}: value {v:?}: {e}"));
+            (k.to_string(), value)
+        })
         .collect()
 }
 
@@ -447,6 +531,7 @@ impl Daemon {
     }
 
     fn spawn_in(cmd: &mut Command, socket: PathBuf, ready: &str, dir: TempDir) -> Daemon {
+        let metrics = metrics_socket(cmd, &dir);
         let mut child = cmd
             .env(
                 "RUST_LOG",
@@ -476,10 +561,46 @@ impl Daemon {
             log,
             lines: rx,
             reader: Some(reader),
+            metrics,
             _dir: dir,
         };
         d.wait_for_log(ready, Duration::from_secs(10));
         d
+    }
+}
+
+/// Where a daemon started by `cmd` serves its metrics: the `unix:` address the test gave
+/// (`--metrics` or VHOST_USER_TAP_METRICS, in its arguments or environment), or else one in `dir`
+/// added to its environment, so the kit can always read its counters.
+fn metrics_socket(cmd: &mut Command, dir: &TempDir) -> Option<PathBuf> {
+    let args: Vec<String> = cmd
+        .get_args()
+        .map(|a| a.to_string_lossy().into_owned())
+        .collect();
+    let given = args
+        .iter()
+        .position(|a| a == "--metrics")
+        .and_then(|i| args.get(i + 1).cloned())
+        // Passed on by a wrapper (systemd-socket-activate -E VAR=VALUE).
+        .or_else(|| {
+            args.iter()
+                .find_map(|a| a.strip_prefix("VHOST_USER_TAP_METRICS=").map(String::from))
+        })
+        .or_else(|| {
+            cmd.get_envs()
+                .find(|(k, _)| *k == "VHOST_USER_TAP_METRICS")
+                .and_then(|(_, v)| v.map(|v| v.to_string_lossy().into_owned()))
+        });
+    match given {
+        Some(addr) => addr.strip_prefix("unix:").map(PathBuf::from),
+        None => {
+            use std::os::unix::fs::PermissionsExt;
+            // A daemon that runs as another user must be able to create its socket here.
+            let _ = std::fs::set_permissions(&dir.0, std::fs::Permissions::from_mode(0o777));
+            let path = dir.0.join("metrics.sock");
+            cmd.env("VHOST_USER_TAP_METRICS", format!("unix:{}", path.display()));
+            Some(path)
+        }
     }
 }
 
@@ -645,8 +766,8 @@ pub fn tcp_through_daemon(tag: &str, offloads: bool, bytes: usize) -> TcpRun {
     let (guest, r) = bridge_thread.join().expect("bridge");
     r.expect("bridge ran without errors");
     drop(guest);
+    let c = daemon.counters_when_idle(0);
     assert!(daemon.terminate().success(), "{}", daemon.log());
-    let c = daemon.final_counters(0);
     assert_eq!(
         c["rx_dropped_oversize"] + c["tx_dropped_bad_desc"] + c["tx_dropped_tap_error"],
         0,

@@ -298,20 +298,14 @@ fn daemon_args() -> Vec<&'static str> {
         .collect()
 }
 
-/// The sum of the daemon's drop counters, from its final log line.
+/// The sum of the daemon's drop counters, read from its metrics once the guest has gone.
 fn stop_daemon(mut d: Daemon) -> u64 {
-    assert!(d.terminate().success(), "{}", d.log());
+    let c = d.counters_when_idle(0);
     if std::env::var("VUT_BENCH_VERBOSE").is_ok() {
-        eprintln!(
-            "{:?}",
-            d.log().lines().rev().find(|l| l.contains("queue pair 0:"))
-        );
+        eprintln!("{c:?}");
     }
-    d.final_counters(0)
-        .iter()
-        .filter(|(k, _)| k.contains("dropped"))
-        .map(|(_, v)| v)
-        .sum()
+    assert!(d.terminate().success(), "{}", d.log());
+    c.drops()
 }
 
 fn guest_json(args: &[&str]) -> serde_json::Value {

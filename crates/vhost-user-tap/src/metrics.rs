@@ -21,7 +21,7 @@ use prometheus_client::metrics::MetricType;
 use prometheus_client::registry::Registry;
 
 use crate::netlink;
-use crate::stats::PairStats;
+use crate::stats::{PairStats, COUNTERS};
 
 /// Where the metrics endpoint listens.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -99,13 +99,6 @@ impl prometheus_client::collector::Collector for Collector {
         let src = &self.0;
         let snaps: Vec<_> = src.pairs.iter().map(|p| p.snapshot()).collect();
         let q = |i: usize| vec![("queue", i.to_string())];
-        let per_queue = |f: &dyn Fn(&crate::stats::PairSnapshot) -> u64| {
-            snaps
-                .iter()
-                .enumerate()
-                .map(|(i, s)| (q(i), f(s)))
-                .collect::<Vec<_>>()
-        };
         let tap = || vec![("tap", src.tap.clone())];
 
         gauge(
@@ -151,107 +144,27 @@ impl prometheus_client::collector::Collector for Collector {
                 .collect::<Vec<_>>(),
         )?;
 
-        type F = fn(&crate::stats::PairSnapshot) -> u64;
-        let daemon: [(&str, &str, F); 17] = [
-            ("rx_frames", "Frames delivered to the guest.", |s| {
-                s.rx_frames
-            }),
-            (
-                "rx_bytes",
-                "Bytes delivered to the guest, vnet header excluded.",
-                |s| s.rx_bytes,
-            ),
-            ("tx_frames", "Frames sent from the guest to the tap.", |s| {
-                s.tx_frames
-            }),
-            (
-                "tx_bytes",
-                "Bytes sent to the tap, vnet header excluded.",
-                |s| s.tx_bytes,
-            ),
-            (
-                "rx_stops",
-                "Times RX stopped reading the tap: the guest had no room.",
-                |s| s.rx_stops,
-            ),
-            (
-                "rx_wakes",
-                "Times RX resumed on the guest's kick after a stop.",
-                |s| s.rx_wakes,
-            ),
-            (
-                "rx_notify_races",
-                "Re-checks after arming the kick that found new guest buffers.",
-                |s| s.rx_notify_races,
-            ),
-            (
-                "rx_staged_frames",
-                "Frames that waited in the staging buffer for guest room (delivered).",
-                |s| s.rx_staged,
-            ),
-            ("rx_kicks", "Guest notifications on the RX queue.", |s| {
-                s.rx_kicks
-            }),
-            ("rx_interrupts", "Interrupts sent for the RX queue.", |s| {
-                s.rx_interrupts
-            }),
-            ("tx_kicks", "Guest notifications on the TX queue.", |s| {
-                s.tx_kicks
-            }),
-            ("tx_interrupts", "Interrupts sent for the TX queue.", |s| {
-                s.tx_interrupts
-            }),
-            (
-                "tx_blocked",
-                "Times TX waited for the tap to become writable.",
-                |s| s.tx_blocked,
-            ),
-            (
-                "rx_bad_descriptors",
-                "Malformed RX descriptor chains returned to the guest unused.",
-                |s| s.rx_bad_desc,
-            ),
-            (
-                "ring_errors",
-                "Fatal ring errors that stopped a queue pair.",
-                |s| s.ring_errors,
-            ),
-            (
-                "tx_io_uring_fallbacks",
-                "Times TX left io_uring for writev because the tap refused its writes (the \
-                 frames were sent again).",
-                |s| s.tx_io_uring_fallbacks,
-            ),
-            (
-                "tx_stops_tap_refusing",
-                "Times this pair stopped because the tap refused every TX frame for a second.",
-                |s| s.tx_stops_tap_refusing,
-            ),
-        ];
-        for (name, help, f) in daemon {
-            counter(&mut enc, name, help, &per_queue(&f))?;
-        }
-        let mut drops = Vec::new();
-        for (i, s) in snaps.iter().enumerate() {
-            for (dir, reason, v) in [
-                ("rx", "oversize", s.rx_dropped_oversize),
-                ("tx", "bad_descriptor", s.tx_dropped_bad_desc),
-                ("tx", "tap_error", s.tx_dropped_tap_error),
-            ] {
-                let labels = vec![
-                    ("queue", i.to_string()),
-                    ("direction", dir.to_string()),
-                    ("reason", reason.to_string()),
-                ];
-                drops.push((labels, v));
+        // One family per metric name, in declaration order; a series per pair and labels.
+        let values: Vec<Vec<u64>> = snaps.iter().map(|s| s.values()).collect();
+        let mut done: Vec<&str> = Vec::new();
+        for c in COUNTERS {
+            if done.contains(&c.metric) {
+                continue;
             }
+            done.push(c.metric);
+            let mut series = Vec::new();
+            for (pair, vals) in values.iter().enumerate() {
+                for (k, member) in COUNTERS.iter().enumerate() {
+                    if member.metric != c.metric {
+                        continue;
+                    }
+                    let mut labels = q(pair);
+                    labels.extend(member.labels.iter().map(|&(k, v)| (k, v.to_string())));
+                    series.push((labels, vals[k]));
+                }
+            }
+            counter(&mut enc, c.metric, c.help, &series)?;
         }
-        counter(
-            &mut enc,
-            "daemon_dropped_frames",
-            "Frames the daemon dropped after taking them from the tap or the guest.",
-            &drops,
-        )?;
 
         let ifindex = match netlink::ifindex(&src.tap) {
             Ok(i) => i,

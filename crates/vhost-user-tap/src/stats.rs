@@ -10,8 +10,25 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
+/// Where a counter shows up outside the daemon: its metric family (`vhost_user_tap_<metric>_total`,
+/// one series per queue pair, `queue="N"` plus `labels`) and the family's help text. Declared
+/// with the counter, in `counters!`, so the struct, the shutdown log, the metrics and the test kit
+/// (which reads counters back from a scrape) can never disagree.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Counter {
+    /// The field name; the shutdown log's key.
+    pub field: &'static str,
+    pub metric: &'static str,
+    pub labels: &'static [(&'static str, &'static str)],
+    /// Shared by every counter of one family (a unit test checks).
+    pub help: &'static str,
+}
+
 macro_rules! counters {
-    ($(#[$m:meta])* $name:ident / $snap:ident { $($(#[$fm:meta])* $field:ident,)* }) => {
+    ($(#[$m:meta])* $name:ident / $snap:ident {
+        $($(#[$fm:meta])* $field:ident => $metric:literal
+            $([$($lk:ident = $lv:literal),*])? $help:literal,)*
+    }) => {
         $(#[$m])*
         #[derive(Debug, Default)]
         pub struct $name {
@@ -24,6 +41,14 @@ macro_rules! counters {
             $(pub $field: u64,)*
         }
 
+        /// Every counter of a pair, in declaration order.
+        pub const COUNTERS: &[Counter] = &[$(Counter {
+            field: stringify!($field),
+            metric: $metric,
+            labels: &[$($((stringify!($lk), $lv)),*)?],
+            help: $help,
+        },)*];
+
         impl $name {
             pub fn snapshot(&self) -> $snap {
                 $snap { $($field: self.$field.load(Ordering::Relaxed),)* }
@@ -31,9 +56,14 @@ macro_rules! counters {
         }
 
         impl $snap {
+            /// Every value, in the order of [`COUNTERS`].
+            pub fn values(&self) -> Vec<u64> {
+                vec![$(self.$field,)*]
+            }
+
             /// (name, value) pairs, in declaration order.
             pub fn fields(&self) -> Vec<(&'static str, u64)> {
-                vec![$((stringify!($field), self.$field),)*]
+                COUNTERS.iter().map(|c| c.field).zip(self.values()).collect()
             }
         }
     };
@@ -45,52 +75,62 @@ counters! {
     #[repr(align(64))]
     PairStats / PairSnapshot {
         /// Frames delivered to the guest (taken from the tap and published in the RX used ring).
-        rx_frames,
+        rx_frames => "rx_frames" "Frames delivered to the guest.",
         /// Bytes of those frames, vnet header excluded.
-        rx_bytes,
+        rx_bytes => "rx_bytes" "Bytes delivered to the guest, vnet header excluded.",
         /// Times RX stopped taking frames from the tap because the guest had no (or not enough)
         /// RX buffers.
-        rx_stops,
+        rx_stops => "rx_stops" "Times RX stopped reading the tap: the guest had no room.",
         /// Times RX resumed after a stop because the guest posted buffers and kicked.
-        rx_wakes,
+        rx_wakes => "rx_wakes" "Times RX resumed on the guest's kick after a stop.",
         /// Times the re-check after arming the guest notification found new buffers: the race the
         /// store-buffering barrier exists for.
-        rx_notify_races,
+        rx_notify_races => "rx_notify_races"
+            "Re-checks after arming the kick that found new guest buffers.",
         /// Frames that could not be read straight into guest buffers and waited in the staging
         /// buffer (still delivered; not a drop).
-        rx_staged,
+        rx_staged => "rx_staged_frames"
+            "Frames that waited in the staging buffer for guest room (delivered).",
         /// Guest kicks on the RX queue.
-        rx_kicks,
+        rx_kicks => "rx_kicks" "Guest notifications on the RX queue.",
         /// Interrupts (call eventfd writes) for the RX queue.
-        rx_interrupts,
+        rx_interrupts => "rx_interrupts" "Interrupts sent for the RX queue.",
         /// RX descriptor chains rejected as malformed and returned with length 0.
-        rx_bad_desc,
+        rx_bad_desc => "rx_bad_descriptors"
+            "Malformed RX descriptor chains returned to the guest unused.",
         /// Frames dropped because no guest buffer (non-mergeable) or the whole ring (mergeable) can
         /// hold them: larger than the guest accepts.
-        rx_dropped_oversize,
+        rx_dropped_oversize => "daemon_dropped_frames" [direction = "rx", reason = "oversize"]
+            "Frames the daemon dropped after taking them from the tap or the guest.",
         /// Frames sent to the tap from the guest.
-        tx_frames,
+        tx_frames => "tx_frames" "Frames sent from the guest to the tap.",
         /// Bytes of those frames, vnet header excluded.
-        tx_bytes,
+        tx_bytes => "tx_bytes" "Bytes sent to the tap, vnet header excluded.",
         /// Guest kicks on the TX queue.
-        tx_kicks,
+        tx_kicks => "tx_kicks" "Guest notifications on the TX queue.",
         /// Interrupts (call eventfd writes) for the TX queue.
-        tx_interrupts,
+        tx_interrupts => "tx_interrupts" "Interrupts sent for the TX queue.",
         /// Times TX waited for the tap to become writable (EAGAIN); the frame is kept, not dropped.
-        tx_blocked,
+        tx_blocked => "tx_blocked" "Times TX waited for the tap to become writable.",
         /// TX descriptor chains rejected as malformed, completed with length 0 (frame dropped).
-        tx_dropped_bad_desc,
+        tx_dropped_bad_desc => "daemon_dropped_frames"
+            [direction = "tx", reason = "bad_descriptor"]
+            "Frames the daemon dropped after taking them from the tap or the guest.",
         /// Frames the tap refused (e.g. an invalid GSO header): completed and dropped.
-        tx_dropped_tap_error,
+        tx_dropped_tap_error => "daemon_dropped_frames" [direction = "tx", reason = "tap_error"]
+            "Frames the daemon dropped after taking them from the tap or the guest.",
         /// Fatal ring errors (corrupted indices) that stopped this pair's worker.
-        ring_errors,
+        ring_errors => "ring_errors" "Fatal ring errors that stopped a queue pair.",
         /// Times TX left io_uring for writev because the tap refused io_uring's writes
         /// (EOPNOTSUPP); the refused frames were written again with writev, not dropped.
-        tx_io_uring_fallbacks,
+        tx_io_uring_fallbacks => "tx_io_uring_fallbacks"
+            "Times TX left io_uring for writev because the tap refused its writes (the frames \
+             were sent again).",
         /// Times this pair's worker stopped because the tap refused every TX frame, with the
         /// same error and none accepted, for at least a second: a tap or kernel that cannot take
         /// the frames at all, which must not pass for a trickle of drops.
-        tx_stops_tap_refusing,
+        tx_stops_tap_refusing => "tx_stops_tap_refusing"
+            "Times this pair stopped because the tap refused every TX frame for a second.",
     }
 }
 
@@ -128,5 +168,20 @@ mod tests {
         let fields = snap.fields();
         assert_eq!(fields[0], ("rx_frames", 1));
         assert!(fields.iter().any(|&(n, v)| n == "ring_errors" && v == 0));
+    }
+
+    #[test]
+    fn every_counter_has_a_metric_and_families_share_their_help() {
+        assert_eq!(COUNTERS.len(), PairSnapshot::default().values().len());
+        for c in COUNTERS {
+            let family: Vec<_> = COUNTERS.iter().filter(|o| o.metric == c.metric).collect();
+            assert!(family.iter().all(|o| o.help == c.help), "{}", c.metric);
+            // Within a family the labels tell the counters apart.
+            assert!(
+                family.len() == 1 || family.iter().filter(|o| o.labels == c.labels).count() == 1,
+                "{}",
+                c.field
+            );
+        }
     }
 }
