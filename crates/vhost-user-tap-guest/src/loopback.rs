@@ -14,13 +14,16 @@ use vm_memory::GuestMemoryMmap;
 
 use crate::mem::GuestRam;
 use crate::queue::{PairConfig, QueuePair, TxLayout};
-use vhost_user_tap::ring::DeviceQueue;
-use vhost_user_tap::rx::{Notifier, Rx, RxCarry, RxError, RxOutcome};
+use vhost_user_tap::pair::{Pair, PairError, PairRest, PairSetup, QueueRun, Stopped};
+use vhost_user_tap::rx::RxState;
 use vhost_user_tap::stats::PairStats;
 use vhost_user_tap::tap::Tap;
-use vhost_user_tap::tx::{Tx, TxError, TxOutcome};
+use vhost_user_tap::tx::TxState;
 use vhost_user_tap::uring::TxRing;
-use vhost_user_tap::virtio_net::HDR_LEN;
+use vhost_user_tap::virtio_net::{NetFeatures, HDR_LEN};
+use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
+use virtio_bindings::virtio_net::VIRTIO_NET_F_MRG_RXBUF;
+use virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
 
 #[derive(Debug, Error)]
 pub enum LoopbackError {
@@ -57,22 +60,24 @@ impl Default for LoopbackConfig {
 
 pub struct Loopback {
     pub guest: QueuePair,
-    pub rx: Rx,
-    pub tx: Tx,
-    pub stats: PairStats,
+    /// The daemon's side: one queue pair, as a worker runs it (here driven by hand).
+    pair: Option<Pair>,
+    pub stats: Arc<PairStats>,
     /// The daemon's end of the socketpair.
-    pub tap: Tap,
+    pub tap: Arc<Tap>,
     /// The kernel's end: write here what "the host sends", read what the daemon wrote.
     pub wire: OwnedFd,
-    pub mem: Arc<GuestMemoryMmap>,
+    mem: Arc<GuestMemoryMmap>,
+    features: NetFeatures,
     _ram: GuestRam,
 }
 
-fn device_queue(
+/// The daemon's view of one of the guest's rings, with dups of its eventfds.
+fn queue_run(
     ring: &crate::ring::DriverRing,
-    event_idx: bool,
-    mem: &Arc<GuestMemoryMmap>,
-) -> Result<DeviceQueue, LoopbackError> {
+    kick: i32,
+    call: i32,
+) -> Result<QueueRun, LoopbackError> {
     let l = *ring.layout();
     let err = |e: virtio_queue::Error| LoopbackError::Queue(e.to_string());
     let mut q = Queue::new(l.size).map_err(err)?;
@@ -80,7 +85,12 @@ fn device_queue(
     q.try_set_avail_ring_address(l.avail_ring).map_err(err)?;
     q.try_set_used_ring_address(l.used_ring).map_err(err)?;
     q.set_ready(true);
-    Ok(DeviceQueue::new(q, event_idx, mem))
+    Ok(QueueRun {
+        queue: q,
+        kick: dup_file(kick)?,
+        call: Some(dup_file(call)?),
+        err: None,
+    })
 }
 
 fn dup_file(fd: i32) -> Result<Arc<File>, LoopbackError> {
@@ -97,10 +107,9 @@ impl Loopback {
     pub fn new(cfg: LoopbackConfig) -> Result<Loopback, LoopbackError> {
         let mut ram =
             GuestRam::new(64 << 20, 0).map_err(|e| LoopbackError::Guest(e.to_string()))?;
-        let hdr_len = HDR_LEN;
         let pc = PairConfig {
             queue_size: cfg.queue_size,
-            hdr_len,
+            hdr_len: HDR_LEN,
             mrg_rxbuf: cfg.mrg_rxbuf,
             event_idx: cfg.event_idx,
             indirect: true,
@@ -112,18 +121,15 @@ impl Loopback {
         let guest =
             QueuePair::new(&mut ram, 0, pc).map_err(|e| LoopbackError::Guest(e.to_string()))?;
         let mem = Arc::new(ram.memory().clone());
-        let rx_q = device_queue(guest.rx_ring(), cfg.event_idx, &mem)?;
-        let tx_q = device_queue(guest.tx_ring(), cfg.event_idx, &mem)?;
-        let target = hdr_len + 1514 + 4;
-        let rx = Rx::new(
-            rx_q,
-            RxCarry::default(),
-            hdr_len,
-            cfg.mrg_rxbuf,
-            target,
-            Notifier(Some(dup_file(guest.rx_call_fd())?)),
-        );
-        let tx_call = Notifier(Some(dup_file(guest.tx_call_fd())?));
+        let bit = |f: u32| 1u64 << f;
+        let mut acked = bit(VIRTIO_F_VERSION_1);
+        if cfg.mrg_rxbuf {
+            acked |= bit(VIRTIO_NET_F_MRG_RXBUF);
+        }
+        if cfg.event_idx {
+            acked |= bit(VIRTIO_RING_F_EVENT_IDX);
+        }
+        let features = NetFeatures { acked };
 
         let mut fds = [0; 2];
         // SAFETY: socketpair writes two descriptors into `fds`, which has room for them.
@@ -140,23 +146,89 @@ impl Loopback {
         }
         // SAFETY: both descriptors are fresh and owned by nothing else.
         let (dev, wire) = unsafe { (File::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
-        let tap = Tap::from_file(dev, "loopback");
-        let ring = cfg
+        let tap = Arc::new(Tap::from_file(dev, "loopback"));
+        let tx_ring = cfg
             .tx_io_uring
             .then(|| TxRing::new(&tap))
             .transpose()
             .map_err(LoopbackError::Socket)?;
-        let tx = Tx::new(tx_q, hdr_len, tx_call, ring);
-        Ok(Loopback {
+        let mut lb = Loopback {
             guest,
-            rx,
-            tx,
-            stats: PairStats::default(),
+            pair: None,
+            stats: Arc::new(PairStats::default()),
             tap,
             wire,
             mem,
+            features,
             _ram: ram,
-        })
+        };
+        let rx = queue_run(
+            lb.guest.rx_ring(),
+            lb.guest.rx_kick_fd(),
+            lb.guest.rx_call_fd(),
+        )?;
+        let tx = queue_run(
+            lb.guest.tx_ring(),
+            lb.guest.tx_kick_fd(),
+            lb.guest.tx_call_fd(),
+        )?;
+        lb.start(
+            PairRest {
+                carry: Default::default(),
+                tx_ring,
+            },
+            rx,
+            tx,
+        );
+        Ok(lb)
+    }
+
+    fn start(&mut self, rest: PairRest, rx: QueueRun, tx: QueueRun) {
+        self.pair = Some(Pair::start(PairSetup {
+            index: 0,
+            features: self.features,
+            mtu: 1500,
+            busy_poll: std::time::Duration::ZERO,
+            mem: self.mem.clone(),
+            tap: self.tap.clone(),
+            stats: self.stats.clone(),
+            rest,
+            rx: Some(rx),
+            tx: Some(tx),
+        }));
+    }
+
+    fn pair(&mut self) -> &mut Pair {
+        self.pair.as_mut().expect("the pair runs")
+    }
+
+    /// Stop the pair, as the session does before it changes anything: the rings' positions and
+    /// what the pair keeps.
+    pub fn stop(&mut self) -> Stopped {
+        self.pair.take().expect("the pair runs").stop()
+    }
+
+    /// Stop the pair and start it again on another tap (and TX io_uring), the rings where they
+    /// were.
+    pub fn restart_with(&mut self, tap: Tap, tx_ring: Option<TxRing>) -> Result<(), LoopbackError> {
+        let stopped = self.stop();
+        self.tap = Arc::new(tap);
+        let run = |q: Option<Queue>, kick, call| -> Result<QueueRun, LoopbackError> {
+            Ok(QueueRun {
+                queue: q.expect("the direction ran"),
+                kick: dup_file(kick)?,
+                call: Some(dup_file(call)?),
+                err: None,
+            })
+        };
+        let rx = run(stopped.rx, self.guest.rx_kick_fd(), self.guest.rx_call_fd())?;
+        let tx = run(stopped.tx, self.guest.tx_kick_fd(), self.guest.tx_call_fd())?;
+        let rest = PairRest {
+            carry: stopped.rest.carry,
+            tx_ring,
+        };
+        self.start(rest, rx, tx);
+        Ok(())
     }
 
     /// What the host stack would hand the tap: a zeroed vnet header, then the frame. False when
@@ -201,17 +273,17 @@ impl Loopback {
         }
     }
 
-    pub fn rx_process(&mut self) -> Result<RxOutcome, RxError> {
-        self.rx.process(&self.mem, &self.tap, &self.stats)
+    pub fn rx_process(&mut self) -> Result<RxState, PairError> {
+        self.pair().process_rx()
     }
 
-    pub fn tx_process(&mut self) -> Result<TxOutcome, TxError> {
-        self.tx.process(&self.mem, &self.tap, &self.stats)
+    pub fn tx_process(&mut self) -> Result<TxState, PairError> {
+        self.pair().process_tx()
     }
 
     /// The guest's kick on RX, as the worker delivers it.
-    pub fn rx_kick(&mut self) -> Result<(), RxError> {
-        self.rx.on_kick(&self.stats)
+    pub fn rx_kick(&mut self) -> Result<(), PairError> {
+        self.pair().rx_kicked()
     }
 }
 
@@ -234,7 +306,7 @@ mod tests {
         for i in 0..100 {
             assert!(lb.inject(&frame(i, 60 + i as usize * 7)).unwrap());
         }
-        assert_eq!(lb.rx_process().unwrap(), RxOutcome::TapEmpty);
+        assert_eq!(lb.rx_process().unwrap(), RxState::TapEmpty);
         let mut got = Vec::new();
         lb.guest.poll_rx(|f, _| got.push(f.to_vec())).unwrap();
         assert_eq!(got.len(), 100);
@@ -244,7 +316,7 @@ mod tests {
         for i in 0..50 {
             assert!(lb.guest.send_frame(&frame(i, 100)).unwrap());
         }
-        assert_eq!(lb.tx_process().unwrap(), TxOutcome::Empty);
+        assert_eq!(lb.tx_process().unwrap(), TxState::Idle);
         let mut buf = vec![0u8; 70_000];
         let mut out = Vec::new();
         lb.drain_wire(&mut buf, |f| out.push(f[HDR_LEN..].to_vec()));
@@ -266,7 +338,7 @@ mod tests {
         for i in 0..100 {
             assert!(lb.inject(&frame(i, 64)).unwrap());
         }
-        assert_eq!(lb.rx_process().unwrap(), RxOutcome::TapEmpty);
+        assert_eq!(lb.rx_process().unwrap(), RxState::TapEmpty);
         let s = lb.stats.snapshot();
         assert_eq!(s.rx_frames, 100);
         assert_eq!(s.rx_interrupts, 1, "100 frames in one batch: one interrupt");
@@ -282,7 +354,7 @@ mod tests {
             injected > vhost_user_tap::rx::FRAME_BUDGET as u32,
             "socket took only {injected}"
         );
-        assert_eq!(lb.rx_process().unwrap(), RxOutcome::Budget);
+        assert_eq!(lb.rx_process().unwrap(), RxState::Ready);
         assert_eq!(
             lb.stats.snapshot().rx_frames,
             100 + vhost_user_tap::rx::FRAME_BUDGET
@@ -300,7 +372,7 @@ mod tests {
         for i in 0..20 {
             assert!(lb.inject(&frame(i, 60 + 50 * i as usize)).unwrap());
         }
-        assert_eq!(lb.rx_process().unwrap(), RxOutcome::TapEmpty);
+        assert_eq!(lb.rx_process().unwrap(), RxState::TapEmpty);
         assert_eq!(lb.guest.recycle_rx(usize::MAX).unwrap(), 20);
         assert_eq!(lb.stats.snapshot().rx_frames, 20);
         assert!(
@@ -316,8 +388,8 @@ mod tests {
         // Plain case: the window's unused chains go back to the avail ring.
         let mut lb = Loopback::new(LoopbackConfig::default()).unwrap();
         lb.guest.post_rx_buffers(2).unwrap();
-        assert_eq!(lb.rx_process().unwrap(), RxOutcome::TapEmpty);
-        let (q, _) = lb.rx.into_parts();
+        assert_eq!(lb.rx_process().unwrap(), RxState::TapEmpty);
+        let q = lb.stop().rx.expect("RX ran");
         assert_eq!(
             q.next_avail(),
             0,
@@ -337,9 +409,9 @@ mod tests {
             }])
             .unwrap();
         lb.guest.post_rx_buffers(1).unwrap();
-        assert_eq!(lb.rx_process().unwrap(), RxOutcome::TapEmpty);
+        assert_eq!(lb.rx_process().unwrap(), RxState::TapEmpty);
         assert_eq!(lb.stats.snapshot().rx_bad_desc, 1);
-        let (q, _) = lb.rx.into_parts();
+        let q = lb.stop().rx.expect("RX ran");
         assert_eq!(q.next_avail(), 3, "nothing is handed out twice");
         assert_eq!(lb.guest.poll_rx(|_, _| {}).unwrap(), 0);
         assert_eq!(lb.guest.take_raw_completions().len(), 1);
@@ -364,7 +436,7 @@ mod tests {
                 sent += 1;
             }
             match lb.tx_process().unwrap() {
-                TxOutcome::TapFull => break,
+                TxState::TapFull => break,
                 _ => lb.guest.reclaim_tx().map(drop).unwrap(),
             }
         }
@@ -380,7 +452,7 @@ mod tests {
         loop {
             let out = lb.tx_process().unwrap();
             lb.drain_wire(&mut buf, &mut check);
-            if out == TxOutcome::Empty {
+            if out == TxState::Idle {
                 break;
             }
         }
@@ -422,7 +494,7 @@ mod tests {
                 assert!(lb.guest.send_frame(&frame(i, 60 + i as usize)).unwrap());
             }
         }
-        assert_eq!(lb.tx_process().unwrap(), TxOutcome::Empty);
+        assert_eq!(lb.tx_process().unwrap(), TxState::Idle);
         let mut buf = vec![0u8; 70_000];
         let mut out = Vec::new();
         lb.drain_wire(&mut buf, |f| out.push(f[HDR_LEN..].to_vec()));
@@ -443,33 +515,11 @@ mod tests {
 
     /// The loopback with TX writing to `dev` instead of the socketpair, through a fresh io_uring
     /// (not probed) or writev.
-    fn tx_into(lb: Loopback, dev: File, io_uring: bool) -> Loopback {
-        let Loopback {
-            guest,
-            rx,
-            tx,
-            stats,
-            wire,
-            mem,
-            _ram,
-            ..
-        } = lb;
+    fn tx_into(mut lb: Loopback, dev: File, io_uring: bool) -> Loopback {
         let tap = Tap::from_file(dev, "fake");
         let ring = io_uring.then(|| TxRing::new(&tap).unwrap());
-        let (q, _) = tx.into_parts();
-        let dq = DeviceQueue::new(q, true, &mem);
-        let call = Notifier(Some(dup_file(guest.tx_call_fd()).unwrap()));
-        let tx = Tx::new(dq, HDR_LEN, call, ring);
-        Loopback {
-            guest,
-            rx,
-            tx,
-            stats,
-            tap,
-            wire,
-            mem,
-            _ram,
-        }
+        lb.restart_with(tap, ring).unwrap();
+        lb
     }
 
     /// A FIFO takes writev but, like tun before Linux 6.4, refuses non-blocking writes through
@@ -524,7 +574,7 @@ mod tests {
             while sent < frames.len() && lb.guest.send_frame(&frames[sent]).unwrap() {
                 sent += 1;
             }
-            assert_eq!(lb.tx_process().unwrap(), TxOutcome::Empty);
+            assert_eq!(lb.tx_process().unwrap(), TxState::Idle);
             lb.guest.reclaim_tx().unwrap();
         }
         // A FIFO keeps no frame boundaries: the bytes are the frames, each after its header.
@@ -561,13 +611,16 @@ mod tests {
             r
         };
         // Refused frames are dropped and counted, but a second has not passed yet.
-        assert_eq!(send(&mut lb, 100).unwrap(), TxOutcome::Empty);
+        assert_eq!(send(&mut lb, 100).unwrap(), TxState::Idle);
         assert_eq!(lb.stats.snapshot().tx_dropped_tap_error, 100);
         // The time is the condition itself here, not a stand-in for an event.
         std::thread::sleep(REFUSING_TIME_FOR_TESTS);
         let e = send(&mut lb, 1).unwrap_err();
         assert!(
-            matches!(e, TxError::TapRefusesAll { frames: 101, .. }),
+            matches!(
+                e,
+                PairError::Tx(vhost_user_tap::tx::TxError::TapRefusesAll { frames: 101, .. })
+            ),
             "{e}"
         );
         let s = lb.stats.snapshot();

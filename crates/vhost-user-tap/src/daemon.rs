@@ -25,6 +25,7 @@ use crate::backpressure;
 use crate::config::{Config, Listen};
 use crate::kernel::{self, KernelSupport, TxPath};
 use crate::metrics::{self, MetricsServer};
+use crate::pair::PairRest;
 use crate::protocol::{Connection, ProtocolError};
 use crate::session::{Device, PairSlot, Session};
 use crate::stats::PairStats;
@@ -267,8 +268,10 @@ impl Daemon {
             .map(|(t, tx_ring)| PairSlot {
                 tap: Arc::new(t),
                 stats: Arc::new(PairStats::default()),
-                carry: None,
-                tx_ring,
+                rest: Some(PairRest {
+                    carry: Default::default(),
+                    tx_ring,
+                }),
                 attached: true,
             })
             .collect();

@@ -9,6 +9,7 @@
 //! - [`kernel`]: what the running kernel offers, probed at start; the oldest kernel accepted.
 //! - [`virtio_net`]: feature bits, header sizes, config space.
 //! - [`ring`]: device side of a split virtqueue on top of `virtio_queue::Queue`.
+//! - [`pair`]: one queue pair's data path (RX, TX, tap queue, staging, TX ring, counters).
 //! - [`rx`]: tap → guest, the stop/wake heart of the daemon.
 //! - [`tx`]: guest → tap.
 //! - [`worker`]: one thread per queue pair, its event loop.
@@ -25,6 +26,7 @@ pub mod daemon;
 pub mod kernel;
 pub mod metrics;
 pub mod netlink;
+pub mod pair;
 pub mod protocol;
 pub mod ratelog;
 pub mod ring;

@@ -19,6 +19,8 @@
 //! `avail_event` and reads `used_event`; without it, it writes `used.flags` (NO_NOTIFY) and reads
 //! `avail.flags` (NO_INTERRUPT).
 
+use std::fs::File;
+use std::io::Write;
 use std::num::Wrapping;
 use std::sync::atomic::{fence, AtomicU16, AtomicU32, Ordering};
 use std::sync::Arc;
@@ -98,8 +100,6 @@ struct RingHost {
     avail: *mut u8,
     used: *mut u8,
     size: u16,
-    /// Keeps the mapping the two pointers point into alive.
-    _mem: Arc<GuestMemoryMmap>,
 }
 
 impl RingHost {
@@ -108,12 +108,7 @@ impl RingHost {
         // flags, idx, ring, used_event / avail_event
         let avail = resolve(mem, queue.avail_ring(), 6 + 2 * usize::from(size), 2)?;
         let used = resolve(mem, queue.used_ring(), 6 + 8 * usize::from(size), 4)?;
-        Some(RingHost {
-            avail,
-            used,
-            size,
-            _mem: mem.clone(),
-        })
+        Some(RingHost { avail, used, size })
     }
 
     /// The 16-bit ring word at byte `off` of the avail (`used == false`) or used ring.
@@ -123,7 +118,7 @@ impl RingHost {
         debug_assert!(off + 2 <= 6 + entry * usize::from(self.size));
         // SAFETY: `off` is within the ring (callers index by the ring layout for `size`, which
         // `new` checked lies in one mapped region); the base is 2-aligned and every offset used
-        // is even; the mapping outlives `self` (`_mem`). Guest memory shared with the guest is
+        // is even; the mapping outlives `self` (the `DeviceQueue` holding it holds the memory). Guest memory shared with the guest is
         // only read and written atomically here.
         unsafe { AtomicU16::from_ptr(base.add(off).cast()) }
     }
@@ -162,9 +157,28 @@ fn resolve(mem: &GuestMemoryMmap, addr: u64, len: usize, align: usize) -> Option
     (ptr as usize % align == 0).then_some(ptr)
 }
 
-/// Vring configuration and the device's position in it.
+/// An eventfd to signal the other side through (the guest's call fd, a ring's error fd), or
+/// none when the frontend gave none (it polls).
+#[derive(Clone, Default)]
+pub struct Notifier(pub Option<Arc<File>>);
+
+impl Notifier {
+    pub fn signal(&self) {
+        if let Some(f) = &self.0 {
+            // An eventfd write only fails if the counter would overflow, which a reader prevents.
+            let _ = (&**f).write(&1u64.to_ne_bytes());
+        }
+    }
+}
+
+/// Vring configuration and the device's position in it, with the guest memory it lives in and
+/// the eventfd that interrupts the guest.
 pub struct DeviceQueue {
     pub queue: Queue,
+    /// The mapping every pointer of this queue (ring words, segments) points into: held here, so
+    /// it outlives them.
+    mem: Arc<GuestMemoryMmap>,
+    call: Notifier,
     /// None when the rings are not in guest memory (or misaligned): every ring access then fails
     /// with `RingError::RingMemory`, which stops the pair as any broken ring does.
     host: Option<RingHost>,
@@ -179,12 +193,14 @@ pub struct DeviceQueue {
 unsafe impl Send for Segment {}
 
 impl DeviceQueue {
-    pub fn new(queue: Queue, event_idx: bool, mem: &Arc<GuestMemoryMmap>) -> Self {
+    pub fn new(queue: Queue, event_idx: bool, mem: &Arc<GuestMemoryMmap>, call: Notifier) -> Self {
         let next_used = Wrapping(queue.next_used());
         let mut queue = queue;
         queue.set_event_idx(event_idx);
         DeviceQueue {
             host: RingHost::new(mem, &queue),
+            mem: mem.clone(),
+            call,
             queue,
             event_idx,
             next_used,
@@ -213,6 +229,11 @@ impl DeviceQueue {
 
     pub fn size(&self) -> u16 {
         self.queue.size()
+    }
+
+    /// The guest memory the queue and its buffers live in.
+    pub fn memory(&self) -> &GuestMemoryMmap {
+        &self.mem
     }
 
     pub fn avail_idx(&self) -> Result<Wrapping<u16>, RingError> {
@@ -245,7 +266,6 @@ impl DeviceQueue {
     /// is empty.
     pub fn pop_batch(
         &mut self,
-        mem: &GuestMemoryMmap,
         device_writes: bool,
         min_len: usize,
         max: usize,
@@ -253,6 +273,7 @@ impl DeviceQueue {
         mut f: impl FnMut(u16, Result<u32, ChainError>, &[Segment]) -> Verdict,
     ) -> Result<usize, RingError> {
         let host = ring_host(&self.host, &self.queue)?;
+        let mem = &*self.mem;
         let mut it = match self.queue.iter(mem) {
             Ok(it) => it,
             Err(virtio_queue::Error::InvalidAvailRingIndex) => return Err(self.index_error()),
@@ -299,8 +320,18 @@ impl DeviceQueue {
         Ok(())
     }
 
+    /// Interrupt the guest if it wants one for what was published since the last decision;
+    /// returns whether it did.
+    pub fn interrupt(&mut self) -> Result<bool, RingError> {
+        let needed = self.needs_interrupt()?;
+        if needed {
+            self.call.signal();
+        }
+        Ok(needed)
+    }
+
     /// Whether the guest wants an interrupt for what was published since the last decision.
-    pub fn needs_interrupt(&mut self) -> Result<bool, RingError> {
+    fn needs_interrupt(&mut self) -> Result<bool, RingError> {
         let new = self.next_used;
         let old = self.signalled_used;
         if new == old {

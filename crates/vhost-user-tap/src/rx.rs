@@ -20,14 +20,12 @@
 //! frame beyond them is finished from staging with one extra copy.
 
 use std::collections::VecDeque;
-use std::fs::File;
-use std::io::{self, Write};
-use std::sync::Arc;
+use std::io;
 
 use libc::iovec;
 use log::{error, warn};
 use thiserror::Error;
-use vm_memory::{Bytes, GuestMemoryMmap};
+use vm_memory::Bytes;
 
 use crate::ratelog::{self, RateLimited};
 use crate::ring::{DeviceQueue, RingError, Segment, Verdict};
@@ -66,22 +64,17 @@ impl Default for RxCarry {
     }
 }
 
+/// Where RX stands between two batches. The worker derives what it waits for from it: nothing
+/// (`Ready`), the tap (`TapEmpty`) or the guest's kick (`WaitingForBuffers`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum RxState {
-    /// Taking frames from the tap.
-    Running,
-    /// The guest had no room; the tap is not polled until the guest kicks.
-    WaitingForBuffers,
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum RxOutcome {
-    /// The batch budget ran out with work left: call again soon.
-    Budget,
-    /// The tap has no frame; wait for it to become readable.
+    /// There may be work right away: the last batch ran out of budget, or something woke RX.
+    Ready,
+    /// The tap had no frame: wait for it to become readable.
     TapEmpty,
-    /// The guest has no room; wait for its kick.
-    Stalled,
+    /// The guest had no room for the next frame (or for the staged one): wait for its kick. The
+    /// tap is not polled meanwhile, so frames wait in the kernel.
+    WaitingForBuffers,
 }
 
 struct WinChain {
@@ -112,18 +105,6 @@ impl Window {
     }
 }
 
-/// A call eventfd, or none when the frontend asked for polling.
-pub struct Notifier(pub Option<Arc<File>>);
-
-impl Notifier {
-    pub fn signal(&self) {
-        if let Some(f) = &self.0 {
-            // An eventfd write only fails if the counter would overflow, which a reader prevents.
-            let _ = (&**f).write(&1u64.to_ne_bytes());
-        }
-    }
-}
-
 pub struct Rx {
     q: DeviceQueue,
     win: Window,
@@ -135,7 +116,6 @@ pub struct Rx {
     state: RxState,
     /// Frames the last `process` call moved.
     last_batch: u64,
-    call: Notifier,
     scratch: Vec<Segment>,
     iovs: Vec<iovec>,
     bad_log: RateLimited,
@@ -156,14 +136,7 @@ struct Tally {
 }
 
 impl Rx {
-    pub fn new(
-        q: DeviceQueue,
-        carry: RxCarry,
-        hdr_len: usize,
-        mrg: bool,
-        target: usize,
-        call: Notifier,
-    ) -> Self {
+    pub fn new(q: DeviceQueue, carry: RxCarry, hdr_len: usize, mrg: bool, target: usize) -> Self {
         let size = usize::from(q.size());
         Rx {
             win: Window {
@@ -177,9 +150,8 @@ impl Rx {
             hdr_len,
             mrg,
             target,
-            state: RxState::Running,
+            state: RxState::Ready,
             last_batch: 0,
-            call,
             scratch: Vec::with_capacity(crate::ring::MAX_CHAIN_SEGS),
             iovs: Vec::with_capacity(MAX_RX_IOVS + 1),
             bad_log: RateLimited::default(),
@@ -202,9 +174,15 @@ impl Rx {
         (self.q.into_queue(rewind), self.carry)
     }
 
-    /// Whether the worker should poll the tap for readability.
-    pub fn wants_tap(&self) -> bool {
-        self.state == RxState::Running && self.carry.staged == 0
+    pub fn state(&self) -> RxState {
+        self.state
+    }
+
+    /// The tap became readable (or failed): a read will tell.
+    pub fn tap_ready(&mut self) {
+        if self.state == RxState::TapEmpty {
+            self.state = RxState::Ready;
+        }
     }
 
     /// Frames the last batch moved: how busy the tap is.
@@ -216,11 +194,16 @@ impl Rx {
     /// when the window holds enough buffers, so a corrupted index is caught at the kick.
     pub fn on_kick(&mut self, stats: &PairStats) -> Result<(), RxError> {
         self.q.pending()?;
-        if self.state == RxState::WaitingForBuffers {
-            self.state = RxState::Running;
-            stats::inc(&stats.rx_wakes);
-            self.q.suppress_kicks()?;
+        match self.state {
+            RxState::WaitingForBuffers => {
+                stats::inc(&stats.rx_wakes);
+                self.q.suppress_kicks()?;
+            }
+            // Buffers are no reason to read an empty tap.
+            RxState::TapEmpty => return Ok(()),
+            RxState::Ready => {}
         }
+        self.state = RxState::Ready;
         Ok(())
     }
 
@@ -233,15 +216,11 @@ impl Rx {
         Ok(false)
     }
 
-    /// Move frames until the tap is empty, the guest is full, or the budget is spent.
-    pub fn process(
-        &mut self,
-        mem: &GuestMemoryMmap,
-        tap: &Tap,
-        stats: &PairStats,
-    ) -> Result<RxOutcome, RxError> {
+    /// Move frames until the tap is empty, the guest is full, or the budget is spent; returns
+    /// the state RX is left in.
+    pub fn process(&mut self, tap: &Tap, stats: &PairStats) -> Result<RxState, RxError> {
         let mut t = Tally::default();
-        let result = self.run_batch(mem, tap, stats, &mut t);
+        let result = self.run_batch(tap, stats, &mut t);
         self.last_batch = t.frames;
         // Publish and interrupt even after an error: what was delivered is the guest's.
         let published = self.publish(stats, &mut t);
@@ -252,17 +231,17 @@ impl Rx {
         stats::add(&stats.rx_staged, t.staged);
         stats::add(&stats.rx_notify_races, t.races);
         published?;
-        let outcome = result?;
+        let state = result?;
         log::trace!(
-            "RX batch: {outcome:?}, {} frames, window {}",
+            "RX batch: {state:?}, {} frames, window {}",
             t.frames,
             self.win.chains.len()
         );
-        if outcome == RxOutcome::Stalled {
-            self.state = RxState::WaitingForBuffers;
+        if state == RxState::WaitingForBuffers {
             stats::inc(&stats.rx_stops);
         }
-        Ok(outcome)
+        self.state = state;
+        Ok(state)
     }
 
     /// Publish the used entries written so far and interrupt if the guest asks. The frames are
@@ -271,8 +250,7 @@ impl Rx {
         stats::add(&stats.rx_frames, t.frames - t.frames_counted);
         t.frames_counted = t.frames;
         self.q.publish()?;
-        if self.q.needs_interrupt()? {
-            self.call.signal();
+        if self.q.interrupt()? {
             t.interrupts += 1;
         }
         Ok(())
@@ -280,24 +258,23 @@ impl Rx {
 
     fn run_batch(
         &mut self,
-        mem: &GuestMemoryMmap,
         tap: &Tap,
         stats: &PairStats,
         t: &mut Tally,
-    ) -> Result<RxOutcome, RxError> {
+    ) -> Result<RxState, RxError> {
         loop {
             if t.frames >= FRAME_BUDGET || t.bytes >= BYTE_BUDGET {
-                return Ok(RxOutcome::Budget);
+                return Ok(RxState::Ready);
             }
             if self.carry.staged > 0 {
-                if self.deliver_staged(mem, t)? {
+                if self.deliver_staged(t)? {
                     continue;
                 }
             } else {
-                self.fill_window(mem, self.target, t)?;
+                self.fill_window(self.target, t)?;
                 if !self.win.chains.is_empty() {
-                    if !self.read_frame(mem, tap, t)? {
-                        return Ok(RxOutcome::TapEmpty);
+                    if !self.read_frame(tap, t)? {
+                        return Ok(RxState::TapEmpty);
                     }
                     continue;
                 }
@@ -308,18 +285,13 @@ impl Rx {
                 t.races += 1;
                 continue;
             }
-            return Ok(RxOutcome::Stalled);
+            return Ok(RxState::WaitingForBuffers);
         }
     }
 
     /// Pop chains until the window holds `want` bytes or the avail ring is empty. Malformed
     /// chains go straight back to the guest with length 0.
-    fn fill_window(
-        &mut self,
-        mem: &GuestMemoryMmap,
-        want: usize,
-        t: &mut Tally,
-    ) -> Result<(), RxError> {
+    fn fill_window(&mut self, want: usize, t: &mut Tally) -> Result<(), RxError> {
         let size = usize::from(self.q.size());
         let hdr_len = self.hdr_len;
         while self.win.cap < want && self.win.chains.len() < size {
@@ -327,7 +299,6 @@ impl Rx {
             let max = (size - self.win.chains.len()).min(WINDOW_REFILL);
             let (win, bad_log) = (&mut self.win, &mut self.bad_log);
             let taken = self.q.pop_batch(
-                mem,
                 true,
                 hdr_len,
                 max,
@@ -361,12 +332,7 @@ impl Rx {
     }
 
     /// Read one frame into the window (and the staging tail). Returns false if the tap is empty.
-    fn read_frame(
-        &mut self,
-        mem: &GuestMemoryMmap,
-        tap: &Tap,
-        t: &mut Tally,
-    ) -> Result<bool, RxError> {
+    fn read_frame(&mut self, tap: &Tap, t: &mut Tally) -> Result<bool, RxError> {
         self.iovs.clear();
         let mut cap = 0usize;
         let mut segs = self.win.segs.iter();
@@ -404,7 +370,9 @@ impl Rx {
                     break;
                 }
                 let len = (s.len as usize).min(cap - off);
-                mem.read_slice(&mut self.carry.staging[off..off + len], s.addr)
+                self.q
+                    .memory()
+                    .read_slice(&mut self.carry.staging[off..off + len], s.addr)
                     .map_err(|_| RingError::RingMemory(s.addr.0))?;
                 off += len;
             }
@@ -464,10 +432,10 @@ impl Rx {
     }
 
     /// Try to move the staged frame into guest buffers. False: not enough room yet.
-    fn deliver_staged(&mut self, mem: &GuestMemoryMmap, t: &mut Tally) -> Result<bool, RxError> {
+    fn deliver_staged(&mut self, t: &mut Tally) -> Result<bool, RxError> {
         let n = self.carry.staged;
         let want = if self.mrg { n } else { 1 };
-        self.fill_window(mem, want, t)?;
+        self.fill_window(want, t)?;
         let room = if self.mrg {
             self.win.cap
         } else {
@@ -503,7 +471,9 @@ impl Rx {
                 break;
             }
             let len = (s.len as usize).min(n - off);
-            mem.write_slice(&self.carry.staging[off..off + len], s.addr)
+            self.q
+                .memory()
+                .write_slice(&self.carry.staging[off..off + len], s.addr)
                 .map_err(|_| RingError::RingMemory(s.addr.0))?;
             off += len;
         }

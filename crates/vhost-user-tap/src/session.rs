@@ -21,12 +21,11 @@ use vm_memory::{GuestAddress, GuestMemoryMmap, GuestRegionMmap};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::config::Config;
-use crate::rx::RxCarry;
+use crate::pair::{PairRest, PairSetup, QueueRun};
 use crate::stats::PairStats;
 use crate::tap::Tap;
-use crate::uring::TxRing;
 use crate::virtio_net::{self, NetConfigSpace, NetFeatures, VHOST_USER_F_PROTOCOL_FEATURES};
-use crate::worker::{QueueRun, Worker, WorkerSetup};
+use crate::worker::Worker;
 
 #[derive(Debug, Error)]
 pub enum SessionError {
@@ -64,11 +63,9 @@ type Result<T> = std::result::Result<T, SessionError>;
 pub struct PairSlot {
     pub tap: Arc<Tap>,
     pub stats: Arc<PairStats>,
-    /// A frame taken from the tap and not yet delivered; `None` while a worker holds it.
-    pub carry: Option<RxCarry>,
-    /// The pair's io_uring for TX (made before seccomp); `None` while a worker holds it, or when
-    /// TX uses writev.
-    pub tx_ring: Option<TxRing>,
+    /// What the pair keeps between runs (a staged frame, the TX io_uring); `None` while a worker
+    /// runs the pair.
+    pub rest: Option<PairRest>,
     /// Whether the tap queue is attached (multiqueue): the kernel steers flows only to attached
     /// queues, so only pairs whose RX ring runs are attached. Queue 0 always is, so a tap with
     /// no reader behaves like a single-queue tap.
@@ -449,15 +446,14 @@ impl<'d> Session<'d> {
 
     fn stop_pair(&mut self, p: usize) {
         if let Some(w) = self.workers[p].take() {
-            let exit = w.stop();
-            if let Some(q) = exit.rx {
+            let stopped = w.stop();
+            if let Some(q) = stopped.rx {
                 self.vrings[2 * p].queue = q;
             }
-            if let Some(q) = exit.tx {
+            if let Some(q) = stopped.tx {
                 self.vrings[2 * p + 1].queue = q;
             }
-            self.dev.pairs[p].carry = Some(exit.carry);
-            self.dev.pairs[p].tx_ring = exit.tx_ring;
+            self.dev.pairs[p].rest = Some(stopped.rest);
         }
     }
 
@@ -498,32 +494,28 @@ impl<'d> Session<'d> {
             }
             return Ok(());
         }
-        let nf = NetFeatures {
-            acked: self.features,
-        };
         let slot = &mut self.dev.pairs[p];
-        let setup = WorkerSetup {
-            pair: p,
+        let setup = PairSetup {
+            index: p,
+            features: NetFeatures {
+                acked: self.features,
+            },
+            mtu: self.dev.config.mtu,
+            busy_poll: std::time::Duration::from_micros(self.dev.config.busy_poll_us),
             mem,
             tap: slot.tap.clone(),
             stats: slot.stats.clone(),
+            rest: slot.rest.take().expect("a stopped pair keeps its rest"),
             rx,
             tx,
-            carry: slot.carry.take().unwrap_or_default(),
-            tx_ring: slot.tx_ring.take(),
-            hdr_len: nf.hdr_len(),
-            mrg_rxbuf: nf.mrg_rxbuf(),
-            event_idx: nf.event_idx(),
-            rx_target: nf.max_rx_frame(self.dev.config.mtu),
-            busy_poll: std::time::Duration::from_micros(self.dev.config.busy_poll_us),
-            fatal: self.dev.fatal.clone(),
         };
         debug!(
             "queue pair {p}: worker starting (rx {}, tx {})",
             setup.rx.is_some(),
             setup.tx.is_some()
         );
-        self.workers[p] = Some(Worker::spawn(setup).map_err(SessionError::Spawn)?);
+        self.workers[p] =
+            Some(Worker::spawn(setup, self.dev.fatal.clone()).map_err(SessionError::Spawn)?);
         Ok(())
     }
 }

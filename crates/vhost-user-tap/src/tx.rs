@@ -20,11 +20,9 @@ use std::time::{Duration, Instant};
 use libc::iovec;
 use log::{error, warn};
 use thiserror::Error;
-use vm_memory::GuestMemoryMmap;
 
 use crate::ratelog::{self, RateLimited};
 use crate::ring::{ChainError, DeviceQueue, RingError, Segment, Verdict, MAX_CHAIN_SEGS};
-use crate::rx::Notifier;
 use crate::stats::{self, PairStats};
 use crate::tap::Tap;
 use crate::uring::{TxRing, BATCH};
@@ -55,19 +53,21 @@ pub enum TxError {
     },
 }
 
+/// Where TX stands between two batches; the worker derives what it waits for from it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum TxOutcome {
-    Budget,
-    /// The guest has nothing more to send.
-    Empty,
-    /// The tap would block; wait for it to become writable.
+pub enum TxState {
+    /// There may be work right away: the last batch ran out of budget, or the guest kicked.
+    Ready,
+    /// The guest has nothing more to send: wait for its kick.
+    Idle,
+    /// The tap would block: wait for it to become writable (the frame stays in the ring).
     TapFull,
 }
 
 pub struct Tx {
     q: DeviceQueue,
+    state: TxState,
     hdr_len: usize,
-    call: Notifier,
     ring: Option<TxRing>,
     segs: Vec<Segment>,
     /// The gathered batch: its chains in avail order, their iovecs, and each chain's result.
@@ -102,11 +102,11 @@ const NOT_TRIED: i32 = i32::MIN;
 const PENDING: i32 = i32::MIN + 1;
 
 impl Tx {
-    pub fn new(q: DeviceQueue, hdr_len: usize, call: Notifier, ring: Option<TxRing>) -> Self {
+    pub fn new(q: DeviceQueue, hdr_len: usize, ring: Option<TxRing>) -> Self {
         Tx {
             q,
+            state: TxState::Ready,
             hdr_len,
-            call,
             ring,
             segs: Vec::with_capacity(MAX_CHAIN_SEGS),
             batch: Vec::with_capacity(BATCH),
@@ -123,19 +123,38 @@ impl Tx {
         (self.q.into_queue(0), self.ring)
     }
 
-    /// Busy polling: whether the guest posted frames.
-    pub fn poll_guest(&self) -> Result<bool, TxError> {
-        Ok(self.q.pending()? > 0)
+    pub fn state(&self) -> TxState {
+        self.state
     }
 
-    pub fn process(
-        &mut self,
-        mem: &GuestMemoryMmap,
-        tap: &Tap,
-        stats: &PairStats,
-    ) -> Result<TxOutcome, TxError> {
+    /// The guest kicked: it posted frames (a full tap still has to make room first).
+    pub fn on_kick(&mut self) {
+        if self.state == TxState::Idle {
+            self.state = TxState::Ready;
+        }
+    }
+
+    /// The tap became writable.
+    pub fn tap_writable(&mut self) {
+        if self.state == TxState::TapFull {
+            self.state = TxState::Ready;
+        }
+    }
+
+    /// Busy polling: resume an idle TX when the guest posted frames (it may not kick yet).
+    pub fn poll_guest(&mut self) -> Result<bool, TxError> {
+        if self.state == TxState::Idle && self.q.pending()? > 0 {
+            self.state = TxState::Ready;
+            return Ok(true);
+        }
+        Ok(false)
+    }
+
+    /// Send frames until the guest has none, the tap is full, or the budget is spent; returns
+    /// the state TX is left in.
+    pub fn process(&mut self, tap: &Tap, stats: &PairStats) -> Result<TxState, TxError> {
         let mut t = Tally::default();
-        let result = self.run_batch(mem, tap, &mut t);
+        let result = self.run_batch(tap, &mut t);
         // Counted before the publish, as in RX: the guest never sees more than the counters.
         stats::add(&stats.tx_frames, t.frames);
         stats::add(&stats.tx_bytes, t.bytes);
@@ -146,28 +165,24 @@ impl Tx {
         if let Err(TxError::TapRefusesAll { .. }) = &result {
             stats::inc(&stats.tx_stops_tap_refusing);
         }
-        let published = self.q.publish().and_then(|_| self.q.needs_interrupt());
+        let published = self.q.publish().and_then(|_| self.q.interrupt());
         if let Ok(true) = published {
-            self.call.signal();
             stats::inc(&stats.tx_interrupts);
         }
         published?;
-        result
+        let state = result?;
+        self.state = state;
+        Ok(state)
     }
 
-    fn run_batch(
-        &mut self,
-        mem: &GuestMemoryMmap,
-        tap: &Tap,
-        t: &mut Tally,
-    ) -> Result<TxOutcome, TxError> {
+    fn run_batch(&mut self, tap: &Tap, t: &mut Tally) -> Result<TxState, TxError> {
         self.q.suppress_kicks()?;
         loop {
             if t.frames >= FRAME_BUDGET || t.bytes >= BYTE_BUDGET {
-                return Ok(TxOutcome::Budget);
+                return Ok(TxState::Ready);
             }
             let max = ((FRAME_BUDGET - t.frames) as usize).min(BATCH);
-            let (taken, budget_hit) = self.gather(mem, max, BYTE_BUDGET - t.bytes)?;
+            let (taken, budget_hit) = self.gather(max, BYTE_BUDGET - t.bytes)?;
             if !self.batch.is_empty() {
                 self.write(tap, t);
                 if let Some(stop) = self.complete(tap, t)? {
@@ -175,25 +190,20 @@ impl Tx {
                 }
             }
             if budget_hit {
-                return Ok(TxOutcome::Budget);
+                return Ok(TxState::Ready);
             }
             if taken < max {
                 if self.q.arm_kick()? {
                     continue;
                 }
-                return Ok(TxOutcome::Empty);
+                return Ok(TxState::Idle);
             }
         }
     }
 
     /// Pop up to `max` chains (fewer once they hold `bytes_left` bytes of frames). Returns how
     /// many were popped and whether the byte budget stopped it.
-    fn gather(
-        &mut self,
-        mem: &GuestMemoryMmap,
-        max: usize,
-        bytes_left: u64,
-    ) -> Result<(usize, bool), TxError> {
+    fn gather(&mut self, max: usize, bytes_left: u64) -> Result<(usize, bool), TxError> {
         self.batch.clear();
         self.iovs.clear();
         let (batch, iovs) = (&mut self.batch, &mut self.iovs);
@@ -201,7 +211,6 @@ impl Tx {
         let mut bytes = 0u64;
         let mut budget_hit = false;
         let taken = self.q.pop_batch(
-            mem,
             false,
             self.hdr_len,
             max,
@@ -300,7 +309,7 @@ impl Tx {
         &mut self,
         tap: &Tap,
         t: &mut Tally,
-    ) -> Result<Option<Result<TxOutcome, TxError>>, TxError> {
+    ) -> Result<Option<Result<TxState, TxError>>, TxError> {
         let n = self.batch.len();
         let held = |r: i32| r == -libc::EAGAIN || r == -libc::EBADFD || r == NOT_TRIED;
         let cut = (0..n).find(|&i| self.batch[i].len.is_ok() && held(self.results[i]));
@@ -396,7 +405,7 @@ impl Tx {
         }
         // The frame stays in the ring until the tap has room.
         t.blocked += 1;
-        Ok(Some(Ok(TxOutcome::TapFull)))
+        Ok(Some(Ok(TxState::TapFull)))
     }
 }
 
