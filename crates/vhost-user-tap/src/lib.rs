@@ -8,6 +8,7 @@
 //! - [`tap`]: the tap device (the only ioctl code).
 //! - [`kernel`]: what the running kernel offers, probed at start; the oldest kernel accepted.
 //! - [`virtio_net`]: feature bits, header sizes, config space.
+//! - [`memory`]: guest memory from SET_MEM_TABLE: checked, mapped, addresses translated.
 //! - [`ring`]: device side of a split virtqueue on top of `virtio_queue::Queue`.
 //! - [`pair`]: one queue pair's data path (RX, TX, tap queue, staging, TX ring, counters).
 //! - [`rx`]: tap → guest, the stop/wake heart of the daemon.
@@ -15,7 +16,9 @@
 //! - [`worker`]: one thread per queue pair, its event loop.
 //! - [`session`]: state of one frontend connection (memory, vrings, workers).
 //! - [`protocol`]: vhost-user message framing and dispatch.
-//! - [`daemon`]: listener, signals, the session loop.
+//! - [`device`]: what the daemon serves apart from any frontend: tap, offered features, pair slots.
+//! - [`daemon`]: the session loop, signals, the watchdog.
+//! - [`sys`]: signals as an fd, the listening socket, socket checks.
 //! - [`systemd`]: socket activation, sd_notify readiness/stopping, the watchdog.
 //! - [`seccomp`]: the syscall allow-list applied after setup.
 //! - [`stats`]: per-queue-pair counters.
@@ -23,7 +26,9 @@
 pub mod backpressure;
 pub mod config;
 pub mod daemon;
+pub mod device;
 pub mod kernel;
+pub mod memory;
 pub mod metrics;
 pub mod netlink;
 pub mod pair;
@@ -34,6 +39,7 @@ pub mod rx;
 pub mod seccomp;
 pub mod session;
 pub mod stats;
+pub mod sys;
 pub mod systemd;
 pub mod tap;
 pub mod tx;

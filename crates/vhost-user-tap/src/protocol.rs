@@ -17,8 +17,8 @@ use libc::iovec;
 use log::{debug, warn};
 use thiserror::Error;
 use vhost::vhost_user::message::{
-    FrontendReq, VhostUserConfig, VhostUserMemory, VhostUserMemoryRegion, VhostUserU64,
-    VhostUserVringAddr, VhostUserVringState, MAX_ATTACHED_FD_ENTRIES, MAX_MSG_SIZE,
+    FrontendReq, VhostUserConfig, VhostUserU64, VhostUserVringAddr, VhostUserVringState,
+    MAX_ATTACHED_FD_ENTRIES, MAX_MSG_SIZE,
 };
 use vm_memory::ByteValued;
 use vmm_sys_util::sock_ctrl_msg::ScmSocket;
@@ -38,8 +38,12 @@ pub enum ProtocolError {
     Io(#[from] io::Error),
     #[error("malformed message header: {0}")]
     BadHeader(String),
-    #[error("request {0:?}: body of {1} bytes, expected {2}")]
-    BadBody(FrontendReq, usize, usize),
+    #[error("request {}: body of {len} bytes, expected {expected}", name(*request))]
+    BadBody {
+        request: u32,
+        len: usize,
+        expected: usize,
+    },
 }
 
 /// One received request.
@@ -50,7 +54,16 @@ pub struct Request {
     pub files: Vec<File>,
 }
 
+/// A request code for the log: its name when known.
+fn name(code: u32) -> String {
+    FrontendReq::try_from(code).map_or_else(|_| format!("#{code}"), |r| format!("{r:?}"))
+}
+
 impl Request {
+    fn raw(&self) -> u32 {
+        self.code.map_or_else(|raw| raw, u32::from)
+    }
+
     fn need_reply(&self) -> bool {
         self.flags & FLAG_NEED_REPLY != 0
     }
@@ -58,11 +71,11 @@ impl Request {
     fn parse<T: ByteValued + Default>(&self) -> Result<T, ProtocolError> {
         let mut v = T::default();
         if self.body.len() != size_of::<T>() {
-            return Err(ProtocolError::BadBody(
-                self.code.unwrap_or(FrontendReq::GET_FEATURES),
-                self.body.len(),
-                size_of::<T>(),
-            ));
+            return Err(ProtocolError::BadBody {
+                request: self.raw(),
+                len: self.body.len(),
+                expected: size_of::<T>(),
+            });
         }
         v.as_mut_slice().copy_from_slice(&self.body);
         Ok(v)
@@ -130,16 +143,16 @@ impl Connection {
         }))
     }
 
-    fn send_reply(&mut self, code: FrontendReq, payload: &[u8]) -> io::Result<()> {
+    fn send_reply(&mut self, code: impl Into<u32>, payload: &[u8]) -> io::Result<()> {
         let mut msg = Vec::with_capacity(HDR_SIZE + payload.len());
-        msg.extend_from_slice(&u32::from(code).to_le_bytes());
+        msg.extend_from_slice(&code.into().to_le_bytes());
         msg.extend_from_slice(&(FLAG_VERSION_1 | FLAG_REPLY).to_le_bytes());
         msg.extend_from_slice(&(payload.len() as u32).to_le_bytes());
         msg.extend_from_slice(payload);
         self.sock.write_all(&msg)
     }
 
-    fn reply_u64(&mut self, code: FrontendReq, v: u64) -> io::Result<()> {
+    fn reply_u64(&mut self, code: impl Into<u32>, v: u64) -> io::Result<()> {
         self.send_reply(code, VhostUserU64::new(v).as_slice())
     }
 
@@ -234,68 +247,25 @@ impl Connection {
         ok: bool,
     ) -> Result<(), ProtocolError> {
         if s.reply_ack_enabled() && req.need_reply() {
-            let code = FrontendReq::try_from(raw).unwrap_or(FrontendReq::GET_FEATURES);
-            if req.code.is_err() {
-                // An unknown code cannot be echoed through the enum; write it raw.
-                let mut msg = Vec::with_capacity(HDR_SIZE + 8);
-                msg.extend_from_slice(&raw.to_le_bytes());
-                msg.extend_from_slice(&(FLAG_VERSION_1 | FLAG_REPLY).to_le_bytes());
-                msg.extend_from_slice(&8u32.to_le_bytes());
-                msg.extend_from_slice(&1u64.to_le_bytes());
-                return Ok(self.sock.write_all(&msg)?);
-            }
-            self.reply_u64(code, u64::from(!ok))?;
+            // The reply echoes the request code, known to us or not.
+            self.reply_u64(raw, u64::from(!ok))?;
         }
         Ok(())
     }
 
     fn set_mem_table(&mut self, s: &mut Session, req: &mut Request) -> Result<(), SessionError> {
-        let hdr_len = size_of::<VhostUserMemory>();
-        let reg_len = size_of::<VhostUserMemoryRegion>();
-        let bad = |why: String| SessionError::Memory(why);
-        if req.body.len() < hdr_len {
-            return Err(bad(format!("body of {} bytes", req.body.len())));
-        }
-        let mut head = VhostUserMemory::default();
-        head.as_mut_slice().copy_from_slice(&req.body[..hdr_len]);
-        let n = head.num_regions as usize;
-        if req.body.len() != hdr_len + n * reg_len || n == 0 || n != req.files.len() {
-            return Err(bad(format!(
-                "{n} regions, {} fds, body of {} bytes",
-                req.files.len(),
-                req.body.len()
-            )));
-        }
-        let regions: Vec<VhostUserMemoryRegion> = req.body[hdr_len..]
-            .chunks_exact(reg_len)
-            .map(|c| {
-                let mut r = VhostUserMemoryRegion::default();
-                r.as_mut_slice().copy_from_slice(c);
-                r
-            })
-            .collect();
-        for r in &regions {
-            let (size, gpa, uva, off) =
-                (r.memory_size, r.guest_phys_addr, r.user_addr, r.mmap_offset);
-            if size == 0
-                || gpa.checked_add(size).is_none()
-                || uva.checked_add(size).is_none()
-                || off.checked_add(size).is_none()
-            {
-                return Err(bad(format!("invalid region at {gpa:#x} size {size:#x}")));
-            }
-        }
+        let regions = crate::memory::parse_table(&req.body, req.files.len())?;
         s.set_mem_table(&regions, std::mem::take(&mut req.files))
     }
 
     fn get_config(&mut self, s: &Session, req: &Request) -> Result<(), ProtocolError> {
         let hdr_len = size_of::<VhostUserConfig>();
         if req.body.len() < hdr_len {
-            return Err(ProtocolError::BadBody(
-                FrontendReq::GET_CONFIG,
-                req.body.len(),
-                hdr_len,
-            ));
+            return Err(ProtocolError::BadBody {
+                request: req.raw(),
+                len: req.body.len(),
+                expected: hdr_len,
+            });
         }
         let mut cfg = VhostUserConfig::default();
         cfg.as_mut_slice().copy_from_slice(&req.body[..hdr_len]);

@@ -17,13 +17,11 @@ use log::{debug, info, warn};
 use thiserror::Error;
 use vhost::vhost_user::message::{VhostUserMemoryRegion, VhostUserProtocolFeatures};
 use virtio_queue::{Queue, QueueT};
-use vm_memory::{GuestAddress, GuestMemoryMmap, GuestRegionMmap};
-use vmm_sys_util::eventfd::EventFd;
+use vm_memory::{GuestAddress, GuestMemoryMmap};
 
-use crate::config::Config;
-use crate::pair::{PairRest, PairSetup, QueueRun};
-use crate::stats::PairStats;
-use crate::tap::Tap;
+use crate::device::Device;
+use crate::memory::GuestMemory;
+use crate::pair::{PairSetup, QueueRun};
 use crate::virtio_net::{self, NetConfigSpace, NetFeatures, VHOST_USER_F_PROTOCOL_FEATURES};
 use crate::worker::Worker;
 
@@ -41,12 +39,14 @@ pub enum SessionError {
     NoMemory(u32),
     #[error("vring {0}: {1} address {2:#x} is not in any guest memory region")]
     BadRingAddress(u32, &'static str, u64),
+    #[error("vring {0}: {1} at guest address {2:#x} is misaligned")]
+    Misaligned(u32, &'static str, u64),
     #[error("vring {0}: dirty logging is not supported")]
     LogNotSupported(u32),
     #[error("vring {0}: polling mode (no kick eventfd) is not supported")]
     NoKickFd(u32),
-    #[error("memory table: {0}")]
-    Memory(String),
+    #[error("memory table")]
+    Memory(#[from] crate::memory::MemoryError),
     #[error("tap: {0}")]
     Tap(#[from] crate::tap::TapError),
     #[error("config space is read-only")]
@@ -58,68 +58,6 @@ pub enum SessionError {
 }
 
 type Result<T> = std::result::Result<T, SessionError>;
-
-/// Daemon-level state of one queue pair: outlives sessions.
-pub struct PairSlot {
-    pub tap: Arc<Tap>,
-    pub stats: Arc<PairStats>,
-    /// What the pair keeps between runs (a staged frame, the TX io_uring); `None` while a worker
-    /// runs the pair.
-    pub rest: Option<PairRest>,
-    /// Whether the tap queue is attached (multiqueue): the kernel steers flows only to attached
-    /// queues, so only pairs whose RX ring runs are attached. Queue 0 always is, so a tap with
-    /// no reader behaves like a single-queue tap.
-    pub attached: bool,
-}
-
-/// What the daemon knows before any frontend connects.
-pub struct Device {
-    pub config: Config,
-    pub pairs: Vec<PairSlot>,
-    /// Virtio features offered (depends on what the tap supports).
-    pub offered: u64,
-    /// Written by a worker whose tap failed: the daemon cannot go on.
-    pub fatal: Arc<EventFd>,
-}
-
-impl Device {
-    /// Attach pair `p`'s tap queue while its RX ring runs, detach it otherwise (never pair 0).
-    fn sync_attach(&mut self, p: usize, reading: bool) {
-        let want = reading || p == 0;
-        let multi = self.pairs.len() > 1;
-        let slot = &mut self.pairs[p];
-        if multi && slot.attached != want {
-            match slot.tap.set_attached(want) {
-                Ok(()) => {
-                    slot.attached = want;
-                    debug!(
-                        "queue pair {p}: tap queue {}",
-                        if want { "attached" } else { "detached" }
-                    );
-                }
-                Err(e) => warn!("queue pair {p}: {e}"),
-            }
-        }
-    }
-
-    pub fn protocol_features(&self) -> VhostUserProtocolFeatures {
-        let base = VhostUserProtocolFeatures::MQ
-            | VhostUserProtocolFeatures::REPLY_ACK
-            | VhostUserProtocolFeatures::RESET_DEVICE;
-        // QEMU keeps virtio-net's config space itself (MAC from `-device mac=`) and warns at every
-        // start when a net backend offers CONFIG, so it is offered only to serve an explicit
-        // --mac to frontends that read it.
-        if self.config.serve_config {
-            base | VhostUserProtocolFeatures::CONFIG
-        } else {
-            base
-        }
-    }
-
-    pub fn num_queues(&self) -> usize {
-        self.pairs.len() * 2
-    }
-}
 
 struct Vring {
     queue: Queue,
@@ -143,20 +81,13 @@ impl Vring {
     }
 }
 
-struct Region {
-    gpa: u64,
-    uva: u64,
-    size: u64,
-}
-
 pub struct Session<'d> {
     dev: &'d mut Device,
     features: u64,
     /// When features were acked while no memory table had come (see `memory_overdue`).
     features_acked_at: Option<std::time::Instant>,
     protocol: u64,
-    mem: Option<Arc<GuestMemoryMmap>>,
-    regions: Vec<Region>,
+    memory: Option<GuestMemory>,
     vrings: Vec<Vring>,
     workers: Vec<Option<Worker>>,
 }
@@ -171,8 +102,7 @@ impl<'d> Session<'d> {
             features: 0,
             features_acked_at: None,
             protocol: 0,
-            mem: None,
-            regions: Vec::new(),
+            memory: None,
             vrings: (0..n).map(|_| Vring::new(max)).collect(),
             workers: (0..pairs).map(|_| None).collect(),
         }
@@ -224,7 +154,7 @@ impl<'d> Session<'d> {
             nf.event_idx(),
             nf.tun_offloads()
         );
-        if self.mem.is_none() {
+        if self.memory.is_none() {
             self.features_acked_at = Some(std::time::Instant::now());
         }
         self.with_all_pairs(|s| s.features = features)
@@ -236,7 +166,7 @@ impl<'d> Session<'d> {
     /// on both sides with nothing but a line in QEMU's log. `None` once the table came.
     pub fn memory_overdue(&self) -> Option<std::time::Duration> {
         self.features_acked_at
-            .filter(|_| self.mem.is_none())
+            .filter(|_| self.memory.is_none())
             .map(|t| t.elapsed())
     }
 
@@ -282,34 +212,8 @@ impl<'d> Session<'d> {
         regions: &[VhostUserMemoryRegion],
         files: Vec<File>,
     ) -> Result<()> {
-        let mut mapped = Vec::with_capacity(regions.len());
-        let mut table = Vec::with_capacity(regions.len());
-        for (r, f) in regions.iter().zip(files) {
-            let (gpa, size, uva) = (r.guest_phys_addr, r.memory_size, r.user_addr);
-            let mmap = r
-                .mmap_region::<()>(f)
-                .map_err(|e| SessionError::Memory(format!("mapping region at {gpa:#x}: {e}")))?;
-            let region = GuestRegionMmap::new(mmap, GuestAddress(gpa))
-                .ok_or_else(|| SessionError::Memory(format!("region at {gpa:#x} overflows")))?;
-            mapped.push(region);
-            table.push(Region { gpa, uva, size });
-        }
-        mapped.sort_by_key(vm_memory::GuestMemoryRegion::start_addr);
-        let mem = GuestMemoryMmap::from_regions(mapped)
-            .map_err(|e| SessionError::Memory(e.to_string()))?;
-        let total: u64 = table.iter().map(|r| r.size).sum();
-        info!("guest memory: {} regions, {} MiB", table.len(), total >> 20);
-        self.with_all_pairs(|s| {
-            s.mem = Some(Arc::new(mem));
-            s.regions = table;
-        })
-    }
-
-    fn uva_to_gpa(&self, uva: u64) -> Option<u64> {
-        self.regions
-            .iter()
-            .find(|r| uva >= r.uva && uva - r.uva < r.size)
-            .map(|r| r.gpa + (uva - r.uva))
+        let memory = GuestMemory::map(regions, files)?;
+        self.with_all_pairs(|s| s.memory = Some(memory))
     }
 
     pub fn set_vring_num(&mut self, index: u32, num: u32) -> Result<()> {
@@ -332,11 +236,12 @@ impl<'d> Session<'d> {
         if flags & 1 != 0 {
             return Err(SessionError::LogNotSupported(index));
         }
-        if self.mem.is_none() {
+        let Some(memory) = &self.memory else {
             return Err(SessionError::NoMemory(index));
-        }
+        };
         let tr = |what, a| {
-            self.uva_to_gpa(a)
+            memory
+                .uva_to_gpa(a)
                 .ok_or(SessionError::BadRingAddress(index, what, a))
         };
         let (d, u, a) = (
@@ -346,11 +251,21 @@ impl<'d> Session<'d> {
         );
         self.with_pair(i / 2, |s| {
             let q = &mut s.vrings[i].queue;
-            q.try_set_desc_table_address(GuestAddress(d))
-                .and_then(|_| q.try_set_avail_ring_address(GuestAddress(a)))
-                .and_then(|_| q.try_set_used_ring_address(GuestAddress(u)))
-                .map(|_| q.set_ready(true))
-                .map_err(|_| SessionError::BadRingAddress(index, "misaligned", desc))
+            let misaligned = |what, addr| move |_| SessionError::Misaligned(index, what, addr);
+            let set = q
+                .try_set_desc_table_address(GuestAddress(d))
+                .map_err(misaligned("descriptor table", d))
+                .and_then(|_| {
+                    q.try_set_avail_ring_address(GuestAddress(a))
+                        .map_err(misaligned("avail ring", a))
+                })
+                .and_then(|_| {
+                    q.try_set_used_ring_address(GuestAddress(u))
+                        .map_err(misaligned("used ring", u))
+                });
+            // A ring whose addresses were refused must not run on the ones it had.
+            q.set_ready(set.is_ok());
+            set
         })
     }
 
@@ -422,8 +337,7 @@ impl<'d> Session<'d> {
         }
         self.features = 0;
         self.features_acked_at = None;
-        self.mem = None;
-        self.regions.clear();
+        self.memory = None;
     }
 
     fn with_all_pairs<R>(&mut self, f: impl FnOnce(&mut Self) -> R) -> Result<R> {
@@ -469,7 +383,7 @@ impl<'d> Session<'d> {
     }
 
     fn start_pair(&mut self, p: usize) -> Result<()> {
-        let Some(mem) = self.mem.clone() else {
+        let Some(mem) = self.memory.as_ref().map(|m| m.mapped().clone()) else {
             return Ok(());
         };
         let run = |s: &Self, i: usize| {

@@ -62,7 +62,8 @@ pub fn take_activated_socket(args: &mut Args) -> Result<Option<RawFd>, SystemdEr
         [fd] => fd,
         _ => return Err(SystemdError::SocketCount(fds.len())),
     };
-    check_listening_unix_stream(fd)?;
+    crate::sys::check_listening_unix_stream(fd)
+        .map_err(|what| SystemdError::NotListeningUnixStream { fd, what })?;
     if let Some(p) = &args.socket_path {
         return Err(SystemdError::Conflict {
             fd,
@@ -79,47 +80,6 @@ pub fn take_activated_socket(args: &mut Args) -> Result<Option<RawFd>, SystemdEr
             Ok(Some(fd))
         }
     }
-}
-
-fn sockopt(fd: RawFd, opt: libc::c_int) -> io::Result<libc::c_int> {
-    let mut val: libc::c_int = 0;
-    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
-    // SAFETY: getsockopt writes at most `len` bytes into `val`, which is that long and outlives
-    // the call; on an fd that is not a socket it fails without touching anything.
-    let r = unsafe {
-        libc::getsockopt(
-            fd,
-            libc::SOL_SOCKET,
-            opt,
-            (&mut val as *mut libc::c_int).cast(),
-            &mut len,
-        )
-    };
-    if r == 0 {
-        Ok(val)
-    } else {
-        Err(io::Error::last_os_error())
-    }
-}
-
-fn check_listening_unix_stream(fd: RawFd) -> Result<(), SystemdError> {
-    let bad = |what: String| SystemdError::NotListeningUnixStream { fd, what };
-    let domain = sockopt(fd, libc::SO_DOMAIN).map_err(|e| bad(format!("not a socket ({e})")))?;
-    if domain != libc::AF_UNIX {
-        return Err(bad(format!(
-            "a socket of address family {domain}, not AF_UNIX"
-        )));
-    }
-    let ty = sockopt(fd, libc::SO_TYPE).map_err(|e| bad(format!("unreadable ({e})")))?;
-    if ty != libc::SOCK_STREAM {
-        return Err(bad(format!("a unix socket of type {ty}, not SOCK_STREAM")));
-    }
-    let listening =
-        sockopt(fd, libc::SO_ACCEPTCONN).map_err(|e| bad(format!("unreadable ({e})")))?;
-    if listening == 0 {
-        return Err(bad("a connected unix socket, not a listening one".into()));
-    }
-    Ok(())
 }
 
 fn notify(states: &[NotifyState], what: &str) {
@@ -218,29 +178,5 @@ mod tests {
         assert_eq!(w.epoll_timeout_ms(), 5000);
         let tiny = Watchdog::with_interval(Some(Duration::from_micros(500)));
         assert_eq!(tiny.epoll_timeout_ms(), 1);
-    }
-
-    #[test]
-    fn an_inherited_fd_must_be_a_listening_unix_stream_socket() {
-        use std::os::fd::AsRawFd;
-        let dir = std::env::temp_dir().join(format!("vut-sd-unit-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let path = dir.join("l.sock");
-        let _ = std::fs::remove_file(&path);
-        let listener = std::os::unix::net::UnixListener::bind(&path).unwrap();
-        assert!(check_listening_unix_stream(listener.as_raw_fd()).is_ok());
-        let conn = std::os::unix::net::UnixStream::connect(&path).unwrap();
-        let e = check_listening_unix_stream(conn.as_raw_fd()).unwrap_err();
-        assert!(e.to_string().contains("connected unix socket"), "{e}");
-        let dgram = std::os::unix::net::UnixDatagram::unbound().unwrap();
-        let e = check_listening_unix_stream(dgram.as_raw_fd()).unwrap_err();
-        assert!(e.to_string().contains("not SOCK_STREAM"), "{e}");
-        let udp = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
-        let e = check_listening_unix_stream(udp.as_raw_fd()).unwrap_err();
-        assert!(e.to_string().contains("not AF_UNIX"), "{e}");
-        let file = std::fs::File::open("/dev/null").unwrap();
-        let e = check_listening_unix_stream(file.as_raw_fd()).unwrap_err();
-        assert!(e.to_string().contains("not a socket"), "{e}");
-        let _ = std::fs::remove_dir_all(&dir);
     }
 }

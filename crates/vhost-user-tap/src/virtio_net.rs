@@ -66,6 +66,20 @@ pub fn base_features() -> u64 {
         | bit(VHOST_USER_F_PROTOCOL_FEATURES)
 }
 
+/// The virtio features to offer, given the `TUN_F_*` flags the tap accepts.
+pub fn offered_features(tun_offloads: u32, pairs: usize) -> u64 {
+    let mut offered = base_features();
+    for &(feature, tun) in GUEST_OFFLOADS.iter().chain(HOST_OFFLOADS.iter()) {
+        if tun_offloads & tun == tun {
+            offered |= bit(feature);
+        }
+    }
+    if pairs == 1 {
+        offered &= !bit(virtio_bindings::virtio_net::VIRTIO_NET_F_MQ);
+    }
+    offered
+}
+
 /// What a set of acked features means for the data path.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct NetFeatures {
