@@ -191,7 +191,9 @@ impl Daemon {
         loop {
             let mut timeout = watchdog.epoll_timeout_ms();
             if let (Some(t), false) = (session.memory_overdue(), memory_warned) {
-                let left = MEMORY_GRACE.saturating_sub(t).as_millis() as i32 + 1;
+                let left = i32::try_from(MEMORY_GRACE.saturating_sub(t).as_millis())
+                    .unwrap_or(i32::MAX)
+                    .saturating_add(1);
                 timeout = if timeout < 0 { left } else { timeout.min(left) };
             }
             let n = match epoll.wait(timeout, &mut events) {

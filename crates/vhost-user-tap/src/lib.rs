@@ -23,6 +23,14 @@
 //! - [`seccomp`]: the syscall allow-list applied after setup.
 //! - [`stats`]: per-queue-pair counters.
 //! - [`ratelog`]: rate limiting for guest-triggered warnings.
+// Lossy casts hide bugs on guest- and frontend-controlled numbers: in the daemon each remaining
+// one says why it is exact (tests and benchmarks are exempt).
+#![warn(
+    clippy::cast_possible_truncation,
+    clippy::cast_sign_loss,
+    clippy::cast_possible_wrap
+)]
+
 pub mod backpressure;
 pub mod config;
 pub mod daemon;

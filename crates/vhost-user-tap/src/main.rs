@@ -4,6 +4,12 @@
 //! 2 for a bad command line; with VHOST_USER_TAP_SECCOMP_SELFTEST=1 (a test hook) 3 when the
 //! seccomp filter refused every forbidden probe, 4 when one went through.
 
+#![warn(
+    clippy::cast_possible_truncation,
+    clippy::cast_sign_loss,
+    clippy::cast_possible_wrap
+)]
+
 use std::process::ExitCode;
 
 use vhost_user_tap::config::{Args, Config, CAPABILITIES_JSON};

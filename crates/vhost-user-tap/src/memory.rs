@@ -133,7 +133,7 @@ mod tests {
     use super::*;
 
     fn table(regions: &[(u64, u64, u64, u64)]) -> Vec<u8> {
-        let mut body = VhostUserMemory::new(regions.len() as u32)
+        let mut body = VhostUserMemory::new(u32::try_from(regions.len()).unwrap())
             .as_slice()
             .to_vec();
         for &(gpa, size, uva, off) in regions {

@@ -243,13 +243,13 @@ impl prometheus_client::collector::Collector for Collector {
                     &mut enc,
                     "qdisc_backlog_bytes",
                     "Bytes queued in the root qdisc.",
-                    &[(l(), qd.backlog_bytes as i64)],
+                    &[(l(), i64::try_from(qd.backlog_bytes).unwrap_or(i64::MAX))],
                 )?;
                 gauge(
                     &mut enc,
                     "qdisc_backlog_packets",
                     "Packets queued in the root qdisc.",
-                    &[(l(), qd.backlog_packets as i64)],
+                    &[(l(), i64::try_from(qd.backlog_packets).unwrap_or(i64::MAX))],
                 )?;
             }
             Ok(None) => {}

@@ -183,7 +183,7 @@ pub fn root_qdisc(ifindex: u32) -> Result<Option<QdiscCounters>, NetlinkError> {
         let RouteNetlinkMessage::NewQueueDiscipline(m) = r else {
             continue;
         };
-        if m.header.index != ifindex as i32 || m.header.parent != TcHandle::ROOT {
+        if i32::try_from(ifindex) != Ok(m.header.index) || m.header.parent != TcHandle::ROOT {
             continue;
         }
         let mut q = QdiscCounters::default();
@@ -226,7 +226,8 @@ pub fn root_qdisc(ifindex: u32) -> Result<Option<QdiscCounters>, NetlinkError> {
 /// `tc qdisc replace dev <ifindex> root <kind>` with the kind's defaults.
 pub fn replace_root_qdisc(ifindex: u32, kind: &str) -> Result<(), NetlinkError> {
     let mut m = TcMessage::default();
-    m.header.index = ifindex as i32;
+    m.header.index = i32::try_from(ifindex)
+        .map_err(|_| NetlinkError::NoSuchLink(format!("ifindex {ifindex}")))?;
     m.header.parent = TcHandle::ROOT;
     m.attributes.push(TcAttribute::Kind(kind.to_string()));
     request(

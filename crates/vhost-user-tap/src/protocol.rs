@@ -147,7 +147,8 @@ impl Connection {
         let mut msg = Vec::with_capacity(HDR_SIZE + payload.len());
         msg.extend_from_slice(&code.into().to_le_bytes());
         msg.extend_from_slice(&(FLAG_VERSION_1 | FLAG_REPLY).to_le_bytes());
-        msg.extend_from_slice(&(payload.len() as u32).to_le_bytes());
+        let len = u32::try_from(payload.len()).map_err(|_| io::Error::other("reply too large"))?;
+        msg.extend_from_slice(&len.to_le_bytes());
         msg.extend_from_slice(payload);
         self.sock.write_all(&msg)
     }

@@ -33,6 +33,14 @@ use virtio_bindings::virtio_ring::{
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
 use vm_memory::{Address, GuestAddress, GuestMemory, GuestMemoryBackend, GuestMemoryMmap};
 
+// The ring flags are single low bits (virtio 1.2, 2.7.5-2.7.8): exact in the rings' u16 fields.
+#[allow(clippy::cast_possible_truncation)]
+const NO_INTERRUPT: u16 = VRING_AVAIL_F_NO_INTERRUPT as u16;
+#[allow(clippy::cast_possible_truncation)]
+const NO_NOTIFY: u16 = VRING_USED_F_NO_NOTIFY as u16;
+#[allow(clippy::cast_possible_truncation)]
+const DESC_F_WRITE: u16 = VRING_DESC_F_WRITE as u16;
+
 /// Most segments accepted in one descriptor chain. Linux uses at most MAX_SKB_FRAGS + 2.
 pub const MAX_CHAIN_SEGS: usize = 64;
 
@@ -348,7 +356,7 @@ impl DeviceQueue {
             Ok(vring_need_event(used_event, new.0, old.0))
         } else {
             let flags = u16::from_le(host.word(false, 0).load(Ordering::Relaxed));
-            Ok(flags & VRING_AVAIL_F_NO_INTERRUPT as u16 == 0)
+            Ok(flags & NO_INTERRUPT == 0)
         }
     }
 
@@ -360,7 +368,7 @@ impl DeviceQueue {
         }
         self.host()?
             .word(true, 0)
-            .store((VRING_USED_F_NO_NOTIFY as u16).to_le(), Ordering::Relaxed);
+            .store(NO_NOTIFY.to_le(), Ordering::Relaxed);
         Ok(())
     }
 
@@ -416,7 +424,7 @@ where
     let mut count: u16 = 0;
     for desc in chain {
         last_has_next = desc.has_next();
-        let writable = desc.flags() & VRING_DESC_F_WRITE as u16 != 0;
+        let writable = desc.flags() & DESC_F_WRITE != 0;
         if writable != device_writes {
             return Err(ChainError::WrongDirection(count));
         }
@@ -447,7 +455,8 @@ where
                 if segs.len() == MAX_CHAIN_SEGS {
                     return Err(ChainError::TooManySegments);
                 }
-                let len = slice.len() as u32;
+                // A piece of one descriptor, whose length is a u32.
+                let len = u32::try_from(slice.len()).map_err(|_| bad)?;
                 segs.push(Segment {
                     addr,
                     len,

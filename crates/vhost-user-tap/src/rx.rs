@@ -160,6 +160,8 @@ impl Rx {
 
     /// Give back the queue (unused window chains returned to the avail ring) and the carry.
     pub fn into_parts(mut self) -> (virtio_queue::Queue, RxCarry) {
+        // Exact: the window holds at most a ring of chains (<= 32768).
+        #[allow(clippy::cast_possible_truncation)]
         let mut rewind = self.win.chains.len() as u16;
         if self.win.completed_behind {
             // Rewinding would hand the completed malformed chain out again; return the window's
@@ -395,15 +397,17 @@ impl Rx {
             chains += 1;
         }
         if self.hdr_len == HDR_LEN {
+            // Exact: a frame spans at most the window, a ring of chains (<= 32768).
+            #[allow(clippy::cast_possible_truncation)]
             let num_buffers = if self.mrg { chains as u16 } else { 1 };
             self.write_front(NUM_BUFFERS_OFFSET, &num_buffers.to_le_bytes());
         }
         let mut left = n;
         for _ in 0..chains {
             let c = self.win.pop_front();
-            let len = left.min(c.cap as usize);
-            left -= len;
-            self.q.add_used(c.head, len as u32)?;
+            let len = u32::try_from(left).map_or(c.cap, |l| l.min(c.cap));
+            left -= len as usize;
+            self.q.add_used(c.head, len)?;
         }
         t.frames += 1;
         t.bytes += n.saturating_sub(self.hdr_len) as u64;

@@ -39,6 +39,8 @@ pub enum SessionError {
     NoMemory(u32),
     #[error("vring {0}: {1} address {2:#x} is not in any guest memory region")]
     BadRingAddress(u32, &'static str, u64),
+    #[error("vring {0}: base {1:#x} is not a split ring's 16-bit index")]
+    BadBase(u32, u32),
     #[error("vring {0}: {1} at guest address {2:#x} is misaligned")]
     Misaligned(u32, &'static str, u64),
     #[error("vring {0}: dirty logging is not supported")]
@@ -192,6 +194,8 @@ impl<'d> Session<'d> {
     pub fn get_config(&self, offset: u32, size: u32) -> Result<Vec<u8>> {
         let space = NetConfigSpace {
             mac: self.dev.config.mac,
+            // Exact: at most MAX_QUEUE_PAIRS (64).
+            #[allow(clippy::cast_possible_truncation)]
             max_queue_pairs: self.dev.pairs.len() as u16,
             mtu: self.dev.config.mtu,
         }
@@ -271,10 +275,12 @@ impl<'d> Session<'d> {
 
     pub fn set_vring_base(&mut self, index: u32, base: u32) -> Result<()> {
         let i = self.check_index(index)?;
+        // A split ring's index is 16 bits; more is a packed ring's wrap counter, not offered.
+        let base = u16::try_from(base).map_err(|_| SessionError::BadBase(index, base))?;
         self.with_pair(i / 2, |s| {
             let q = &mut s.vrings[i].queue;
-            q.set_next_avail(base as u16);
-            q.set_next_used(base as u16);
+            q.set_next_avail(base);
+            q.set_next_used(base);
         });
         Ok(())
     }

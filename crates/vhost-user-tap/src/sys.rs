@@ -54,7 +54,9 @@ impl SignalFd {
                 len,
             )
         };
-        (n as usize == len).then_some(info.ssi_signo as i32)
+        (usize::try_from(n) == Ok(len))
+            .then(|| i32::try_from(info.ssi_signo).ok())
+            .flatten()
     }
 }
 
@@ -132,6 +134,8 @@ impl Drop for Listener {
 
 fn sockopt(fd: RawFd, opt: libc::c_int) -> io::Result<libc::c_int> {
     let mut val: libc::c_int = 0;
+    // 4: exact.
+    #[allow(clippy::cast_possible_truncation)]
     let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
     // SAFETY: getsockopt writes at most `len` bytes into `val`, which is that long and outlives
     // the call; on an fd that is not a socket it fails without touching anything.

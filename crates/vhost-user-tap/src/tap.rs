@@ -89,7 +89,8 @@ fn ifreq_for(name: &str) -> libc::ifreq {
     // SAFETY: ifreq is plain old data; all-zero is a valid value.
     let mut ifr: libc::ifreq = unsafe { std::mem::zeroed() };
     for (dst, src) in ifr.ifr_name.iter_mut().zip(name.bytes()) {
-        *dst = src as libc::c_char;
+        // The kernel reads the name as bytes; c_char is their C spelling.
+        *dst = libc::c_char::from_ne_bytes([src]);
     }
     ifr
 }
@@ -169,7 +170,10 @@ impl Tap {
             flags |= libc::IFF_MULTI_QUEUE;
         }
         let mut ifr = ifreq_for(name);
-        ifr.ifr_ifru.ifru_flags = flags as c_short;
+        // Exact: the IFF_* flags tun takes fit ifr_flags, a short in the kernel's ABI.
+        #[allow(clippy::cast_possible_truncation)]
+        let short = flags as c_short;
+        ifr.ifr_ifru.ifru_flags = short;
         // SAFETY: TUNSETIFF reads and writes an ifreq, which `ifr` is and outlives the call.
         let ret =
             unsafe { vmm_sys_util::ioctl::ioctl_with_mut_ref(&file, libc::TUNSETIFF, &mut ifr) };
@@ -220,7 +224,11 @@ impl Tap {
 
     /// The header length the kernel prepends/expects; must equal what the guest negotiated.
     pub fn set_vnet_hdr_len(&self, len: usize) -> Result<(), TapError> {
-        let len = len as c_int;
+        let len = c_int::try_from(len).map_err(|_| TapError::Ioctl {
+            step: "TUNSETVNETHDRSZ",
+            name: self.name.clone(),
+            err: io::Error::from_raw_os_error(libc::EINVAL),
+        })?;
         // SAFETY: TUNSETVNETHDRSZ reads one int through the pointer, which `len` outlives.
         let ret =
             unsafe { vmm_sys_util::ioctl::ioctl_with_ref(&self.file, libc::TUNSETVNETHDRSZ, &len) };
@@ -259,7 +267,10 @@ impl Tap {
         } else {
             libc::IFF_DETACH_QUEUE
         };
-        ifr.ifr_ifru.ifru_flags = flag as c_short;
+        // Exact: both flags fit ifr_flags, a short in the kernel's ABI.
+        #[allow(clippy::cast_possible_truncation)]
+        let short = flag as c_short;
+        ifr.ifr_ifru.ifru_flags = short;
         // SAFETY: TUNSETQUEUE reads an ifreq, which `ifr` is and outlives the call.
         let ret = unsafe {
             vmm_sys_util::ioctl::ioctl_with_mut_ref(&self.file, libc::TUNSETQUEUE, &mut ifr)
@@ -293,26 +304,22 @@ impl Tap {
 
     /// Read one frame (vnet header first) into `iov`.
     pub fn readv(&self, iov: &[iovec]) -> io::Result<usize> {
+        let count =
+            c_int::try_from(iov.len()).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
         // SAFETY: every iovec points at memory the caller owns for writing (guest buffers that stay
         // mapped while the worker holds the memory, or our staging buffer) with the stated length.
-        let n = unsafe { libc::readv(self.file.as_raw_fd(), iov.as_ptr(), iov.len() as c_int) };
-        if n < 0 {
-            Err(io::Error::last_os_error())
-        } else {
-            Ok(n as usize)
-        }
+        let n = unsafe { libc::readv(self.file.as_raw_fd(), iov.as_ptr(), count) };
+        usize::try_from(n).map_err(|_| io::Error::last_os_error())
     }
 
     /// Write one frame (vnet header first) gathered from `iov`.
     pub fn writev(&self, iov: &[iovec]) -> io::Result<usize> {
+        let count =
+            c_int::try_from(iov.len()).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
         // SAFETY: every iovec points at readable memory of the stated length (guest buffers that
         // stay mapped while the worker holds the memory); the kernel only reads it.
-        let n = unsafe { libc::writev(self.file.as_raw_fd(), iov.as_ptr(), iov.len() as c_int) };
-        if n < 0 {
-            Err(io::Error::last_os_error())
-        } else {
-            Ok(n as usize)
-        }
+        let n = unsafe { libc::writev(self.file.as_raw_fd(), iov.as_ptr(), count) };
+        usize::try_from(n).map_err(|_| io::Error::last_os_error())
     }
 }
 

@@ -181,7 +181,9 @@ impl Tx {
             if t.frames >= FRAME_BUDGET || t.bytes >= BYTE_BUDGET {
                 return Ok(TxState::Ready);
             }
-            let max = ((FRAME_BUDGET - t.frames) as usize).min(BATCH);
+            let max = usize::try_from(FRAME_BUDGET - t.frames)
+                .unwrap_or(BATCH)
+                .min(BATCH);
             let (taken, budget_hit) = self.gather(max, BYTE_BUDGET - t.bytes)?;
             if !self.batch.is_empty() {
                 self.write(tap, t);
@@ -292,7 +294,7 @@ impl Tx {
                 continue;
             }
             *r = match tap.writev(&self.iovs[g.iovs.clone()]) {
-                Ok(len) => len as i32,
+                Ok(len) => i32::try_from(len).unwrap_or(i32::MAX),
                 Err(e) => {
                     let errno = e.raw_os_error().unwrap_or(libc::EIO);
                     blocked = errno == libc::EAGAIN || errno == libc::EBADFD;
@@ -399,6 +401,8 @@ impl Tx {
         let Some(cut) = cut.filter(|_| !inverted) else {
             return Ok(None);
         };
+        // Exact: a batch holds at most BATCH (64) chains.
+        #[allow(clippy::cast_possible_truncation)]
         self.q.rewind((n - cut) as u16);
         if self.results[cut] == -libc::EBADFD {
             return tap_gone();
@@ -416,7 +420,7 @@ fn write_waiting(tap: &Tap, iov: &[iovec]) -> i32 {
     let mut last = -libc::EAGAIN;
     for _ in 0..50 {
         match tap.writev(iov) {
-            Ok(n) => return n as i32,
+            Ok(n) => return i32::try_from(n).unwrap_or(i32::MAX),
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                 let mut pfd = libc::pollfd {
                     fd: tap.as_raw_fd(),

@@ -65,6 +65,7 @@ impl TxRing {
     /// A ring that can only write to `tap`. Must be called before seccomp is installed.
     pub fn new(tap: &Tap) -> io::Result<TxRing> {
         use std::os::fd::AsRawFd;
+        #[allow(clippy::cast_possible_truncation)] // 64
         let ring = IoUring::builder().setup_r_disabled().build(BATCH as u32)?;
         let s = ring.submitter();
         s.register_files(&[tap.as_raw_fd()])?;
@@ -124,7 +125,10 @@ impl TxRing {
                 // RWF_NOWAIT: without it a write that would block is parked on the tap's poll
                 // queue and the submission waits for room, stalling the whole worker; with it
                 // the write fails with EAGAIN, like writev on the non-blocking tap.
-                let sqe = opcode::Writev::new(types::Fixed(0), iov.as_ptr(), iov.len() as u32)
+                // Exact: a frame has at most MAX_CHAIN_SEGS (64) iovecs.
+                #[allow(clippy::cast_possible_truncation)]
+                let n_iov = iov.len() as u32;
+                let sqe = opcode::Writev::new(types::Fixed(0), iov.as_ptr(), n_iov)
                     .rw_flags(libc::RWF_NOWAIT)
                     .build()
                     .user_data(i as u64);
@@ -146,7 +150,13 @@ impl TxRing {
                 Err(e) => return Err(e),
             }
             for cqe in self.ring.completion() {
-                out[cqe.user_data() as usize] = cqe.result();
+                // user_data is the frame's index in `out`, as pushed above.
+                if let Some(slot) = usize::try_from(cqe.user_data())
+                    .ok()
+                    .and_then(|i| out.get_mut(i))
+                {
+                    *slot = cqe.result();
+                }
                 done += 1;
             }
         }

@@ -158,6 +158,8 @@ impl NetConfigSpace {
     pub fn to_bytes(self) -> [u8; 17] {
         let mut b = [0u8; 17];
         b[0..6].copy_from_slice(&self.mac);
+        // A single low bit: exact.
+        #[allow(clippy::cast_possible_truncation)]
         b[6..8].copy_from_slice(&(VIRTIO_NET_S_LINK_UP as u16).to_le_bytes());
         b[8..10].copy_from_slice(&self.max_queue_pairs.to_le_bytes());
         b[10..12].copy_from_slice(&self.mtu.to_le_bytes());
