@@ -38,11 +38,11 @@ pub const VIRTIO_NET_HDR_GSO_NONE: u8 = 0;
 /// Size of `virtio_net_config` (mac, status, max_virtqueue_pairs, mtu, speed, duplex, rss…).
 pub const VIRTIO_NET_CONFIG_SIZE: usize = 24;
 
-/// Bit mask for a feature bit number.
-pub const fn bit(n: u32) -> u64 {
-    1u64 << n
-}
+pub use vhost_user_tap::virtio_net::bit;
 
+/// Deliberately independent of the daemon's `NetFeatures::hdr_len`: the guest checks the
+/// daemon against its own reading of the spec.
+///
 /// vnet header length for the negotiated features: 12 bytes with VERSION_1 or MRG_RXBUF
 /// (`virtio_net_hdr_v1` / `virtio_net_hdr_mrg_rxbuf`), 10 bytes for a legacy device without.
 pub fn vnet_hdr_len(features: u64) -> usize {
@@ -165,7 +165,8 @@ pub enum FrameError {
     BadUdp(String),
 }
 
-/// Parse `aa:bb:cc:dd:ee:ff`.
+/// Parse `aa:bb:cc:dd:ee:ff` (or with `-`). Not the daemon's `config::parse_mac`, which takes
+/// only a unicast NIC address: frames may be sent to broadcast and multicast ones.
 pub fn parse_mac(s: &str) -> Result<[u8; 6], FrameError> {
     let mut mac = [0u8; 6];
     let parts: Vec<&str> = s.split([':', '-']).collect();

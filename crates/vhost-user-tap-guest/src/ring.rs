@@ -118,6 +118,9 @@ pub enum RingError {
 
 type Result<T> = std::result::Result<T, RingError>;
 
+/// Deliberately independent of the daemon's `ring::vring_need_event`: the guest checks the
+/// daemon's notifications against its own copy of Linux's.
+///
 /// Linux's `vring_need_event`: should the other side be notified, given its event index, the new
 /// index and the index at the time of the previous notification decision?
 pub fn vring_need_event(event_idx: u16, new_idx: u16, old: u16) -> bool {

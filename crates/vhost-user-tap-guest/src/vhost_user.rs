@@ -83,6 +83,8 @@ pub mod proto {
     pub const CONFIG: u64 = 1 << 9;
 }
 
+// The frontend's own encoding of the vhost-user header, deliberately independent of the
+// daemon's parser (protocol.rs) so each checks the other.
 const HDR_LEN: usize = 12;
 const FLAG_VERSION: u32 = 0x1;
 const FLAG_REPLY: u32 = 0x4;
