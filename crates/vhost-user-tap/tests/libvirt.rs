@@ -235,7 +235,7 @@ impl Libvirtd {
             let src = if sub == "cache" {
                 cache.clone()
             } else {
-                let d = root.0.join(sub);
+                let d = root.path().join(sub);
                 fs::create_dir_all(&d).unwrap();
                 d
             };
@@ -247,25 +247,25 @@ impl Libvirtd {
         }
         if Path::new("/dev/kvm").exists() {
             // See the module comment: libvirt would re-probe QEMU on every capability look-up.
-            let stub = root.0.join("no-kvm");
+            let stub = root.path().join("no-kvm");
             fs::write(&stub, "").unwrap();
             fs::set_permissions(&stub, fs::Permissions::from_mode(0o600)).unwrap();
             script.push_str(&format!("mount --bind '{}' /dev/kvm\n", stub.display()));
         }
         fs::write(
-            root.0.join("etc/libvirtd.conf"),
+            root.path().join("etc/libvirtd.conf"),
             "log_outputs = \"3:stderr\"\n",
         )
         .unwrap();
         fs::write(
-            root.0.join("etc/qemu.conf"),
+            root.path().join("etc/qemu.conf"),
             "stdio_handler = \"file\"\ncgroup_controllers = [ ]\nnamespaces = [ ]\n",
         )
         .unwrap();
         script.push_str(&format!(
             "exec {LIBVIRTD} --config /etc/libvirt/libvirtd.conf --pid-file /run/libvirt/libvirtd.pid\n"
         ));
-        let log = fs::File::create(root.0.join("libvirtd.log")).unwrap();
+        let log = fs::File::create(root.path().join("libvirtd.log")).unwrap();
         let child = Command::new("unshare")
             .args(["--mount", "--propagation", "private", "sh", "-c", &script])
             .stdin(Stdio::null())
@@ -318,7 +318,7 @@ impl Libvirtd {
     }
 
     fn socket(&self) -> PathBuf {
-        self.root.0.join("run/libvirt-sock")
+        self.root.path().join("run/libvirt-sock")
     }
 
     fn uri(&self) -> String {
@@ -333,18 +333,19 @@ impl Libvirtd {
     }
 
     fn log(&self) -> String {
-        fs::read_to_string(self.root.0.join("libvirtd.log")).unwrap_or_default()
+        fs::read_to_string(self.root.path().join("libvirtd.log")).unwrap_or_default()
     }
 
     fn qemu_log(&self, domain: &str) -> String {
-        fs::read_to_string(self.root.0.join(format!("log/qemu/{domain}.log"))).unwrap_or_default()
+        fs::read_to_string(self.root.path().join(format!("log/qemu/{domain}.log")))
+            .unwrap_or_default()
     }
 
     /// `virsh create`; on failure or a hang, the error with the end of QEMU's log.
     fn create(&mut self, name: &str, xml: &Path) -> Result<(), String> {
         self.domain = Some(name.to_string());
         let r = self.virsh(&["create", &xml.display().to_string()], CREATE_DEADLINE);
-        let pid_file = self.root.0.join(format!("run/qemu/{name}.pid"));
+        let pid_file = self.root.path().join(format!("run/qemu/{name}.pid"));
         self.qemu_pid = fs::read_to_string(pid_file)
             .ok()
             .and_then(|p| p.trim().parse().ok());
@@ -705,10 +706,10 @@ fn libvirt_guest_reaches_the_host_both_ways_and_again_after_the_daemon_is_killed
     // The domain's files, readable by libvirt-qemu (libvirt chowns the kernel and initrd it
     // boots: copies, not the cache's files).
     let work = TempDir::new("libvirt");
-    fs::set_permissions(&work.0, fs::Permissions::from_mode(0o755)).unwrap();
-    fs::copy(&kernel, work.0.join("vmlinuz")).unwrap();
-    fs::copy(&initrd, work.0.join("initrd.img")).unwrap();
-    let socket = work.0.join("vm1.sock");
+    fs::set_permissions(work.path(), fs::Permissions::from_mode(0o755)).unwrap();
+    fs::copy(&kernel, work.path().join("vmlinuz")).unwrap();
+    fs::copy(&initrd, work.path().join("initrd.img")).unwrap();
+    let socket = work.path().join("vm1.sock");
     let domain = format!("vut-libvirt-{}", std::process::id());
     let mut rig = Rig {
         libvirt: None,
@@ -732,8 +733,12 @@ fn libvirt_guest_reaches_the_host_both_ways_and_again_after_the_daemon_is_killed
         "console=ttyS0 quiet panic=-1 vut.mode=shell vut.ip={GUEST_IP}/24 vut.peer={HOST_IP} \
          vut.peer_mac={tap_mac}"
     );
-    let xml = rig.work.0.join("domain.xml");
-    fs::write(&xml, domain_xml(&domain, &rig.work.0, &socket, &cmdline)).unwrap();
+    let xml = rig.work.path().join("domain.xml");
+    fs::write(
+        &xml,
+        domain_xml(&domain, rig.work.path(), &socket, &cmdline),
+    )
+    .unwrap();
     let libvirt = rig.libvirt.as_mut().unwrap();
     if let Err(e) = libvirt.create(&domain, &xml) {
         panic!("virsh create: {e}");
@@ -751,7 +756,7 @@ fn libvirt_guest_reaches_the_host_both_ways_and_again_after_the_daemon_is_killed
     log(&format!(
         "domain {domain} created; QEMU pid {qemu_pid} runs as {QEMU_USER}:{QEMU_GROUP}"
     ));
-    let console = Console::connect(&rig.work.0.join("console.sock"), start);
+    let console = Console::connect(&rig.work.path().join("console.sock"), start);
     let console = rig.console.insert(console);
     let daemon = rig.daemon.as_mut().unwrap();
     daemon.wait_for_log("frontend connected", WAIT);

@@ -1,24 +1,28 @@
 //! The daemon binary as a child process: started in a namespace or through any command line,
-//! its log captured, stopped on drop; its counters read from its metrics endpoint.
+//! its log captured, stopped on drop (with its whole process group); its counters read from its
+//! metrics endpoint, which every daemon the kit starts serves.
 
-use std::collections::HashMap;
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
+use std::process::{Command, ExitStatus, Stdio};
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use super::{daemon_bin, Netns, TempDir};
+use super::metrics::{counters_when_idle, scrape, Counters};
+use super::{daemon_bin, guest_config, Netns, Proc, TempDir, WAIT};
+use crate::{Guest, GuestConfig};
 
-/// The daemon binary running in a namespace, its stderr captured.
+/// The daemon binary running as our child, its stderr captured.
 pub struct Daemon {
-    child: Option<Child>,
+    // Field order is drop order: the process (and its group) goes before its directory.
+    proc: Proc,
     pub socket: PathBuf,
     log: Arc<Mutex<Vec<String>>>,
     lines: mpsc::Receiver<String>,
     /// Reads the daemon's stderr until it closes: joined after exit so the log is complete.
-    reader: Option<std::thread::JoinHandle<()>>,
+    reader: Option<JoinHandle<()>>,
     /// The daemon's metrics socket, where its counters are read.
     metrics: Option<PathBuf>,
     _dir: TempDir,
@@ -29,13 +33,75 @@ impl Daemon {
     /// says it is listening.
     pub fn start(ns: &Netns, tap: &str, extra: &[&str]) -> Daemon {
         let dir = TempDir::new("sock");
-        let socket = dir.0.join("vhost.sock");
-        let mut cmd = Command::new("ip");
-        cmd.args(["netns", "exec", &ns.name, daemon_bin(), "--socket-path"])
-            .arg(&socket)
-            .args(["--tap", tap])
-            .args(extra);
-        Daemon::spawn_in(&mut cmd, socket, "listening on", dir)
+        let socket = dir.path().join("vhost.sock");
+        Daemon::spawn_in(
+            &mut start_command(ns, tap, &socket, extra),
+            socket,
+            "listening on",
+            dir,
+        )
+    }
+
+    /// Like `start`, listening on `socket` (a path the test chose, e.g. to start a daemon again
+    /// where a frontend reconnects).
+    pub fn start_on(ns: &Netns, tap: &str, socket: &Path, extra: &[&str]) -> Daemon {
+        let mut cmd = start_command(ns, tap, socket, extra);
+        Daemon::spawn(&mut cmd, socket.to_path_buf(), "listening on")
+    }
+
+    /// Start the daemon through any command line (socket activation, another user, extra
+    /// environment), capture its stderr and wait until its log contains `ready`. `socket` is
+    /// where frontends connect. The command's stdin/stdout/stderr are set here.
+    pub fn spawn(cmd: &mut Command, socket: PathBuf, ready: &str) -> Daemon {
+        Daemon::spawn_in(cmd, socket, ready, TempDir::new("spawned"))
+    }
+
+    fn spawn_in(cmd: &mut Command, socket: PathBuf, ready: &str, dir: TempDir) -> Daemon {
+        let metrics = metrics_socket(cmd, &dir);
+        cmd.env(
+            "RUST_LOG",
+            std::env::var("VUT_DAEMON_LOG").unwrap_or("info".into()),
+        )
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+        let mut proc = Proc::spawn("vhost-user-tap", cmd);
+        let stderr = proc.take_stderr().expect("piped");
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let (tx, rx) = mpsc::channel();
+        let log2 = log.clone();
+        let reader = std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if std::env::var("VUT_ECHO_DAEMON").is_ok() {
+                    eprintln!("daemon: {line}");
+                }
+                log2.lock().unwrap().push(line.clone());
+                let _ = tx.send(line);
+            }
+        });
+        let mut d = Daemon {
+            proc,
+            socket,
+            log,
+            lines: rx,
+            reader: Some(reader),
+            metrics,
+            _dir: dir,
+        };
+        d.wait_for_log(ready, Duration::from_secs(10));
+        d
+    }
+
+    /// Connect a synthetic guest and wait until the daemon has its features.
+    pub fn connect(&mut self, cfg: GuestConfig) -> Guest {
+        let g = Guest::connect(cfg).expect("the guest connects");
+        self.wait_for_log("features acked", WAIT);
+        g
+    }
+
+    /// `connect` with the kit's guest configuration ([`guest_config`]).
+    pub fn connect_guest(&mut self) -> Guest {
+        let cfg = guest_config(&self.socket);
+        self.connect(cfg)
     }
 
     /// Wait for a log line containing `needle` (lines already seen do not count twice).
@@ -59,7 +125,12 @@ impl Daemon {
     }
 
     pub fn pid(&self) -> u32 {
-        self.child.as_ref().expect("running").id()
+        self.proc.pid()
+    }
+
+    /// Send `sig` to the daemon (`ip netns exec` and the other wrappers exec it: same pid).
+    pub fn signal(&self, sig: libc::c_int) {
+        self.proc.signal(sig);
     }
 
     /// Wait for the daemon to exit on its own.
@@ -67,222 +138,98 @@ impl Daemon {
         self.wait_status(timeout, "did not exit")
     }
 
-    /// SIGTERM the daemon (through `ip netns exec`, which execs it) and wait for its exit.
+    /// SIGTERM the daemon and wait for its exit.
     pub fn terminate(&mut self) -> ExitStatus {
         self.signal(libc::SIGTERM);
         self.wait_status(Duration::from_secs(10), "ignored SIGTERM")
     }
 
-    /// SIGKILL the daemon (no clean-up of any kind) and reap it.
+    /// SIGTERM the daemon and require exit status 0 (the log is in the message otherwise).
+    pub fn terminate_ok(&mut self) {
+        let st = self.terminate();
+        assert_eq!(
+            st.code(),
+            Some(0),
+            "daemon {} on SIGTERM; log:\n{}",
+            Proc::describe(st),
+            self.log()
+        );
+    }
+
+    /// SIGKILL the daemon (no clean-up of any kind) and wait for its end.
     pub fn kill(&mut self) -> ExitStatus {
         self.signal(libc::SIGKILL);
         self.wait_status(Duration::from_secs(10), "survived SIGKILL")
     }
 
-    fn signal(&self, sig: libc::c_int) {
-        let pid = self.pid() as i32;
-        // SAFETY: kill with the pid of a child we spawned and have not reaped.
-        unsafe { libc::kill(pid, sig) };
+    /// Stop it for good without failing: SIGTERM, SIGKILL to its group if it does not exit
+    /// within 10 s; then its log is complete. For clean-up and diagnostics (never panics).
+    pub fn stop(&mut self) -> Option<ExitStatus> {
+        if self.proc.status().is_none() {
+            self.signal(libc::SIGTERM);
+            if self
+                .proc
+                .wait_until(Instant::now() + Duration::from_secs(10))
+                .is_none()
+            {
+                self.proc.kill_group();
+                self.proc
+                    .wait_until(Instant::now() + Duration::from_secs(5))?;
+            }
+        }
+        self.join_reader();
+        self.proc.status()
     }
 
-    /// The exit status, awaited on a thread so the wait has a deadline; then the end of its log.
+    /// The exit status within `timeout`; then the end of its log. Past the deadline the daemon
+    /// is killed and the test fails with its log.
     fn wait_status(&mut self, timeout: Duration, what: &str) -> ExitStatus {
-        let mut child = self.child.take().expect("running");
-        let pid = child.id() as i32;
-        let (tx, rx) = mpsc::channel();
-        std::thread::spawn(move || {
-            let _ = tx.send(child.wait());
-        });
-        match rx.recv_timeout(timeout) {
-            Ok(Ok(st)) => {
-                if let Some(r) = self.reader.take() {
-                    let _ = r.join();
-                }
+        match self.proc.wait_until(Instant::now() + timeout) {
+            Some(st) => {
+                self.join_reader();
                 st
             }
-            _ => {
-                // SAFETY: as in `signal`; the waiting thread reaps it.
-                unsafe { libc::kill(pid, libc::SIGKILL) };
+            None => {
+                self.proc.kill_group();
                 panic!("daemon {what} within {timeout:?}; log:\n{}", self.log());
             }
+        }
+    }
+
+    fn join_reader(&mut self) {
+        if let Some(r) = self.reader.take() {
+            let _ = r.join();
         }
     }
 
     /// Queue pair `pair`'s counters, from a scrape of the daemon's metrics. Every counter the
     /// daemon declares must be there: a missing one fails the test (it is never read as 0).
     pub fn counters(&self, pair: usize) -> Counters {
-        let path = self
-            .metrics
-            .as_ref()
-            .expect("this daemon serves no metrics on a unix socket");
-        Counters::from_scrape(&scrape(path), pair)
+        Counters::from_scrape(&scrape(self.metrics_path()), pair)
     }
 
     /// The counters once no frontend is connected: the session's workers have stopped, so the
     /// numbers are final (call after the guest disconnected, before stopping the daemon).
     pub fn counters_when_idle(&self, pair: usize) -> Counters {
-        let path = self
-            .metrics
-            .as_ref()
-            .expect("this daemon serves no metrics on a unix socket");
-        counters_when_idle(path, pair)
+        counters_when_idle(self.metrics_path(), pair)
+    }
+
+    /// Where the daemon serves its metrics.
+    pub fn metrics_path(&self) -> &Path {
+        self.metrics
+            .as_deref()
+            .expect("this daemon serves no metrics on a unix socket")
     }
 }
 
-/// `Daemon::counters_when_idle` for a daemon serving metrics at `path`.
-pub fn counters_when_idle(path: &Path, pair: usize) -> Counters {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let m = scrape(path);
-        if m.get("vhost_user_tap_frontend_connected") == Some(&0.0) {
-            return Counters::from_scrape(&m, pair);
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the frontend never went away: {m:?}"
-        );
-        std::thread::sleep(Duration::from_millis(5));
-    }
-}
-
-/// One queue pair's counters, by the names the daemon declares
-/// (`vhost_user_tap::stats::COUNTERS`). Indexing with a name the daemon does not declare panics.
-pub struct Counters(std::collections::BTreeMap<&'static str, u64>);
-
-impl Counters {
-    fn from_scrape(m: &HashMap<String, f64>, pair: usize) -> Counters {
-        let values = vhost_user_tap::stats::COUNTERS
-            .iter()
-            .map(|c| {
-                let labels: String = c
-                    .labels
-                    .iter()
-                    .map(|(k, v)| format!(",{k}=\"{v}\""))
-                    .collect();
-                let key = format!(
-                    "vhost_user_tap_{}_total{{queue=\"{pair}\"{labels}}}",
-                    c.metric
-                );
-                let v = m
-                    .get(&key)
-                    .unwrap_or_else(|| panic!("{key} missing from the daemon's metrics: {m:?}"));
-                (c.field, *v as u64)
-            })
-            .collect();
-        Counters(values)
-    }
-
-    /// Frames the daemon dropped, all reasons.
-    pub fn drops(&self) -> u64 {
-        self.0
-            .iter()
-            .filter(|(k, _)| k.contains("dropped"))
-            .map(|(_, v)| v)
-            .sum()
-    }
-}
-
-impl std::ops::Index<&str> for Counters {
-    type Output = u64;
-
-    fn index(&self, name: &str) -> &u64 {
-        self.0
-            .get(name)
-            .unwrap_or_else(|| panic!("the daemon declares no counter named {name:?}"))
-    }
-}
-
-impl std::fmt::Debug for Counters {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_map()
-            .entries(self.0.iter().filter(|(_, v)| **v != 0))
-            .finish()
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
-
-pub fn socket_gone(p: &Path) -> bool {
-    !p.exists()
-}
-
-/// Scrape a metrics endpoint on a unix socket; returns `name{labels}` → value.
-pub fn scrape(path: &Path) -> HashMap<String, f64> {
-    use std::io::{Read, Write};
-    let mut s = std::os::unix::net::UnixStream::connect(path)
-        .unwrap_or_else(|e| panic!("metrics socket {}: {e}", path.display()));
-    s.write_all(b"GET /metrics HTTP/1.0\r\nHost: x\r\n\r\n")
-        .unwrap();
-    let mut body = String::new();
-    s.read_to_string(&mut body).unwrap();
-    assert!(
-        body.starts_with("HTTP/1.0 200") || body.starts_with("HTTP/1.1 200"),
-        "{body}"
-    );
-    body.lines()
-        .filter(|l| l.starts_with("vhost_user_tap_"))
-        .filter_map(|l| l.rsplit_once(' '))
-        .map(|(k, v)| {
-            let value = v
-                .parse()
-                .unwrap_or_else(|e| panic!("metric {k}: value {v:?}: {e}"));
-            (k.to_string(), value)
-        })
-        .collect()
-}
-
-impl Daemon {
-    /// Start the daemon through any command line (socket activation, another user, extra
-    /// environment), capture its stderr and wait until its log contains `ready`. `socket` is
-    /// where frontends connect. The command's stdin/stdout/stderr are set here.
-    pub fn spawn(cmd: &mut Command, socket: PathBuf, ready: &str) -> Daemon {
-        Daemon::spawn_in(cmd, socket, ready, TempDir::new("spawned"))
-    }
-
-    fn spawn_in(cmd: &mut Command, socket: PathBuf, ready: &str, dir: TempDir) -> Daemon {
-        let metrics = metrics_socket(cmd, &dir);
-        let mut child = cmd
-            .env(
-                "RUST_LOG",
-                std::env::var("VUT_DAEMON_LOG").unwrap_or("info".into()),
-            )
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap_or_else(|e| panic!("spawning {cmd:?}: {e}"));
-        let stderr = child.stderr.take().expect("piped");
-        let log = Arc::new(Mutex::new(Vec::new()));
-        let (tx, rx) = mpsc::channel();
-        let log2 = log.clone();
-        let reader = std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                if std::env::var("VUT_ECHO_DAEMON").is_ok() {
-                    eprintln!("daemon: {line}");
-                }
-                log2.lock().unwrap().push(line.clone());
-                let _ = tx.send(line);
-            }
-        });
-        let mut d = Daemon {
-            child: Some(child),
-            socket,
-            log,
-            lines: rx,
-            reader: Some(reader),
-            metrics,
-            _dir: dir,
-        };
-        d.wait_for_log(ready, Duration::from_secs(10));
-        d
-    }
+/// `ip netns exec <ns> vhost-user-tap --socket-path <socket> --tap <tap> <extra>`.
+fn start_command(ns: &Netns, tap: &str, socket: &Path, extra: &[&str]) -> Command {
+    let mut cmd = ns.command(daemon_bin());
+    cmd.arg("--socket-path")
+        .arg(socket)
+        .args(["--tap", tap])
+        .args(extra);
+    cmd
 }
 
 /// Where a daemon started by `cmd` serves its metrics: the `unix:` address the test gave
@@ -312,8 +259,8 @@ fn metrics_socket(cmd: &mut Command, dir: &TempDir) -> Option<PathBuf> {
         None => {
             use std::os::unix::fs::PermissionsExt;
             // A daemon that runs as another user must be able to create its socket here.
-            let _ = std::fs::set_permissions(&dir.0, std::fs::Permissions::from_mode(0o777));
-            let path = dir.0.join("metrics.sock");
+            let _ = std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o777));
+            let path = dir.path().join("metrics.sock");
             cmd.env("VHOST_USER_TAP_METRICS", format!("unix:{}", path.display()));
             Some(path)
         }

@@ -1,31 +1,40 @@
 //! The test kit every integration test and benchmark uses: where the binaries and the project's
-//! scripts are, throwaway network namespaces, the real daemon binary inside one, sockets created
-//! in a namespace, and the daemon's counters.
+//! scripts are, prerequisites, child processes, throwaway network namespaces, the real daemon
+//! binary inside one, traffic between the host and the synthetic guest, the daemon's counters,
+//! QEMU and its serial console.
 //!
-//! Every namespace is deleted on drop and every daemon is stopped on drop, also when a test fails.
+//! Everything the kit starts or creates is stopped or removed on drop, also when a test fails.
 //!
-//! - [`netns`]: [`Netns`], a network namespace of our own, and the tap's kernel counters.
+//! - [`process`]: [`Proc`], a child process in a process group of its own, killed with the group
+//!   on drop; [`run_within`], a command with a deadline.
+//! - [`netns`]: [`Netns`], a network namespace of our own: taps, sockets, pings, counters.
 //! - [`tempdir`]: [`TempDir`], a private work directory.
-//! - [`daemon`]: [`Daemon`], the daemon binary as a child process, and its [`Counters`].
+//! - [`daemon`]: [`Daemon`], the daemon binary as a child process.
+//! - [`metrics`]: the daemon's [`Counters`], read from its metrics endpoint.
+//! - [`traffic`]: datagrams between the host and the synthetic guest, checked byte for byte.
 //! - [`tcp`]: [`tcp_through_daemon`], TCP between two real stacks through the daemon.
-//! - [`traffic`]: datagrams between the host and the synthetic guest.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::sync::atomic::AtomicUsize;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::OnceLock;
+use std::time::Duration;
 
 pub mod daemon;
+pub mod metrics;
 pub mod netns;
+pub mod process;
 pub mod tcp;
 pub mod tempdir;
 pub mod traffic;
 
-pub use daemon::{counters_when_idle, scrape, socket_gone, Counters, Daemon};
-pub use netns::{LinkStats, Netns};
+pub use daemon::Daemon;
+pub use metrics::{counters_when_idle, scrape, Counters};
+pub use netns::{LinkStats, Netns, Ping};
+pub use process::{proc_status_field, run_within, Proc};
 pub use tcp::{tcp_through_daemon, TcpRun};
 pub use tempdir::TempDir;
-pub use traffic::guest_to_host_spec;
+pub use traffic::*;
 
 /// The top of the repository (qemu-scripts/, target/).
 pub fn repo_root() -> PathBuf {
@@ -106,23 +115,61 @@ pub const TAP: &str = "vut0";
 pub const GUEST_PORT: u16 = 5000;
 pub const HOST_PORT: u16 = 7000;
 
-static SEQ: AtomicUsize = AtomicUsize::new(0);
+/// How long the kit waits for the daemon or the guest to do something it should do at once.
+pub const WAIT: Duration = Duration::from_secs(10);
+
+/// `vut-<tag>-<pid>-<n>`: unique among the namespaces and directories of all test processes.
+fn unique_name(tag: &str) -> String {
+    static SEQ: AtomicUsize = AtomicUsize::new(0);
+    format!(
+        "vut-{tag}-{}-{}",
+        std::process::id(),
+        SEQ.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+/// "aa:bb:cc:dd:ee:ff".
+pub fn mac_string(mac: &[u8]) -> String {
+    mac.iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<Vec<_>>()
+        .join(":")
+}
+
+/// What a test does about a prerequisite: `Ok(v)` → `Some(v)`, the test runs. `Err(why)` fails
+/// the test loudly with `why` and the variable that skips it, unless one of `skip_vars` is `1`:
+/// then it prints `SKIPPED: <test>: <why>` and returns None.
+pub fn prerequisite<T>(test: &str, skip_vars: &[&str], check: Result<T, String>) -> Option<T> {
+    let why = match check {
+        Ok(v) => return Some(v),
+        Err(why) => why,
+    };
+    if skip_vars
+        .iter()
+        .any(|v| std::env::var(v).as_deref() == Ok("1"))
+    {
+        println!("SKIPPED: {test}: {why}");
+        return None;
+    }
+    panic!("{test}: {why} (set {}=1 to skip)", skip_vars.join("=1 or "));
+}
+
+/// Whether this process runs as root, or why it must.
+pub fn is_root() -> Result<(), String> {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } == 0 {
+        Ok(())
+    } else {
+        Err("needs root (taps, network namespaces): run the tests as root".into())
+    }
+}
 
 /// True if the test may run. Without root it fails loudly, unless VUT_SKIP_ROOT=1 asks to skip.
 pub fn root_or_skip(test: &str) -> bool {
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } == 0 {
-        return true;
-    }
-    if std::env::var("VUT_SKIP_ROOT").as_deref() == Ok("1") {
-        println!("SKIPPED: {test}: needs root (taps, network namespaces)");
-        return false;
-    }
-    panic!(
-        "{test}: needs root to create taps and network namespaces (set VUT_SKIP_ROOT=1 to skip)"
-    );
+    prerequisite(test, &["VUT_SKIP_ROOT"], is_root()).is_some()
 }
 
+/// Run `cmd` to completion; its stdout (a failure fails the test with its stderr).
 pub fn run(cmd: &mut Command) -> String {
     let out = cmd
         .output()
@@ -147,16 +194,13 @@ pub fn on_path(tool: &str) -> bool {
 /// unless VUT_SKIP_SYSTEMD=1 asks to skip (prints SKIPPED).
 pub fn systemd_tools_or_skip(test: &str, tools: &[&str]) -> bool {
     let missing: Vec<&str> = tools.iter().copied().filter(|t| !on_path(t)).collect();
-    if missing.is_empty() {
-        return true;
-    }
-    if std::env::var("VUT_SKIP_SYSTEMD").as_deref() == Ok("1") {
-        println!("SKIPPED: {test}: {} not installed", missing.join(", "));
-        return false;
-    }
-    panic!(
-        "{test}: needs {} (Debian package systemd; qemu-scripts/systemd-tools.sh installs it; set \
-         VUT_SKIP_SYSTEMD=1 to skip)",
-        missing.join(", ")
-    );
+    let check = if missing.is_empty() {
+        Ok(())
+    } else {
+        Err(format!(
+            "needs {} (Debian package systemd; qemu-scripts/systemd-tools.sh installs it)",
+            missing.join(", ")
+        ))
+    };
+    prerequisite(test, &["VUT_SKIP_SYSTEMD"], check).is_some()
 }

@@ -135,14 +135,8 @@ pub fn tcp_through_daemon(tag: &str, offloads: bool, bytes: usize) -> TcpRun {
             Err(e) => {
                 eprintln!("server side:\n{}", server_ns.ip(&["-s", "link"]));
                 eprintln!("client side:\n{}", client_ns.ip(&["-s", "link"]));
-                eprintln!(
-                    "ss client: {}",
-                    run(Command::new("ip").args(["netns", "exec", &client_ns.name, "ss", "-tin"]))
-                );
-                eprintln!(
-                    "ss server: {}",
-                    run(Command::new("ip").args(["netns", "exec", &server_ns.name, "ss", "-tin"]))
-                );
+                eprintln!("ss client: {}", client_ns.exec(&["ss", "-tin"]));
+                eprintln!("ss server: {}", server_ns.exec(&["ss", "-tin"]));
                 panic!("TCP client failed: {e}");
             }
         };
