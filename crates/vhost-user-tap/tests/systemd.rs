@@ -554,32 +554,44 @@ fn seccomp_refuses_a_forbidden_syscall_unless_turned_off() {
     assert!(log.contains("seccomp off (--no-seccomp)"), "{log}");
 }
 
-#[test]
-fn the_prepare_script_creates_the_tap_for_the_service_user_once() {
-    if !root_or_skip("prepare") {
+/// The prepare script run twice for `tap` with `queues`: the tap is created once, persistent,
+/// with a vnet header, up, owned by the service user, multi-queue when `queues` > 1.
+fn prepare_body(tag: &str, tap: &str, queues: &str, multi: bool) {
+    if !root_or_skip(tag) {
         return;
     }
-    let ns = Netns::new("prepare");
-    let run_prepare = |queues: &str, tap: &str| {
+    let ns = Netns::new(tag);
+    let run_prepare = || {
         run(ns
             .command(unit_dir().join("vhost-user-tap-prepare"))
             .arg("nobody")
             .env("VHOST_USER_TAP_TAP", tap)
             .env("VHOST_USER_TAP_QUEUES", queues))
     };
-    for (tap, queues, multi) in [("vutsq0", "1", false), ("vutmq0", "4", true)] {
-        let first = run_prepare(queues, tap);
-        assert!(first.contains(&format!("created tap {tap} for user nobody")));
-        let again = run_prepare(queues, tap);
-        assert!(!again.contains("created"), "created twice: {again}");
-        let info = ns.ip(&["-details", "link", "show", "dev", tap]);
-        assert!(info.contains("tun type tap"), "{info}");
-        assert!(info.contains("vnet_hdr on"), "{info}");
-        assert!(info.contains("persist on"), "{info}");
-        assert!(info.contains("user nobody"), "{info}");
-        assert_eq!(info.contains("multi_queue"), multi, "{info}");
-        assert!(info.contains("state") && info.contains(",UP"), "{info}");
-    }
+    let first = run_prepare();
+    assert!(
+        first.contains(&format!("created tap {tap} for user nobody")),
+        "{first}"
+    );
+    let again = run_prepare();
+    assert!(!again.contains("created"), "created twice: {again}");
+    let info = ns.ip(&["-details", "link", "show", "dev", tap]);
+    assert!(info.contains("tun type tap"), "{info}");
+    assert!(info.contains("vnet_hdr on"), "{info}");
+    assert!(info.contains("persist on"), "{info}");
+    assert!(info.contains("user nobody"), "{info}");
+    assert_eq!(info.contains("multi_queue"), multi, "{info}");
+    assert!(info.contains("state") && info.contains(",UP"), "{info}");
+}
+
+#[test]
+fn the_prepare_script_creates_a_single_queue_tap_for_the_service_user_once() {
+    prepare_body("prepare", "vutsq0", "1", false);
+}
+
+#[test]
+fn the_prepare_script_creates_a_multi_queue_tap_for_the_service_user_once() {
+    prepare_body("preparemq", "vutmq0", "4", true);
 }
 
 /// The daemon as vhost-user-tap@.service runs it: user nobody, no capabilities (see
