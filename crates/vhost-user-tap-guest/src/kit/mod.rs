@@ -13,6 +13,8 @@
 //! - [`metrics`]: the daemon's [`Counters`], read from its metrics endpoint.
 //! - [`traffic`]: datagrams between the host and the synthetic guest, checked byte for byte.
 //! - [`tcp`]: [`tcp_through_daemon`], TCP between two real stacks through the daemon.
+//! - [`qemu`]: QEMU's binaries, the test guest's image, one VM at a time.
+//! - [`console`]: [`Console`], a guest's serial console: lines and markers with deadlines.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -20,18 +22,24 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::OnceLock;
 use std::time::Duration;
 
+pub mod console;
 pub mod daemon;
 pub mod metrics;
 pub mod netns;
 pub mod process;
+pub mod qemu;
 pub mod tcp;
 pub mod tempdir;
 pub mod traffic;
 
+pub use console::{Console, Next};
 pub use daemon::Daemon;
 pub use metrics::{counters_when_idle, scrape, Counters};
 pub use netns::{LinkStats, Netns, Ping};
 pub use process::{proc_status_field, run_within, Proc};
+pub use qemu::{
+    guest_image, one_vm_at_a_time, qemu_10, qemu_present, qemu_version, GuestImage, SYSTEM_QEMU,
+};
 pub use tcp::{tcp_through_daemon, TcpRun};
 pub use tempdir::TempDir;
 pub use traffic::*;

@@ -137,27 +137,7 @@ impl Netns {
             String::from_utf8_lossy(&out.stdout),
             String::from_utf8_lossy(&out.stderr)
         );
-        // "3 packets transmitted, 3 received, 0% packet loss, time 402ms"
-        let summary = output
-            .lines()
-            .find(|l| l.contains("packets transmitted"))
-            .unwrap_or_default()
-            .to_string();
-        let number_before = |word: &str| -> u32 {
-            let words: Vec<&str> = summary.split_whitespace().collect();
-            words
-                .iter()
-                .position(|w| w.trim_end_matches(',') == word)
-                .and_then(|i| i.checked_sub(1))
-                .and_then(|i| words[i].parse().ok())
-                .unwrap_or(0)
-        };
-        Ping {
-            transmitted: number_before("transmitted"),
-            received: number_before("received"),
-            summary,
-            output,
-        }
+        Ping::from_output(output)
     }
 
     /// Bring the daemon's tap up with the host address and a permanent neighbour entry for the
@@ -274,6 +254,52 @@ pub struct Ping {
     pub summary: String,
     /// Everything it printed.
     pub output: String,
+}
+
+impl Ping {
+    /// Read ping's summary: "3 packets transmitted, 3 received, 0% packet loss, time 402ms"
+    /// (iputils; busybox says "3 packets received"). Counts it does not show are 0.
+    fn from_output(output: String) -> Ping {
+        let summary = output
+            .lines()
+            .find(|l| l.contains("packets transmitted"))
+            .unwrap_or_default()
+            .to_string();
+        // The number in the comma-separated part that names `word`.
+        let count = |word: &str| -> u32 {
+            summary
+                .split(',')
+                .find(|part| part.split_whitespace().any(|w| w == word))
+                .and_then(|part| part.split_whitespace().next())
+                .and_then(|n| n.parse().ok())
+                .unwrap_or(0)
+        };
+        Ping {
+            transmitted: count("transmitted"),
+            received: count("received"),
+            summary,
+            output,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Ping;
+
+    #[test]
+    fn ping_summaries_of_iputils_and_busybox_are_read() {
+        let p = Ping::from_output(
+            "PING x\n\n--- 10.77.0.2 ping statistics ---\n\
+             4 packets transmitted, 3 received, 25% packet loss, time 402ms\n"
+                .into(),
+        );
+        assert_eq!((p.transmitted, p.received), (4, 3));
+        let p = Ping::from_output("3 packets transmitted, 3 packets received, 0% loss".into());
+        assert_eq!((p.transmitted, p.received), (3, 3));
+        let p = Ping::from_output("ping: connect: Network is unreachable".into());
+        assert_eq!((p.transmitted, p.received), (0, 0));
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
