@@ -5,19 +5,17 @@ use std::process::Command;
 
 use vhost_user_tap_guest::kit::*;
 
+/// The daemon run to completion (it must end within [`WAIT`]).
 fn daemon(args: &[&str]) -> std::process::Output {
-    Command::new(daemon_bin())
-        .args(args)
-        .output()
-        .expect("running the daemon")
+    output_within(Command::new(daemon_bin()).args(args), WAIT)
 }
 
+/// The daemon in `ns` run to completion (it must end within [`WAIT`]).
 fn in_ns(ns: &Netns, args: &[&str]) -> std::process::Output {
-    ns.command(daemon_bin())
-        .args(args)
-        .env("RUST_LOG", "info")
-        .output()
-        .expect("running the daemon")
+    output_within(
+        ns.command(daemon_bin()).args(args).env("RUST_LOG", "info"),
+        WAIT,
+    )
 }
 
 #[test]
@@ -125,11 +123,11 @@ fn tap_failures_name_the_tap_and_the_cause() {
     // is open to anyone who can open /dev/net/tun).
     ns.add_tap("root0", &["user", "root", "vnet_hdr"]);
     std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o777)).unwrap();
-    let out = ns
-        .unprivileged("", daemon_bin())
-        .args(["--socket-path", sock, "--tap", "root0"])
-        .output()
-        .unwrap();
+    let out = output_within(
+        ns.unprivileged("", daemon_bin())
+            .args(["--socket-path", sock, "--tap", "root0"]),
+        WAIT,
+    );
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{err}");
     assert!(

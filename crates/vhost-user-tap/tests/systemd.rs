@@ -218,7 +218,7 @@ fn daemon_with(env: &[(&str, &str)], args: &[&str]) -> Output {
     c.env_clear()
         .env("PATH", std::env::var_os("PATH").unwrap_or_default());
     c.envs(env.iter().copied()).args(args);
-    c.output().expect("running the daemon")
+    output_within(&mut c, WAIT)
 }
 
 fn one_line_error(out: &Output) -> String {
@@ -282,7 +282,7 @@ fn activated(n: &str, fds: &[i32], args: &[&str]) -> Output {
     let fds = fds.to_vec();
     // SAFETY: only dup2/fcntl (async-signal-safe) between fork and exec.
     unsafe { c.pre_exec(move || inherit_as(&fds, 3)) };
-    c.output().expect("running the daemon")
+    output_within(&mut c, WAIT)
 }
 
 /// Make `fds` descriptors `first`, `first + 1`, ... of the child, inheritable (between fork and
@@ -519,14 +519,15 @@ fn seccomp_refuses_a_forbidden_syscall_unless_turned_off() {
     let dir = TempDir::new("seccomp");
     let socket = dir.path().join("s.sock");
     let run_selftest = |extra_env: &[(&str, &str)]| {
-        ns.command(daemon_bin())
-            .args(["--tap", TAP, "--socket-path"])
-            .arg(&socket)
-            .env("RUST_LOG", "info")
-            .env(seccomp::SELFTEST_ENV, "1")
-            .envs(extra_env.iter().copied())
-            .output()
-            .expect("running the daemon")
+        output_within(
+            ns.command(daemon_bin())
+                .args(["--tap", TAP, "--socket-path"])
+                .arg(&socket)
+                .env("RUST_LOG", "info")
+                .env(seccomp::SELFTEST_ENV, "1")
+                .envs(extra_env.iter().copied()),
+            WAIT,
+        )
     };
     let out = run_selftest(&[]);
     let log = String::from_utf8_lossy(&out.stderr);

@@ -6,7 +6,7 @@
 //! Everything the kit starts or creates is stopped or removed on drop, also when a test fails.
 //!
 //! - [`process`]: [`Proc`], a child process in a process group of its own, killed with the group
-//!   on drop; [`run_within`], a command with a deadline.
+//!   on drop; [`output_within`] and [`run_within`], commands with a deadline.
 //! - [`netns`]: [`Netns`], a network namespace of our own: taps, sockets, pings, counters.
 //! - [`tempdir`]: [`TempDir`], a private work directory.
 //! - [`daemon`]: [`Daemon`], the daemon binary as a child process.
@@ -36,7 +36,7 @@ pub use console::{Console, Next};
 pub use daemon::Daemon;
 pub use metrics::{counters_when_idle, scrape, Counters};
 pub use netns::{LinkStats, Netns, Ping};
-pub use process::{proc_status_field, run_within, Proc};
+pub use process::{output_within, proc_status_field, run_within, Proc};
 pub use qemu::{
     guest_image, one_vm_at_a_time, qemu_10, qemu_present, qemu_version, GuestImage, SYSTEM_QEMU,
 };

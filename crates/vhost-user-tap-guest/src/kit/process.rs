@@ -7,9 +7,9 @@
 
 use std::io::{self, Read};
 use std::os::unix::process::{CommandExt, ExitStatusExt};
-use std::process::{Child, ChildStderr, ChildStdout, Command, ExitStatus, Stdio};
+use std::process::{Child, ChildStderr, ChildStdout, Command, ExitStatus, Output, Stdio};
 use std::sync::mpsc;
-use std::thread;
+use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
 /// A child process in a process group of its own, killed with its group on drop.
@@ -165,38 +165,58 @@ fn exit_without_reaping(pid: libc::pid_t) -> Option<ExitStatus> {
     }
 }
 
+/// Run `cmd` to completion within `timeout` (stdin from /dev/null, stdout and stderr
+/// captured), as [`Command::output`] does; a command still running at the deadline is killed
+/// with its group and fails the test.
+pub fn output_within(cmd: &mut Command, timeout: Duration) -> Output {
+    output_or_timeout(cmd, timeout)
+        .unwrap_or_else(|| panic!("{cmd:?} still running after {timeout:?}"))
+}
+
 /// Run `cmd` to completion within `timeout`: its stdout and stderr together, or why it failed
 /// (its status and output, or that it was still running at the deadline; then it is killed).
 pub fn run_within(cmd: &mut Command, timeout: Duration) -> Result<String, String> {
     let what = format!("{cmd:?}");
-    cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
-    let mut p = Proc::spawn(&what, cmd);
-    // Read both pipes while it runs: a full pipe would block it.
-    let collect = |pipe: Option<Box<dyn Read + Send>>| {
-        thread::spawn(move || {
-            let mut text = Vec::new();
-            if let Some(mut pipe) = pipe {
-                let _ = pipe.read_to_end(&mut text);
-            }
-            String::from_utf8_lossy(&text).into_owned()
-        })
-    };
-    let stdout = collect(p.take_stdout().map(|s| Box::new(s) as Box<dyn Read + Send>));
-    let stderr = collect(p.take_stderr().map(|s| Box::new(s) as Box<dyn Read + Send>));
-    let Some(status) = p.wait_until(Instant::now() + timeout) else {
-        drop(p);
-        return Err(format!("{what} still running after {timeout:?}"));
-    };
+    let out = output_or_timeout(cmd, timeout)
+        .ok_or_else(|| format!("{what} still running after {timeout:?}"))?;
     let text = format!(
         "{}{}",
-        stdout.join().unwrap_or_default(),
-        stderr.join().unwrap_or_default()
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
     );
-    if status.success() {
+    if out.status.success() {
         Ok(text)
     } else {
-        Err(format!("{what} failed ({status}): {}", text.trim_end()))
+        Err(format!(
+            "{what} failed ({}): {}",
+            out.status,
+            text.trim_end()
+        ))
     }
+}
+
+/// `cmd`'s output, or None if it was still running at the deadline (then it is killed).
+fn output_or_timeout(cmd: &mut Command, timeout: Duration) -> Option<Output> {
+    cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
+    let mut p = Proc::spawn(&format!("{cmd:?}"), cmd);
+    // Read both pipes while it runs: a full pipe would block it.
+    fn collect(pipe: Option<impl Read + Send + 'static>) -> JoinHandle<Vec<u8>> {
+        thread::spawn(move || {
+            let mut bytes = Vec::new();
+            if let Some(mut pipe) = pipe {
+                let _ = pipe.read_to_end(&mut bytes);
+            }
+            bytes
+        })
+    }
+    let stdout = collect(p.take_stdout());
+    let stderr = collect(p.take_stderr());
+    let status = p.wait_until(Instant::now() + timeout)?;
+    Some(Output {
+        status,
+        stdout: stdout.join().unwrap_or_default(),
+        stderr: stderr.join().unwrap_or_default(),
+    })
 }
 
 /// A field of `/proc/<pid>/status` ("Uid:", "CapEff:", ...), its value trimmed.
