@@ -18,7 +18,7 @@ pub fn guest_config(socket: &Path) -> GuestConfig {
     cfg
 }
 
-/// Datagram `i`: "dgram <i>" and a pattern, 16 to 1415 bytes (a different length for each
+/// Datagram `i`: `"dgram <i> "` and a pattern, 16 to 1415 bytes (a different length for each
 /// neighbour, so a frame cut short or run together shows).
 pub fn payload(i: usize) -> Vec<u8> {
     let len = 16 + (i * 37) % 1400;
