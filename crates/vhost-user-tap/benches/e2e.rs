@@ -48,7 +48,7 @@ const PAYLOAD: usize = 18;
 /// attach to, with the guest's address reachable through a permanent neighbour entry.
 fn bench_netns() -> Netns {
     let ns = Netns::new("bench");
-    ns.ip(&["tuntap", "add", TAP, "mode", "tap", "vnet_hdr"]);
+    ns.add_tap(TAP, &["vnet_hdr"]);
     ns.ip(&["addr", "add", &format!("{HOST_IP}/24"), "dev", TAP]);
     ns.ip(&["link", "set", TAP, "up"]);
     ns.ip(&[

@@ -2,38 +2,20 @@
 
 use std::os::unix::fs::PermissionsExt;
 use std::process::Command;
-use std::time::Duration;
 
 use vhost_user_tap_guest::kit::*;
-use vhost_user_tap_guest::Guest;
 
-/// Run as user nobody with a world-accessible /dev/net/tun, as distributions ship it (this
-/// machine's is 0600): a private mount namespace gets its own /dev/net, the host's is untouched.
-fn unprivileged(ns: &Netns) -> Command {
-    let mut c = Command::new("ip");
-    c.args(["netns", "exec", &ns.name, "unshare", "-m", "sh", "-c"]);
-    c.arg(
-        "mount -t tmpfs tmpfs /dev/net && mknod -m 666 /dev/net/tun c 10 200 && \
-         exec setpriv --reuid=nobody --regid=nogroup --clear-groups \"$0\" \"$@\"",
-    );
-    c.arg(daemon_bin());
-    c
-}
-
+/// The daemon run to completion (it must end within [`WAIT`]).
 fn daemon(args: &[&str]) -> std::process::Output {
-    Command::new(daemon_bin())
-        .args(args)
-        .output()
-        .expect("running the daemon")
+    output_within(Command::new(daemon_bin()).args(args), WAIT)
 }
 
+/// The daemon in `ns` run to completion (it must end within [`WAIT`]).
 fn in_ns(ns: &Netns, args: &[&str]) -> std::process::Output {
-    Command::new("ip")
-        .args(["netns", "exec", &ns.name, daemon_bin()])
-        .args(args)
-        .env("RUST_LOG", "info")
-        .output()
-        .expect("running the daemon")
+    output_within(
+        ns.command(daemon_bin()).args(args).env("RUST_LOG", "info"),
+        WAIT,
+    )
 }
 
 #[test]
@@ -117,7 +99,7 @@ fn tap_failures_name_the_tap_and_the_cause() {
     }
     let ns = Netns::new("tapfail");
     let dir = TempDir::new("tapfail");
-    let sock = dir.0.join("s.sock");
+    let sock = dir.path().join("s.sock");
     let sock = sock.to_str().unwrap();
 
     // Not a tap: a tun device of the same name.
@@ -139,14 +121,13 @@ fn tap_failures_name_the_tap_and_the_cause() {
 
     // No permission: an unprivileged user and a tap owned by someone else (a tap with no owner
     // is open to anyone who can open /dev/net/tun).
-    ns.ip(&[
-        "tuntap", "add", "root0", "mode", "tap", "user", "root", "vnet_hdr",
-    ]);
-    std::fs::set_permissions(&dir.0, std::fs::Permissions::from_mode(0o777)).unwrap();
-    let out = unprivileged(&ns)
-        .args(["--socket-path", sock, "--tap", "root0"])
-        .output()
-        .unwrap();
+    ns.add_tap("root0", &["user", "root", "vnet_hdr"]);
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o777)).unwrap();
+    let out = output_within(
+        ns.unprivileged("", daemon_bin())
+            .args(["--socket-path", sock, "--tap", "root0"]),
+        WAIT,
+    );
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{err}");
     assert!(
@@ -165,39 +146,21 @@ fn an_unprivileged_daemon_serves_a_tap_created_for_its_user() {
         return;
     }
     let ns = Netns::new("unpriv");
-    ns.ip(&[
-        "tuntap", "add", TAP, "mode", "tap", "user", "nobody", "vnet_hdr",
-    ]);
+    ns.add_tap(TAP, &["user", "nobody", "vnet_hdr"]);
     let dir = TempDir::new("unpriv");
-    std::fs::set_permissions(&dir.0, std::fs::Permissions::from_mode(0o777)).unwrap();
-    let sock = dir.0.join("s.sock");
-    let mut child = unprivileged(&ns)
-        .args(["--tap", TAP, "--socket-path"])
-        .arg(&sock)
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o777)).unwrap();
+    let sock = dir.path().join("s.sock");
+    let mut cmd = ns.unprivileged("", daemon_bin());
+    cmd.args(["--tap", TAP, "--socket-path"]).arg(&sock);
+    let mut d = Daemon::spawn(&mut cmd, sock.clone(), "listening on");
     ns.configure_tap(TAP);
-    let mut cfg = vhost_user_tap_guest::GuestConfig::new(&sock);
-    cfg.read_config = false;
-    let mut g = Guest::connect(cfg).expect("the unprivileged daemon accepts a guest");
-    g.post_rx_buffers(usize::MAX).unwrap();
+    let mut g = d.connect(guest_config(&sock));
     let host = ns.udp_socket(&format!("{HOST_IP}:0"));
-    host.send_to(b"hello from the host", format!("{GUEST_IP}:5000"))
-        .unwrap();
-    let mut seen = false;
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    while !seen && std::time::Instant::now() < deadline {
-        g.wait_interrupt(0, Duration::from_secs(1)).unwrap();
-        g.poll_rx(|f, _| seen |= f.ends_with(b"hello from the host"))
-            .unwrap();
-    }
+    host_to_guest(&host, &mut g, 0..20);
     drop(g);
-    // SAFETY: signalling a child we spawned.
-    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
-    let st = child.wait().unwrap();
-    assert!(seen, "the datagram did not reach the guest");
-    assert!(st.success(), "exit status {st}");
+    let c = d.counters_when_idle(0);
+    d.terminate_ok();
+    assert_eq!(c["rx_frames"], 20, "{c:?}");
     assert!(!sock.exists(), "socket left behind");
 }
 
@@ -211,7 +174,7 @@ fn backpressure_mode_follows_the_kernel_and_says_why() {
         != 0;
     let ns = Netns::new("bpmode");
     let dir = TempDir::new("bpmode");
-    let sock = dir.0.join("s.sock");
+    let sock = dir.path().join("s.sock");
     let sock = sock.to_str().unwrap();
     let mut auto = Daemon::start(&ns, "bp0", &["--backpressure", "auto"]);
     let expect = if kernel_has {

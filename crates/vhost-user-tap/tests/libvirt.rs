@@ -39,20 +39,18 @@
 
 use std::ffi::CString;
 use std::fs;
-use std::io::{Read, Write};
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
-use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
+use std::process::Command;
 use std::thread;
 use std::time::{Duration, Instant};
 
 use vhost_user_tap_guest::kit::{
-    daemon_bin, on_path, Daemon, Netns, TempDir, GUEST_IP, GUEST_MAC, HOST_IP, TAP,
+    cache_dir, guest_image, is_root, mac_string, on_path, one_vm_at_a_time, prerequisite,
+    proc_status_field, qemu_present, run_within, Console, Daemon, GuestImage, Netns, Proc, TempDir,
+    GUEST_IP, GUEST_MAC, HOST_IP, SYSTEM_QEMU, TAP,
 };
 
-const QEMU: &str = "/usr/bin/qemu-system-x86_64";
 const LIBVIRTD: &str = "/usr/sbin/libvirtd";
 /// The user and group Debian's libvirt runs QEMU as (built in; the private qemu.conf leaves
 /// `user`/`group` unset). The daemon's socket gets this group.
@@ -75,18 +73,9 @@ const GUEST_PING_SECS: u32 = 20;
 const RECOVERY_DEADLINE: Duration = Duration::from_secs(30);
 const WAIT: Duration = Duration::from_secs(15);
 
-fn skip_requested() -> bool {
-    ["VUT_SKIP_LIBVIRT", "VUT_SKIP_QEMU"]
-        .iter()
-        .any(|v| std::env::var(v).as_deref() == Ok("1"))
-}
-
 /// The guest image, or what is missing and how to fix it.
-fn prerequisites() -> Result<(PathBuf, PathBuf), String> {
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
-        return Err("must run as root (network namespaces, taps, libvirtd)".into());
-    }
+fn prerequisites() -> Result<GuestImage, String> {
+    is_root()?;
     let pid1 = fs::read_to_string("/proc/1/comm").unwrap_or_default();
     if pid1.trim() == "systemd" {
         return Err(
@@ -96,14 +85,12 @@ fn prerequisites() -> Result<(PathBuf, PathBuf), String> {
         );
     }
     let tools = "run qemu-scripts/libvirt-tools.sh";
-    for (file, what) in [
-        (LIBVIRTD, "libvirtd (package libvirt-daemon)"),
-        (QEMU, "QEMU 7.2 (package qemu-system-x86)"),
-    ] {
-        if !Path::new(file).is_file() {
-            return Err(format!("{what} missing at {file}: {tools}"));
-        }
+    if !Path::new(LIBVIRTD).is_file() {
+        return Err(format!(
+            "libvirtd (package libvirt-daemon) missing at {LIBVIRTD}: {tools}"
+        ));
     }
+    qemu_present(Path::new(SYSTEM_QEMU))?;
     for tool in ["virsh", "ip", "ping", "unshare", "mount"] {
         if !on_path(tool) {
             return Err(format!("`{tool}` not found: {tools}"));
@@ -119,17 +106,7 @@ fn prerequisites() -> Result<(PathBuf, PathBuf), String> {
             "user/group {QEMU_USER} (libvirt's QEMU user) missing: {tools}"
         ));
     }
-    let guest = vhost_user_tap_guest::kit::cache_dir().join("guest");
-    let (kernel, initrd) = (guest.join("vmlinuz"), guest.join("initrd.img"));
-    for f in [&kernel, &initrd] {
-        if !f.is_file() {
-            return Err(format!(
-                "guest image {} missing: run qemu-scripts/build-guest.sh",
-                f.display()
-            ));
-        }
-    }
-    Ok((kernel, initrd))
+    guest_image()
 }
 
 fn qemu_driver() -> Option<PathBuf> {
@@ -161,48 +138,6 @@ fn group_id(name: &str) -> Option<u32> {
     (!gr.is_null()).then(|| unsafe { (*gr).gr_gid })
 }
 
-/// Run a command with a deadline; stdout+stderr, or why it failed. A command still running at
-/// the deadline is killed.
-fn run_for(cmd: &mut Command, timeout: Duration) -> Result<String, String> {
-    let what = format!("{cmd:?}");
-    let child = cmd
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .map_err(|e| format!("{what}: {e}"))?;
-    let pid = child.id() as libc::pid_t;
-    let (tx, rx) = mpsc::channel();
-    thread::spawn(move || {
-        let _ = tx.send(child.wait_with_output());
-    });
-    match rx.recv_timeout(timeout) {
-        Ok(Ok(out)) => {
-            let text = format!(
-                "{}{}",
-                String::from_utf8_lossy(&out.stdout),
-                String::from_utf8_lossy(&out.stderr)
-            );
-            if out.status.success() {
-                Ok(text)
-            } else {
-                Err(format!(
-                    "{what} failed ({}): {}",
-                    out.status,
-                    text.trim_end()
-                ))
-            }
-        }
-        Ok(Err(e)) => Err(format!("{what}: {e}")),
-        Err(_) => {
-            // SAFETY: the waiting thread has not reaped the child (it has not exited).
-            unsafe { libc::kill(pid, libc::SIGKILL) };
-            let _ = rx.recv();
-            Err(format!("{what} still running after {timeout:?}"))
-        }
-    }
-}
-
 // --- the private libvirtd ------------------------------------------------------------------
 
 /// Mount points of libvirt's state directories, each bound to a private directory.
@@ -218,7 +153,7 @@ const STATE_DIRS: [(&str, &str); 5] = [
 /// that fails), libvirtd is stopped, and the mount points it created are removed.
 struct Libvirtd {
     root: TempDir,
-    child: Option<Child>,
+    proc: Proc,
     created: Vec<PathBuf>,
     domain: Option<String>,
     qemu_pid: Option<libc::pid_t>,
@@ -227,7 +162,7 @@ struct Libvirtd {
 impl Libvirtd {
     fn start() -> Libvirtd {
         let root = TempDir::new("libvirt-state");
-        let cache = vhost_user_tap_guest::kit::cache_dir().join("libvirt-cache");
+        let cache = cache_dir().join("libvirt-cache");
         fs::create_dir_all(&cache).unwrap();
         let mut created = Vec::new();
         let mut script = String::from("set -e\n");
@@ -235,7 +170,7 @@ impl Libvirtd {
             let src = if sub == "cache" {
                 cache.clone()
             } else {
-                let d = root.0.join(sub);
+                let d = root.path().join(sub);
                 fs::create_dir_all(&d).unwrap();
                 d
             };
@@ -247,35 +182,35 @@ impl Libvirtd {
         }
         if Path::new("/dev/kvm").exists() {
             // See the module comment: libvirt would re-probe QEMU on every capability look-up.
-            let stub = root.0.join("no-kvm");
+            let stub = root.path().join("no-kvm");
             fs::write(&stub, "").unwrap();
             fs::set_permissions(&stub, fs::Permissions::from_mode(0o600)).unwrap();
             script.push_str(&format!("mount --bind '{}' /dev/kvm\n", stub.display()));
         }
         fs::write(
-            root.0.join("etc/libvirtd.conf"),
+            root.path().join("etc/libvirtd.conf"),
             "log_outputs = \"3:stderr\"\n",
         )
         .unwrap();
         fs::write(
-            root.0.join("etc/qemu.conf"),
+            root.path().join("etc/qemu.conf"),
             "stdio_handler = \"file\"\ncgroup_controllers = [ ]\nnamespaces = [ ]\n",
         )
         .unwrap();
         script.push_str(&format!(
             "exec {LIBVIRTD} --config /etc/libvirt/libvirtd.conf --pid-file /run/libvirt/libvirtd.pid\n"
         ));
-        let log = fs::File::create(root.0.join("libvirtd.log")).unwrap();
-        let child = Command::new("unshare")
-            .args(["--mount", "--propagation", "private", "sh", "-c", &script])
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .spawn()
-            .expect("starting unshare ... libvirtd");
+        let log = fs::File::create(root.path().join("libvirtd.log")).unwrap();
+        let proc = Proc::spawn(
+            "libvirtd",
+            Command::new("unshare")
+                .args(["--mount", "--propagation", "private", "sh", "-c", &script])
+                .stdout(log.try_clone().unwrap())
+                .stderr(log),
+        );
         let mut l = Libvirtd {
             root,
-            child: Some(child),
+            proc,
             created,
             domain: None,
             qemu_pid: None,
@@ -283,8 +218,12 @@ impl Libvirtd {
         // Poll with a deadline: libvirtd has no readiness notification without systemd.
         let deadline = Instant::now() + LIBVIRTD_DEADLINE;
         loop {
-            if let Some(st) = l.child.as_mut().unwrap().try_wait().unwrap() {
-                panic!("libvirtd exited ({st}) at start; its log:\n{}", l.log());
+            if let Some(st) = l.proc.status() {
+                panic!(
+                    "libvirtd {} at start; its log:\n{}",
+                    Proc::describe(st),
+                    l.log()
+                );
             }
             if l.socket().exists() && l.virsh(&["version"], WAIT).is_ok() {
                 break;
@@ -318,7 +257,7 @@ impl Libvirtd {
     }
 
     fn socket(&self) -> PathBuf {
-        self.root.0.join("run/libvirt-sock")
+        self.root.path().join("run/libvirt-sock")
     }
 
     fn uri(&self) -> String {
@@ -326,25 +265,26 @@ impl Libvirtd {
     }
 
     fn virsh(&self, args: &[&str], timeout: Duration) -> Result<String, String> {
-        run_for(
+        run_within(
             Command::new("virsh").args(["-c", &self.uri()]).args(args),
             timeout,
         )
     }
 
     fn log(&self) -> String {
-        fs::read_to_string(self.root.0.join("libvirtd.log")).unwrap_or_default()
+        fs::read_to_string(self.root.path().join("libvirtd.log")).unwrap_or_default()
     }
 
     fn qemu_log(&self, domain: &str) -> String {
-        fs::read_to_string(self.root.0.join(format!("log/qemu/{domain}.log"))).unwrap_or_default()
+        fs::read_to_string(self.root.path().join(format!("log/qemu/{domain}.log")))
+            .unwrap_or_default()
     }
 
     /// `virsh create`; on failure or a hang, the error with the end of QEMU's log.
     fn create(&mut self, name: &str, xml: &Path) -> Result<(), String> {
         self.domain = Some(name.to_string());
         let r = self.virsh(&["create", &xml.display().to_string()], CREATE_DEADLINE);
-        let pid_file = self.root.0.join(format!("run/qemu/{name}.pid"));
+        let pid_file = self.root.path().join(format!("run/qemu/{name}.pid"));
         self.qemu_pid = fs::read_to_string(pid_file)
             .ok()
             .and_then(|p| p.trim().parse().ok());
@@ -388,19 +328,9 @@ impl Drop for Libvirtd {
                 unsafe { libc::kill(pid, libc::SIGKILL) };
             }
         }
-        if let Some(mut child) = self.child.take() {
-            // SAFETY: our child, not yet reaped.
-            unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGTERM) };
-            let deadline = Instant::now() + WAIT;
-            while child.try_wait().ok().flatten().is_none() {
-                if Instant::now() > deadline {
-                    let _ = child.kill();
-                    let _ = child.wait();
-                    break;
-                }
-                thread::sleep(Duration::from_millis(20));
-            }
-        }
+        // A clean stop; what is left of its process group when the handle goes is killed.
+        self.proc.signal(libc::SIGTERM);
+        self.proc.wait_until(Instant::now() + WAIT);
         // Mount points we made; empty (the mounts lived in libvirtd's namespace only).
         for d in self.created.iter().rev() {
             let _ = fs::remove_dir(d);
@@ -410,157 +340,28 @@ impl Drop for Libvirtd {
 
 // --- the serial console --------------------------------------------------------------------
 
-/// The guest's serial console on a unix socket (libvirt `<serial type='unix'>`, QEMU listens).
-struct Console {
-    stream: UnixStream,
-    lines: Receiver<String>,
-    transcript: Vec<String>,
-    start: Instant,
-}
-
-impl Console {
-    fn connect(path: &Path, start: Instant) -> Console {
-        let stream = UnixStream::connect(path)
-            .unwrap_or_else(|e| panic!("serial console {}: {e}", path.display()));
-        let mut reader = stream.try_clone().unwrap();
-        let (tx, lines) = mpsc::channel();
-        thread::spawn(move || {
-            let mut buf = [0u8; 4096];
-            let mut line = Vec::new();
-            while let Ok(n) = reader.read(&mut buf) {
-                if n == 0 {
-                    break;
-                }
-                for &b in &buf[..n] {
-                    if b == b'\n' {
-                        let text = strip_escapes(&String::from_utf8_lossy(&line));
-                        line.clear();
-                        if tx.send(text).is_err() {
-                            return;
-                        }
-                    } else {
-                        line.push(b);
-                    }
-                }
-            }
-        });
-        Console {
-            stream,
-            lines,
-            transcript: Vec::new(),
-            start,
-        }
-    }
-
-    fn send(&mut self, command: &str) {
-        self.stream
-            .write_all(format!("{command}\n").as_bytes())
-            .expect("writing to the serial console");
-    }
-
-    /// The first new line for which `f` returns a value.
-    fn wait_for<T>(
-        &mut self,
-        what: &str,
-        deadline: Instant,
-        mut f: impl FnMut(&str) -> Option<T>,
-    ) -> T {
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            match self.lines.recv_timeout(left) {
-                Ok(line) => {
-                    println!("[{:6.2}s guest] {line}", self.start.elapsed().as_secs_f64());
-                    self.transcript.push(line.clone());
-                    if line.contains("Kernel panic") || line.contains("VUT-ERROR") {
-                        panic!("guest failed while waiting for {what}: {line}");
-                    }
-                    if let Some(v) = f(&line) {
-                        return v;
-                    }
-                }
-                Err(RecvTimeoutError::Timeout) => panic!("timed out waiting for {what}"),
-                Err(RecvTimeoutError::Disconnected) => {
-                    panic!("serial console closed (QEMU exited?) while waiting for {what}")
-                }
-            }
-        }
-    }
-
-    /// The guest pings the host `count` times; returns how many answers it got. The marker is
-    /// built by sed from ping's summary, so the echoed command line never matches it.
-    fn guest_ping(&mut self, round: u32, count: u32) -> u32 {
-        self.send(&format!(
-            "ping -q -c {count} -i 0.2 -w {GUEST_PING_SECS} {HOST_IP} | \
-             sed -n 's/.* \\([0-9]*\\) packets received.*/VUT-PING-{round}-\\1-END/p'"
-        ));
-        let prefix = format!("VUT-PING-{round}-");
-        let deadline = Instant::now() + Duration::from_secs(GUEST_PING_SECS as u64 + 10);
-        self.wait_for(&format!("guest ping round {round}"), deadline, |l| {
-            let rest = &l[l.find(&prefix)? + prefix.len()..];
-            rest[..rest.find("-END")?].parse().ok()
-        })
-    }
-}
-
-/// The line without carriage returns and terminal control sequences.
-fn strip_escapes(line: &str) -> String {
-    let mut out = String::with_capacity(line.len());
-    let mut chars = line.chars();
-    while let Some(c) = chars.next() {
-        match c {
-            '\x1b' => {
-                if chars.next() == Some('[') {
-                    for c in chars.by_ref() {
-                        if ('\x40'..='\x7e').contains(&c) {
-                            break;
-                        }
-                    }
-                }
-            }
-            c if c.is_control() && c != '\t' => {}
-            c => out.push(c),
-        }
-    }
-    out
+/// The guest pings the host `count` times; returns how many answers it got. The marker is built
+/// by sed from ping's summary, so the echoed command line never matches it.
+fn guest_ping(console: &mut Console, round: u32, count: u32) -> u32 {
+    console.send(&format!(
+        "ping -q -c {count} -i 0.2 -w {GUEST_PING_SECS} {HOST_IP} | \
+         sed -n 's/.* \\([0-9]*\\) packets received.*/VUT-PING-{round}-\\1-END/p'"
+    ));
+    let prefix = format!("VUT-PING-{round}-");
+    let deadline = Instant::now() + Duration::from_secs(GUEST_PING_SECS as u64 + 10);
+    console.wait_for_line(&format!("guest ping round {round}"), deadline, |l| {
+        let rest = &l[l.find(&prefix)? + prefix.len()..];
+        rest[..rest.find("-END")?].parse().ok()
+    })
 }
 
 // --- the test ------------------------------------------------------------------------------
 
-/// Packets the host got back out of `count` pings to the guest (from the namespace).
-fn host_ping(ns: &Netns, count: u32, wait_secs: u32) -> u32 {
-    let out = Command::new("ip")
-        .args(["netns", "exec", &ns.name, "ping", "-q", "-n"])
-        .args(["-c", &count.to_string(), "-i", "0.2"])
-        .args(["-w", &wait_secs.to_string(), GUEST_IP])
-        .output()
-        .expect("running ping");
-    let text = String::from_utf8_lossy(&out.stdout);
-    // "3 packets transmitted, 3 received, 0% packet loss, time 402ms"
-    text.lines()
-        .find_map(|l| {
-            let (_, rest) = l.split_once("transmitted, ")?;
-            rest.split_whitespace().next()?.parse().ok()
-        })
-        .unwrap_or(0)
-}
-
-/// Deletes the persistent tap before its namespace goes.
-struct TapGuard(String);
-
-impl Drop for TapGuard {
-    fn drop(&mut self) {
-        let _ = Command::new("ip")
-            .args(["-n", &self.0, "link", "del", TAP])
-            .status();
-    }
-}
-
 /// Everything a run owns. Fields drop in order: the domain and libvirtd first, then the daemon,
-/// the tap, the namespace, the work directory.
+/// the namespace (and the tap in it), the work directory.
 struct Rig {
     libvirt: Option<Libvirtd>,
     daemon: Option<Daemon>,
-    _tap: TapGuard,
     ns: Netns,
     work: TempDir,
     console: Option<Console>,
@@ -572,28 +373,27 @@ impl Drop for Rig {
         if !thread::panicking() {
             return;
         }
-        if let Some(l) = &self.libvirt {
+        // libvirt's logs before its state goes with it; the daemon's once it has stopped (then
+        // it is complete).
+        if let Some(l) = self.libvirt.take() {
             eprintln!(
                 "----- QEMU log -----\n{}\n----- libvirtd log -----\n{}",
                 l.qemu_log(&self.domain),
                 l.log()
             );
         }
-        if let Some(d) = &self.daemon {
+        if let Some(d) = &mut self.daemon {
+            d.stop();
             eprintln!("----- daemon log -----\n{}", d.log());
         }
         if let Some(c) = &self.console {
-            eprintln!("----- guest console -----\n{}", c.transcript.join("\n"));
+            eprintln!("----- guest console -----\n{}", c.transcript().join("\n"));
         }
     }
 }
 
 fn start_daemon(socket: &Path, ns: &Netns) -> Daemon {
-    let mut cmd = Command::new("ip");
-    cmd.args(["netns", "exec", &ns.name, daemon_bin(), "--socket-path"])
-        .arg(socket)
-        .args(["--tap", TAP, "--socket-group", QEMU_GROUP]);
-    let d = Daemon::spawn(&mut cmd, socket.to_path_buf(), "listening on");
+    let d = Daemon::start_on(ns, TAP, socket, &["--socket-group", QEMU_GROUP]);
     let meta = fs::metadata(socket).unwrap();
     assert_eq!(
         (meta.gid(), meta.mode() & 0o777),
@@ -601,13 +401,6 @@ fn start_daemon(socket: &Path, ns: &Netns) -> Daemon {
         "--socket-group {QEMU_GROUP}: the socket's group and mode"
     );
     d
-}
-
-fn mac_string(mac: &[u8]) -> String {
-    mac.iter()
-        .map(|b| format!("{b:02x}"))
-        .collect::<Vec<_>>()
-        .join(":")
 }
 
 /// The domain: the README's interface element plus what libvirt 9.0 + QEMU 7.2 + TCG need
@@ -634,7 +427,7 @@ fn domain_xml(name: &str, work: &Path, socket: &Path, cmdline: &str) -> String {
   <on_reboot>destroy</on_reboot>
   <on_crash>destroy</on_crash>
   <devices>
-    <emulator>{QEMU}</emulator>
+    <emulator>{SYSTEM_QEMU}</emulator>
     <interface type='vhostuser'>
       <mac address='{mac}'/>
       <source type='unix' path='{socket}' mode='client'>
@@ -667,53 +460,48 @@ fn domain_xml(name: &str, work: &Path, socket: &Path, cmdline: &str) -> String {
 
 /// QEMU's real uid and gid, from /proc.
 fn process_ids(pid: libc::pid_t) -> (u32, u32) {
-    let status = fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    let field = |key: &str| -> u32 {
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix(key))
-            .and_then(|v| v.split_whitespace().next())
+    let first = |key: &str| -> u32 {
+        let value = proc_status_field(pid as u32, key);
+        value
+            .split_whitespace()
+            .next()
             .and_then(|v| v.parse().ok())
-            .unwrap_or_else(|| panic!("no {key} in /proc/{pid}/status"))
+            .unwrap_or_else(|| panic!("{key} {value:?} in /proc/{pid}/status"))
     };
-    (field("Uid:"), field("Gid:"))
+    (first("Uid:"), first("Gid:"))
 }
 
 #[test]
 fn libvirt_guest_reaches_the_host_both_ways_and_again_after_the_daemon_is_killed_and_restarted() {
-    let (kernel, initrd) = match prerequisites() {
-        Ok(g) => g,
-        Err(why) if skip_requested() => {
-            println!("SKIPPED: libvirt: {why}");
-            return;
-        }
-        Err(why) => panic!("libvirt: {why} (set VUT_SKIP_LIBVIRT=1 to skip)"),
+    let Some(image) = prerequisite(
+        "libvirt",
+        &["VUT_SKIP_LIBVIRT", "VUT_SKIP_QEMU"],
+        prerequisites(),
+    ) else {
+        return;
     };
+    let _vm = one_vm_at_a_time();
     let start = Instant::now();
     let log = |msg: &str| println!("[{:6.2}s] {msg}", start.elapsed().as_secs_f64());
 
     let ns = Netns::new("libvirt");
     // Persistent, as the systemd unit's prepare script makes it: it keeps its address and MAC
     // (the guest's static ARP entry) across daemon restarts.
-    ns.ip(&["tuntap", "add", "dev", TAP, "mode", "tap", "vnet_hdr"]);
-    let tap = TapGuard(ns.name.clone());
+    ns.add_tap(TAP, &["vnet_hdr"]);
     ns.configure_tap(TAP);
-    let out = ns.ip(&["-j", "link", "show", TAP]);
-    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
-    let tap_mac = v[0]["address"].as_str().unwrap().to_string();
+    let tap_mac = ns.mac(TAP);
 
     // The domain's files, readable by libvirt-qemu (libvirt chowns the kernel and initrd it
     // boots: copies, not the cache's files).
     let work = TempDir::new("libvirt");
-    fs::set_permissions(&work.0, fs::Permissions::from_mode(0o755)).unwrap();
-    fs::copy(&kernel, work.0.join("vmlinuz")).unwrap();
-    fs::copy(&initrd, work.0.join("initrd.img")).unwrap();
-    let socket = work.0.join("vm1.sock");
+    fs::set_permissions(work.path(), fs::Permissions::from_mode(0o755)).unwrap();
+    fs::copy(&image.kernel, work.path().join("vmlinuz")).unwrap();
+    fs::copy(&image.initrd, work.path().join("initrd.img")).unwrap();
+    let socket = work.path().join("vm1.sock");
     let domain = format!("vut-libvirt-{}", std::process::id());
     let mut rig = Rig {
         libvirt: None,
         daemon: None,
-        _tap: tap,
         ns,
         work,
         console: None,
@@ -732,8 +520,12 @@ fn libvirt_guest_reaches_the_host_both_ways_and_again_after_the_daemon_is_killed
         "console=ttyS0 quiet panic=-1 vut.mode=shell vut.ip={GUEST_IP}/24 vut.peer={HOST_IP} \
          vut.peer_mac={tap_mac}"
     );
-    let xml = rig.work.0.join("domain.xml");
-    fs::write(&xml, domain_xml(&domain, &rig.work.0, &socket, &cmdline)).unwrap();
+    let xml = rig.work.path().join("domain.xml");
+    fs::write(
+        &xml,
+        domain_xml(&domain, rig.work.path(), &socket, &cmdline),
+    )
+    .unwrap();
     let libvirt = rig.libvirt.as_mut().unwrap();
     if let Err(e) = libvirt.create(&domain, &xml) {
         panic!("virsh create: {e}");
@@ -751,20 +543,20 @@ fn libvirt_guest_reaches_the_host_both_ways_and_again_after_the_daemon_is_killed
     log(&format!(
         "domain {domain} created; QEMU pid {qemu_pid} runs as {QEMU_USER}:{QEMU_GROUP}"
     ));
-    let console = Console::connect(&rig.work.0.join("console.sock"), start);
+    let console = Console::connect(&rig.work.path().join("console.sock"), "libvirt", start);
     let console = rig.console.insert(console);
     let daemon = rig.daemon.as_mut().unwrap();
     daemon.wait_for_log("frontend connected", WAIT);
 
     // The guest's /init prints VUT-DONE just before it execs the shell.
-    console.wait_for("the guest's shell", Instant::now() + BOOT_DEADLINE, |l| {
+    console.wait_for_line("the guest's shell", Instant::now() + BOOT_DEADLINE, |l| {
         l.contains("VUT-DONE").then_some(())
     });
     log("guest booted to its shell");
-    let got = console.guest_ping(1, 3);
+    let got = guest_ping(console, 1, 3);
     assert_eq!(got, 3, "guest -> host ping: {got} of 3 answered");
     log("guest -> host: 3/3");
-    let got = host_ping(&rig.ns, 3, 10);
+    let got = rig.ns.ping(GUEST_IP, 3, 10).received;
     assert_eq!(got, 3, "host -> guest ping: {got} of 3 answered");
     log("host -> guest: 3/3");
 
@@ -783,7 +575,7 @@ fn libvirt_guest_reaches_the_host_both_ways_and_again_after_the_daemon_is_killed
         restarted.elapsed().as_secs_f64()
     ));
     let deadline = restarted + RECOVERY_DEADLINE;
-    while host_ping(&rig.ns, 1, 1) != 1 {
+    while rig.ns.ping(GUEST_IP, 1, 1).received != 1 {
         assert!(
             Instant::now() < deadline,
             "the guest did not answer the host's pings within {RECOVERY_DEADLINE:?} of the restart"
@@ -793,9 +585,9 @@ fn libvirt_guest_reaches_the_host_both_ways_and_again_after_the_daemon_is_killed
         "host -> guest answered {:.1}s after the restart",
         restarted.elapsed().as_secs_f64()
     ));
-    let got = host_ping(&rig.ns, 3, 10);
+    let got = rig.ns.ping(GUEST_IP, 3, 10).received;
     assert_eq!(got, 3, "host -> guest ping after the restart: {got} of 3");
-    let got = rig.console.as_mut().unwrap().guest_ping(2, 3);
+    let got = guest_ping(rig.console.as_mut().unwrap(), 2, 3);
     assert_eq!(got, 3, "guest -> host ping after the restart: {got} of 3");
     log("after the restart: host -> guest 3/3, guest -> host 3/3");
 
