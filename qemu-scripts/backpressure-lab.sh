@@ -8,16 +8,20 @@
 # sender thread count: the daemon on tap vut0 (--backpressure off = "stock",
 # auto = "backpressure"), the synthetic guest harvesting at a fixed rate, and
 # blocking UDP senders for T seconds; it drains the queues and reports every
-# counter. This script prints a table shaped like the seed's (Received pps,
-# Lost/s) and the totals behind it, and checks that they add up.
+# counter, raw (the kernel's, tc's JSON, the daemon's --metrics scrape, the
+# sender's and the guest's counts). vut-report (built with the binaries;
+# crates/vhost-user-tap-guest/src/report/bplab.rs) then prints a table
+# shaped like the seed's (Received pps, Lost/s) and the totals behind it, and
+# checks that they add up.
 #
 # Usage: qemu-scripts/backpressure-lab.sh [options]
 #   --seconds T      sending time per case (default 10)
 #   --quick          short run for tests: 2 s per case
 #   --rx-rate PPS    the synthetic guest's harvest rate (default 5000)
 #   --out DIR        also write DIR/table.txt, DIR/results.json, DIR/console.log
-#   --bin-dir DIR    use DIR/vhost-user-tap and DIR/vhost-user-tap-guest instead
-#                    of building them (cargo build --release)
+#   --bin-dir DIR    use DIR/vhost-user-tap, DIR/vhost-user-tap-guest and
+#                    DIR/vut-report instead of building them (cargo build
+#                    --release)
 #   --qemu PATH      QEMU binary (default: qemu-system-x86_64 in PATH, Debian's
 #                    7.2; the wrapper from fetch-qemu.sh works too)
 #   --threads LIST   sender threads per case (default 1,2)
@@ -127,21 +131,24 @@ fi
 
 # --- the binaries ----------------------------------------------------------------
 if [[ -z $BIN_DIR ]]; then
-    vut_log "cargo build --release (daemon and synthetic guest)"
+    vut_log "cargo build --release (daemon, synthetic guest, vut-report)"
     (cd "$REPO" && cargo build --release --quiet -p vhost-user-tap -p vhost-user-tap-guest) ||
         vut_die "cargo build --release failed"
     BIN_DIR=${CARGO_TARGET_DIR:-$REPO/target}/release
 fi
 DAEMON=$BIN_DIR/vhost-user-tap
 GUEST=$BIN_DIR/vhost-user-tap-guest
+REPORT=$BIN_DIR/vut-report
 [[ -x $DAEMON && -x $GUEST ]] || vut_die "no vhost-user-tap / vhost-user-tap-guest in $BIN_DIR"
+[[ -x $REPORT ]] || vut_die "no vut-report in $BIN_DIR (cargo build -p vhost-user-tap-guest --bin vut-report)"
 # The daemon's options decide what the VM can run: without --backpressure
-# only stock mode exists (backpressure cases are skipped, and say so).
+# only stock mode exists (backpressure cases are skipped, and say so). Its
+# counters are read from its metrics: it must have --metrics.
 DAEMON_HELP=$("$DAEMON" --help)
-BP_FLAG=0 QDISC_FLAG=0 METRICS=0
+BP_FLAG=0 QDISC_FLAG=0
 [[ $DAEMON_HELP == *--backpressure* ]] && BP_FLAG=1
 [[ $DAEMON_HELP == *--qdisc* ]] && QDISC_FLAG=1
-[[ $DAEMON_HELP == *--metrics* ]] && METRICS=1
+[[ $DAEMON_HELP == *--metrics* ]] || vut_die "$DAEMON has no --metrics: the lab reads the daemon's counters there"
 [[ $BP_FLAG == 1 ]] || vut_log "warning: $DAEMON has no --backpressure: backpressure cases are skipped"
 
 # --- the initramfs ---------------------------------------------------------------
@@ -206,7 +213,7 @@ CONSOLE=$WORK/console.log
 APPEND="console=ttyS0 loglevel=3 panic=-1 ipv6.disable=1"
 APPEND+=" vut.seconds=$SECONDS_PER_CASE vut.rx_rate=$RX_RATE vut.threads=$THREADS"
 APPEND+=" vut.modes=$MODES vut.qdiscs=$QDISCS vut.pfifo_limit=$PFIFO_LIMIT vut.payload=$PAYLOAD"
-APPEND+=" vut.bp_flag=$BP_FLAG vut.qdisc_flag=$QDISC_FLAG vut.metrics=$METRICS"
+APPEND+=" vut.bp_flag=$BP_FLAG vut.qdisc_flag=$QDISC_FLAG"
 vut_log "$NCASES cases x ${SECONDS_PER_CASE}s, guest harvests ${RX_RATE}/s; $("$QEMU" --version | head -n1)"
 
 # -smp 2 with multi-threaded TCG: senders and the daemon/guest really run in
@@ -247,222 +254,18 @@ VM_ATTEMPTS=$attempt
 [[ -n $OUT_DIR ]] && mkdir -p "$OUT_DIR" && cp "$CONSOLE" "$OUT_DIR/console.log"
 
 # --- report ----------------------------------------------------------------------
-# Each VUT-LAB-RESULT line is "k=v ..."; the accounting happens here, on the
-# host, so the VM only collects raw counters.
-declare -A R=()
-get() { echo "${R[$1]:-0}"; }
-load_result() {
-    local kv
-    R=()
-    for kv in $1; do
-        [[ $kv == *=* ]] && R[${kv%%=*}]=${kv#*=}
-    done
-}
-# Per second, one decimal: 2 drops in 10 s must not print as 0.
-rate() { awk -v n="$1" -v ms="$2" 'BEGIN { if (ms <= 0) { print 0; exit }; printf "%.1f", n * 1000 / ms }'; }
-human() { awk -v r="$1" 'BEGIN { if (r >= 1e6) printf "%.3f Mpps", r / 1e6;
-    else if (r >= 1e3) printf "%.2f kpps", r / 1e3; else if (r == 0) printf "0 pps";
-    else printf "%.1f pps", r }'; }
-json_bool() { if [[ $1 == yes ]]; then echo true; else echo false; fi; }
-# Sum of the metric samples "NAME{LABELS} VALUE" whose name and labels start
-# with $2 in case $1's scrape; empty if the scrape has no such sample.
-metric() {
-    grep -F "VUT-LAB-METRIC $1: $2" "$CONSOLE" | awk '{ s += $NF; n++ } END { if (n) print s }'
-}
-
-# Compare the scrape of case $tag with what the lab read directly; a
-# difference goes to mism.
-check_metric() {
-    local got
-    got=$(metric "$tag" "$1")
-    [[ $got == "$2" ]] || mism+=("$1 = ${got:-missing}, expected $2")
-}
-
+# The accounting happens here, on the host, in vut-report: the VM only
+# collects raw counters. It prints the table, writes table.txt and
+# results.json with --out, and fails unless every case ran, drained and added
+# up.
+report_args=(--console "$CONSOLE" --kernel "$KABI" --kernel-version "$KVERSION"
+    --qemu-line="$("$QEMU" --version | head -n1)" --rx-rate "$RX_RATE" --seconds "$SECONDS_PER_CASE"
+    --pfifo-limit "$PFIFO_LIMIT" --payload "$PAYLOAD" --vm-attempts "$VM_ATTEMPTS"
+    --threads "$THREADS" --modes "$MODES" --qdiscs "$QDISCS")
+[[ -n $OUT_DIR ]] && report_args+=(--out "$OUT_DIR")
+[[ $BP_FLAG == 1 ]] || report_args+=(--no-backpressure-option)
+for crash in "${CRASHES[@]}"; do report_args+=(--crash="$crash"); done
 ok=1
-json_cases=()
-declare -A CELL=()
-rows=()
-notes=()
-while IFS= read -r line; do
-    load_result "${line#VUT-LAB-RESULT }"
-    q=$(get qdisc) mode=$(get mode) n=$(get threads)
-    tag="qdisc=$q mode=$mode threads=$n"
-    sent=$(get sent) delivered=$(get delivered)
-    tun=$(get tap_tx_dropped)
-    qdrops=$(get qdisc_drops)
-    if [[ $q == fq_codel ]]; then
-        # fq_codel counts every drop in "drops"; drop_overlimit (which includes
-        # the memory-limit drops) are its capacity drops. The rest are CoDel's
-        # drops at dequeue: a policy decision (sojourn above target for an
-        # interval), not a full queue.
-        qtail=$(get qdisc_drop_overlimit)
-        qaqm=$((qdrops - qtail))
-    else
-        qtail=$qdrops qaqm=0
-    fi
-    daemon=$(get daemon_rx_dropped_oversize)
-    backlog=$(get qdisc_backlog)
-    read_total=$(get tap_tx_packets) # tun counts tx_packets when the daemon reads a frame
-    # Where frames could still be after the drain: the qdisc (measured), the
-    # tun ring (qdisc sent - tun drops - frames the daemon read), the daemon
-    # (read - put in the used ring - daemon drops) and the guest's used ring
-    # (daemon rx_frames - harvested). Each must be 0; a nonzero one names the
-    # stage whose numbers do not add up.
-    ring_left=$(($(get qdisc_sent) - tun - read_total))
-    daemon_left=$((read_total - $(get daemon_rx_frames) - daemon))
-    guest_left=$(($(get daemon_rx_frames) - delivered))
-    lost=$((tun + qtail + qaqm + daemon))
-    balanced=yes
-    [[ $((delivered + lost + backlog)) == "$sent" && $ring_left == 0 && $daemon_left == 0 &&
-        $guest_left == 0 ]] || balanced=no
-    [[ $(get drained) == yes && -n ${R[sent]:-} && -n ${R[delivered]:-} && -n ${R[daemon_rx_frames]:-} ]] ||
-        balanced=no
-
-    # The qdisc the case really ran with (kind, and pfifo's limit).
-    qline=$(grep -F "VUT-LAB-QDISC $tag: " "$CONSOLE" || true)
-    qdisc_ok=yes
-    [[ $qline == *"\"kind\":\"$q\""* ]] || qdisc_ok=no
-    [[ $q != pfifo || $qline == *"\"limit\":$PFIFO_LIMIT}"* ]] || qdisc_ok=no
-
-    # The daemon's own scrape must tell the same story (one scrape answers
-    # "where were frames lost").
-    metrics_ok=n/a
-    if [[ $METRICS == 1 ]]; then
-        metrics_ok=yes
-        mism=()
-        check_metric 'vhost_user_tap_tap_tx_dropped_total{' "$tun"
-        check_metric 'vhost_user_tap_tap_tx_packets_total{' "$read_total"
-        check_metric 'vhost_user_tap_rx_frames_total{' "$(get daemon_rx_frames)"
-        check_metric 'vhost_user_tap_daemon_dropped_frames_total{queue="0",direction="rx"' "$daemon"
-        check_metric 'vhost_user_tap_qdisc_packets_total{' "$(get qdisc_sent)"
-        check_metric 'vhost_user_tap_qdisc_dropped_packets_total{' "$qdrops"
-        check_metric "vhost_user_tap_qdisc_dropped_packets_total{tap=\"vut0\",qdisc=\"$q\",reason=\"limit\"}" "$qtail"
-        [[ $q != fq_codel ]] ||
-            check_metric 'vhost_user_tap_qdisc_dropped_packets_total{tap="vut0",qdisc="fq_codel",reason="aqm"}' "$qaqm"
-        check_metric 'vhost_user_tap_qdisc_backlog_packets{' "$backlog"
-        check_metric 'vhost_user_tap_backpressure{' "$([[ $mode == backpressure ]] && echo 1 || echo 0)"
-        if [[ ${#mism[@]} -gt 0 ]]; then
-            metrics_ok=no
-            notes+=("$tag: metrics disagree: $(IFS=';'; echo "${mism[*]}")")
-        fi
-    fi
-    [[ $qdisc_ok == yes && $metrics_ok != no ]] || ok=0
-    [[ $qdisc_ok == yes ]] || notes+=("$tag: the qdisc is not the one asked for: ${qline:-no VUT-LAB-QDISC line}")
-    [[ $balanced == yes ]] || ok=0
-    [[ $mode == backpressure && $tun -gt 0 ]] &&
-        notes+=("$tag: $tun tun ring drops despite backpressure (the LLTX race: a producer found the ring full)")
-    [[ $(get stalls) -gt 0 ]] &&
-        notes+=("$tag: $(get stalls) time(s) no frame moved between two samples (VUT-LAB-STALL lines in the console log)")
-    [[ $qaqm -gt 0 ]] && notes+=("$tag: $qaqm fq_codel AQM drops (sojourn above 5 ms for 100 ms: policy, not a full queue)")
-
-    metrics_json=null
-    [[ $metrics_ok == n/a ]] || metrics_json=$(json_bool "$metrics_ok")
-    ms=$(get elapsed_ms)
-    rx_pps=$(rate "$(get read_in_window)" "$ms")
-    lost_pps=$(rate "$lost" "$ms")
-    CELL[$q,$mode,$n,rx]=$rx_pps
-    CELL[$q,$mode,$n,lost]=$lost_pps
-    CELL[$q,$mode,$n,aqm]=$(rate "$qaqm" "$ms")
-    rows+=("$(printf '%-8s %-12s %2s %9s %9s %9s %7s %7s %6s %7s %5s %6s %5s %6s %4s' "$q" "$mode" "$n" \
-        "$sent" "$delivered" "$tun" "$qtail" "$qaqm" "$daemon" "$backlog" \
-        "$((ring_left + daemon_left + guest_left))" "$(get peak_qdisc_qlen)" "$(get timeouts)" \
-        "$(get max_sample_gap_ms)" "$balanced")")
-    json_cases+=("$(
-        printf '{"qdisc":"%s","mode":"%s","threads":%d,"send_elapsed_ms":%d,' "$q" "$mode" "$n" "$ms"
-        printf '"sent":%d,"send_errors":%d,"send_timeouts":%d,"delivered":%d,' \
-            "$sent" "$(get errors)" "$(get timeouts)" "$delivered"
-        printf '"read_in_window":%d,"received_pps":%s,"lost_pps":%s,"aqm_drop_pps":%s,' \
-            "$(get read_in_window)" "$rx_pps" "$lost_pps" "${CELL[$q,$mode,$n,aqm]}"
-        printf '"tun_ring_drops":%d,"qdisc_tail_drops":%d,"qdisc_aqm_drops":%d,"qdisc_drops":%d,' \
-            "$tun" "$qtail" "$qaqm" "$qdrops"
-        printf '"qdisc_requeues":%d,"qdisc_backlog":%d,"peak_qdisc_qlen":%d,"daemon_drops":%d,' \
-            "$(get qdisc_requeues)" "$backlog" "$(get peak_qdisc_qlen)" "$daemon"
-        printf '"stall_episodes":%d,"max_sample_gap_ms":%d,' "$(get stalls)" "$(get max_sample_gap_ms)"
-        printf '"daemon_rx_frames":%d,"daemon_rx_stops":%d,"daemon_rx_wakes":%d,' \
-            "$(get daemon_rx_frames)" "$(get daemon_rx_stops)" "$(get daemon_rx_wakes)"
-        printf '"left_in_tun_ring":%d,"left_in_daemon":%d,"left_in_guest_ring":%d,' \
-            "$ring_left" "$daemon_left" "$guest_left"
-        printf '"drained":%s,"drain_ms":%d,"balanced":%s,"qdisc_as_asked":%s,"metrics_agree":%s}' \
-            "$(json_bool "$(get drained)")" "$(get drain_ms)" "$(json_bool "$balanced")" \
-            "$(json_bool "$qdisc_ok")" "$metrics_json"
-    )")
-done < <(grep '^VUT-LAB-RESULT ' "$CONSOLE")
-
-SKIPPED=$(grep -c '^VUT-LAB-SKIP ' "$CONSOLE" || true)
-[[ $((${#rows[@]} + SKIPPED)) -eq $NCASES ]] || ok=0
-if grep -q '^VUT-LAB-ERROR' "$CONSOLE"; then
-    ok=0
-    while IFS= read -r line; do notes+=("${line#VUT-LAB-}"); done < <(grep '^VUT-LAB-ERROR' "$CONSOLE")
-fi
-for crash in "${CRASHES[@]}"; do notes+=("a VM attempt was repeated after a kernel crash under TCG: $crash"); done
-
-TUNLINE=$(grep -m1 '^VUT-LAB-TUN ' "$CONSOLE" || true)
-table() {
-    local q mode n what name label
-    echo "Linux $KABI ($KVERSION), QEMU TCG, 2 vCPUs; tun ${TUNLINE#VUT-LAB-TUN }"
-    echo "guest harvests $RX_RATE frames/s; ${SECONDS_PER_CASE} s of sending per case; ${PAYLOAD}-byte UDP payloads"
-    echo "Received: frames the daemon took from the tap while the senders ran, per second."
-    echo "Lost/s: every drop (tun ring + qdisc + daemon) per second of sending; AQM/s: the part"
-    echo "of it that was fq_codel's CoDel policy drops, not a full queue."
-    for q in ${QDISCS//,/ }; do
-        echo
-        case $q in
-        fq_codel) echo "qdisc fq_codel (kernel defaults: limit 10240p, target 5ms, interval 100ms)" ;;
-        pfifo) echo "qdisc pfifo limit $PFIFO_LIMIT" ;;
-        pfifo_fast) echo "qdisc pfifo_fast (lockless; limit = txqueuelen 1000 per band)" ;;
-        esac
-        printf '+------------+----------+--------------+----------------+\n'
-        printf '| %-10s | %-8s | %12s | %14s |\n' "" "" "Stock" "Backpressure"
-        printf '+------------+----------+--------------+----------------+\n'
-        for n in ${THREADS//,/ }; do
-            label="$n thread"
-            [[ $n == 1 ]] || label+=s
-            for what in rx lost aqm; do
-                [[ $what == aqm && $q != fq_codel ]] && continue
-                case $what in rx) name=Received ;; lost) name=Lost/s ;; aqm) name=AQM/s ;; esac
-                local cells=()
-                for mode in stock backpressure; do
-                    if [[ -n ${CELL[$q,$mode,$n,$what]:-} ]]; then
-                        cells+=("$(human "${CELL[$q,$mode,$n,$what]}")")
-                    else
-                        cells+=("-")
-                    fi
-                done
-                printf '| %-10s | %-8s | %12s | %14s |\n' "$label" "$name" "${cells[0]}" "${cells[1]}"
-                label=""
-            done
-            printf '+------------+----------+--------------+----------------+\n'
-        done
-    done
-    echo
-    echo "Totals (frames): sent = delivered + tun-ring + q-tail + q-aqm + daemon + backlog."
-    echo "left: frames inferred still in the tun ring, daemon or guest ring after draining (must"
-    echo "be 0); peak-q: largest qdisc queue seen; stall: sends that waited 5 s for buffer room;"
-    echo "gap: longest interval between two rounds of the VM's sampler, in ms (about 1000 when"
-    echo "the VM has CPU to spare; more when its vCPUs or the host's CPUs are saturated)."
-    printf '%-8s %-12s %2s %9s %9s %9s %7s %7s %6s %7s %5s %6s %5s %6s %4s\n' qdisc mode th sent delivered \
-        tun-ring q-tail q-aqm daemon backlog left peak-q stall gap ok
-    printf '%s\n' "${rows[@]}"
-    if [[ ${#notes[@]} -gt 0 ]]; then
-        echo
-        printf 'note: %s\n' "${notes[@]}"
-    fi
-}
-TABLE=$(table)
-echo "$TABLE"
-if [[ -n $OUT_DIR ]]; then
-    echo "$TABLE" >"$OUT_DIR/table.txt"
-    {
-        printf '{"kernel":"%s","kernel_version":"%s","tun":"%s","qemu":"%s",' "$KABI" "$KVERSION" \
-            "${TUNLINE#VUT-LAB-TUN }" "$("$QEMU" --version | head -n1)"
-        printf '"rx_rate":%d,"seconds":%d,"pfifo_limit":%d,"payload":%d,"vm_attempts":%d,' \
-            "$RX_RATE" "$SECONDS_PER_CASE" "$PFIFO_LIMIT" "$PAYLOAD" "$VM_ATTEMPTS"
-        printf '"daemon_backpressure_option":%s,"daemon_metrics":%s,"skipped_cases":%d,"complete":%s,' \
-            "$([[ $BP_FLAG == 1 ]] && echo true || echo false)" \
-            "$([[ $METRICS == 1 ]] && echo true || echo false)" "$SKIPPED" \
-            "$([[ $ok == 1 ]] && echo true || echo false)"
-        printf '"cases":[%s]}\n' "$(IFS=,; echo "${json_cases[*]}")"
-    } >"$OUT_DIR/results.json"
-    vut_log "wrote $OUT_DIR/table.txt, results.json, console.log"
-fi
+"$REPORT" backpressure-lab "${report_args[@]}" || ok=0
+[[ -n $OUT_DIR ]] && vut_log "wrote $OUT_DIR/table.txt, results.json, console.log"
 [[ $ok == 1 ]] || vut_die "not every case ran, drained and added up (see the notes and the console log)"

@@ -8,8 +8,9 @@
 # assertions as on the machine that built them. One libtest invocation per
 # scenario (`--exact NAME --test-threads=1`), each killed after a time limit;
 # qemu-scripts/kernel-lab/init.sh is the VM's /init and describes the console
-# markers. This script prints a scenario x kernel table and every failure's
-# output.
+# markers. vut-report (built with the guest, run on this host after the VMs;
+# crates/vhost-user-tap-guest/src/report/klab.rs) turns the consoles into a
+# scenario x kernel table with every failure's output and results.json.
 #
 # Usage: qemu-scripts/kernel-lab.sh --kernel 5.10|6.1|6.12|7.3|all [options]
 #   --kernel K       the kernel(s): 5.10 (Debian 11's stock linux-image-amd64),
@@ -23,6 +24,7 @@
 #                    --list shows them) or any test name of tests/daemon.rs
 #                    (default: every scenario)
 #   --out DIR        write DIR/results.json, DIR/table.txt, DIR/KERNEL/console.log
+#                    and DIR/KERNEL/run.txt (how its VM ran)
 #   --qemu PATH      QEMU binary (default: qemu-system-x86_64 in PATH)
 #   --test-timeout S seconds one scenario may take before it is killed
 #                    (default 120 with --quick, 600 otherwise)
@@ -147,7 +149,6 @@ vut_require_root "apt-get, and mknod in the initramfs"
 # (busybox's ip has no netns); binutils: strip; xz-utils/zstd: compressed
 # modules; qemu-system-x86: QEMU 7.2.
 vut_apt_install busybox-static cpio xz-utils zstd binutils iproute2 qemu-system-x86
-command -v python3 >/dev/null || vut_die "python3 is needed (cargo's JSON, the report)"
 
 # --- the kernels -------------------------------------------------------------------
 # Every suite first, then one apt-get update for all of them.
@@ -169,27 +170,24 @@ fi
 
 # --- the binaries ------------------------------------------------------------------
 # The integration test binary of tests/daemon.rs and the daemon and guest of
-# the same build: cargo names the first in its JSON messages; the others are
-# in the profile directory above it (target/debug/deps/.. = target/debug).
+# the same build: cargo names the first in its JSON messages (one object a
+# line; the test target's "executable"); the others are in the profile
+# directory above it (target/debug/deps/.. = target/debug). vut-report, the
+# guest package's report tool, runs here on the host only.
 vut_log "cargo test --no-run --test daemon, cargo build -p vhost-user-tap-guest (debug build)"
 CARGO_JSON=$(cd "$REPO" && cargo test --no-run -p vhost-user-tap --test daemon --message-format=json) ||
     vut_die "cargo test --no-run --test daemon failed"
 (cd "$REPO" && cargo build --quiet -p vhost-user-tap-guest) || vut_die "cargo build -p vhost-user-tap-guest failed"
-TESTS_EXE=$(python3 -c '
-import json, sys
-for line in sys.stdin:
-    try:
-        m = json.loads(line)
-    except ValueError:
-        continue
-    if m.get("reason") == "compiler-artifact" and m["target"]["name"] == "daemon" and m.get("executable"):
-        print(m["executable"])
-' <<<"$CARGO_JSON" | tail -n1)
+TESTS_EXE=$(grep '"reason":"compiler-artifact"' <<<"$CARGO_JSON" |
+    grep '"target":{"kind":\["test"\],[^}]*"name":"daemon"' |
+    sed -n 's/.*"executable":"\([^"]*\)".*/\1/p' | tail -n1)
 [[ -n $TESTS_EXE && -x $TESTS_EXE ]] || vut_die "cargo named no test executable for tests/daemon.rs"
 BIN_DIR=$(cd "$(dirname "$TESTS_EXE")/.." && pwd)
 DAEMON=$BIN_DIR/vhost-user-tap
 GUEST=$BIN_DIR/vhost-user-tap-guest
+REPORT=$BIN_DIR/vut-report
 [[ -x $DAEMON && -x $GUEST ]] || vut_die "no vhost-user-tap / vhost-user-tap-guest in $BIN_DIR"
+[[ -x $REPORT ]] || vut_die "no vut-report in $BIN_DIR"
 vut_log "test binary $TESTS_EXE"
 
 # --- the initramfs -----------------------------------------------------------------
@@ -298,7 +296,6 @@ if [[ -n ${DAEMON_ARGS// /} ]]; then
 fi
 vut_initramfs_pack "$WORK/extra" "$EXTRA"
 
-KJSON=()
 for k in "${KLIST[@]}"; do
     modules=$(modules_archive "$k")
     initrd=$WORK/initrd-$k.img
@@ -324,28 +321,21 @@ for k in "${KLIST[@]}"; do
     done
     seconds=$(($(date +%s) - started))
     vut_log "kernel $k: VM ran ${seconds} s (exit status $status)"
-    KJSON+=("$(python3 -c '
-import json, sys
-k, pkg, ver, rel, console, attempts, secs, status = sys.argv[1:9]
-print(json.dumps({"name": k, "package": pkg, "package_version": ver, "release": rel,
-    "console": console, "vm_attempts": int(attempts), "vm_seconds": int(secs),
-    "vm_status": int(status), "crashes": sys.argv[9:]}))
-' "$k" "${K_PKG[$k]}" "${K_VER[$k]}" "${K_REL[$k]}" "$console" "$attempt" "$seconds" "$status" \
-        "${crashes[@]}")")
+    # How the VM ran, beside its console (vut-report reads both).
+    {
+        printf 'package=%s\npackage_version=%s\nrelease=%s\n' "${K_PKG[$k]}" "${K_VER[$k]}" "${K_REL[$k]}"
+        printf 'vm_attempts=%s\nvm_seconds=%s\nvm_status=%s\n' "$attempt" "$seconds" "$status"
+        for crash in "${crashes[@]}"; do printf 'crash=%s\n' "$crash"; done
+    } >"$RESULTS/$k/run.txt"
 done
 
 # --- report ------------------------------------------------------------------------
-python3 -c '
-import json, sys
-quick, qemu, env, daemon_args = sys.argv[1:5]
-scen = [dict(zip(("label", "test"), s.split(" ", 1))) for s in sys.argv[5].split("\n") if s]
-kernels = [json.loads(k) for k in sys.argv[6:]]
-print(json.dumps({"quick": quick == "1", "qemu": qemu, "env": env, "daemon_args": daemon_args,
-    "scenarios": scen, "kernels": kernels}))
-' "$QUICK" "$QEMU_VERSION" "$TEST_ENV" "$DAEMON_ARGS" "$(printf '%s\n' "${PLAN[@]}")" "${KJSON[@]}" \
-    >"$RESULTS/plan.json"
+report_args=(--results "$RESULTS" --kernels "$(IFS=,; echo "${KLIST[*]}")"
+    --qemu-line="$QEMU_VERSION" --env="$TEST_ENV" --daemon-args="$DAEMON_ARGS")
+[[ $QUICK == 1 ]] && report_args+=(--quick)
+for s in "${PLAN[@]}"; do report_args+=(--scenario="$s"); done
 set +e
-python3 "$KLAB_DIR/report.py" "$RESULTS/plan.json" "$RESULTS"
+"$REPORT" kernel-lab "${report_args[@]}"
 ok=$?
 set -e
 [[ -n $OUT_DIR ]] && vut_log "wrote $OUT_DIR/results.json, table.txt, */console.log"

@@ -8,6 +8,9 @@
 #   vhost-net   kernel vhost-net (-netdev tap,vhost=on), only with /dev/vhost-net
 # and prints the seed-style table (Received, Lost/s, diff vs the first column)
 # and writes it, every run's counters (JSON) and a PNG chart to an output dir.
+# This script boots, sends, drains and collects every counter verbatim; the
+# accounting, the table, the JSON and the chart data come from vut-report
+# (crates/vhost-user-tap-guest/src/report/xdp.rs).
 #
 # Usage: qemu-scripts/xdp-bench.sh [options]
 #   --seconds T        sending time per run (default 10)
@@ -18,6 +21,8 @@
 #   --accel MODE       auto (default: KVM only if it really boots a guest,
 #                      see run-vm.sh), kvm or tcg
 #   --daemon PATH      vhost-user-tap binary (default: cargo build --release)
+#   --report PATH      vut-report binary (default: cargo build --release -p
+#                      vhost-user-tap-guest --bin vut-report)
 #   --daemon-args STR  extra daemon options, e.g. "--busy-poll-us 50"
 #   --qdisc KIND       root qdisc on the tap (default fq_codel, as in the seed;
 #                      pfifo_fast where the kernel has no fq_codel)
@@ -26,15 +31,21 @@
 #   --help
 #
 # Every VM boots fresh for each run (backend x threads x run), so each run's
-# counters -- the tap's, the qdisc's, the daemon's (logged at SIGTERM) and the
-# guest's -- start at zero and belong to that run alone.
+# counters -- the tap's, the qdisc's, the daemon's (its --metrics scrape) and
+# the guest's -- start at zero and belong to that run alone. Each run's
+# directory, OUT/runs/BACKEND-tTHREADS-rRUN/, keeps what was collected:
+# run.txt (boot time, the guest's XDP count before and after), blast.out
+# (the sender), qdisc.json and link.json (tc -s -j, ip -s -j), metrics.txt
+# (the daemon's scrape), console.log, daemon.log, qemu.err.
 #
 # Accounting, per run (all frame counts; the JSON has every term):
 #   sent     = frames the sender handed to the kernel (vut-blast.c: accepted
 #              by the qdisc or refused by it at enqueue)
 #   received = frames the guest's XDP program counted
 #   lost     = qdisc drops (tc -s) + tun ring drops (the tap's tx_dropped)
-#              + daemon RX drops (rx_dropped_* in its "queue pair 0:" line)
+#              + daemon RX drops (daemon_dropped_frames_total{direction="rx"}
+#              in its --metrics scrape, taken after QEMU left and right
+#              before the daemon is stopped)
 #   in_flight = sent - received - lost
 # After sending, the script waits 1 s and then until the guest's count stays
 # unchanged for one report interval (0.5 s): every queue (qdisc, tun ring,
@@ -50,7 +61,10 @@
 # guest. Every process, tap and namespace created here is removed at exit,
 # also on failure or Ctrl-C.
 #
-# Needs root (namespaces, taps; apt-get install gnuplot-nox gcc if missing).
+# Writes OUT/table.txt, results.json, chart.dat, chart.gp (gnuplot's program)
+# and chart.png.
+#
+# Needs root (namespaces, taps; apt-get install gnuplot-nox gcc curl if missing).
 # Exit status: 0 when every run completed and balanced, 1 otherwise (the
 # table is still written), 2 for a bad command line.
 set -euo pipefail
@@ -72,7 +86,7 @@ bad_usage() {
 
 seconds=10 runs=3 threads_list=1,2 backends_list=vhost-user,tap,vhost-net
 DAEMON_ARGS=()
-qemu=${QEMU:-qemu-system-x86_64} accel=auto daemon='' qdisc=fq_codel qdisc_explicit=0 smp=1 out=''
+qemu=${QEMU:-qemu-system-x86_64} accel=auto daemon='' report='' qdisc=fq_codel qdisc_explicit=0 smp=1 out=''
 need_arg() { [[ $# -ge 2 ]] || bad_usage "$1 needs a value"; }
 while [[ $# -gt 0 ]]; do
     case $1 in
@@ -84,6 +98,7 @@ while [[ $# -gt 0 ]]; do
     --accel) need_arg "$@"; accel=$2; shift 2 ;;
     --daemon) need_arg "$@"; daemon=$2; shift 2 ;;
     --daemon-args) need_arg "$@"; read -r -a DAEMON_ARGS <<<"$2"; shift 2 ;;
+    --report) need_arg "$@"; report=$2; shift 2 ;;
     --qdisc) need_arg "$@"; qdisc=$2; qdisc_explicit=1; shift 2 ;;
     --smp) need_arg "$@"; smp=$2; shift 2 ;;
     --out) need_arg "$@"; out=$2; shift 2 ;;
@@ -109,6 +124,9 @@ command -v "$qemu" >/dev/null || vut_die "QEMU $qemu not found (--qemu PATH)"
 for tool in ip tc timeout; do
     command -v "$tool" >/dev/null || vut_die "$tool not found (apt-get install iproute2 coreutils)"
 done
+for a in "${DAEMON_ARGS[@]}"; do
+    [[ $a != --metrics* ]] || bad_usage "--daemon-args: --metrics is set by this script (it reads the daemon's counters there)"
+done
 
 # Column order of the table: the daemon first, everything else is compared with it.
 BACKENDS=()
@@ -123,8 +141,9 @@ for b in vhost-user tap vhost-net; do
 done
 
 # --- prerequisites -------------------------------------------------------------
-# gnuplot-nox: PNG output (libgd) without X11; gcc builds the sender.
-vut_apt_install gnuplot-nox gcc libc6-dev
+# gnuplot-nox: PNG output (libgd) without X11; gcc builds the sender; curl
+# scrapes the daemon's metrics.
+vut_apt_install gnuplot-nox gcc libc6-dev curl
 GUEST_PATHS=$("$SCRIPT_DIR/build-guest.sh")
 KERNEL=$(sed -n 1p <<<"$GUEST_PATHS")
 INITRD=$(sed -n 2p <<<"$GUEST_PATHS")
@@ -138,6 +157,13 @@ if [[ " ${BACKENDS[*]} " == *" vhost-user "* ]]; then
     fi
     [[ -x $daemon ]] || vut_die "daemon $daemon is not an executable"
 fi
+if [[ -z $report ]]; then
+    command -v cargo >/dev/null || vut_die "cargo not found: pass --report PATH"
+    vut_log "cargo build --release (vut-report)"
+    (cd "$REPO_DIR" && cargo build --release --quiet -p vhost-user-tap-guest --bin vut-report) >&2
+    report=${CARGO_TARGET_DIR:-$REPO_DIR/target}/release/vut-report
+fi
+[[ -x $report ]] || vut_die "vut-report $report is not an executable"
 
 # The sender, built into the cache; rebuilt when its source changes.
 BLAST=$VUT_CACHE/bench/vut-blast
@@ -274,31 +300,7 @@ wait_quiescent() {
     done
 }
 
-# key=value from a line such as "sent=12 accepted=12" or the daemon's counters.
-kv() { sed -n "s/.*[[:space:]]$2=\([0-9][0-9]*\).*/\1/p" <<<" $1" | head -n1; }
-
-tap_stat() { ip netns exec "$NETNS" cat "/sys/class/net/$TAP/statistics/$1"; }
-
-# "kind sent dropped backlog" of the tap's root qdisc (tc -s; packets).
-qdisc_stats() {
-    tc -n "$NETNS" -s qdisc show dev "$TAP" | awk '
-        /^qdisc/ { root = / root /; kind = $2 }
-        root && /^ Sent/ { sent = $4; d = $7; sub(/,/, "", d) }
-        root && /^ backlog/ { b = $3; sub(/p$/, "", b); print kind, sent, d, b; exit }'
-}
-
-RESULTS=$out/runs.tsv
-printf 'backend\tthreads\trun\tseconds\tsent\treceived\tqdisc_drops\ttun_drops\tdaemon_drops\tin_flight\tqdisc_sent\tqdisc_backlog\ttap_tx_packets\tdaemon_rx_frames\txdp_mode\tboot_s\tqdisc\n' >"$RESULTS"
 FAILED=0
-GUEST_KERNEL='' DAEMON_BACKPRESSURE=''
-
-# Fails (returns 1) unless every argument is a non-negative integer.
-counts_ok() {
-    local v
-    for v in "$@"; do
-        [[ $v =~ ^[0-9]+$ ]] || return 1
-    done
-}
 
 # Installs the qdisc under test on the tap. The default, fq_codel (the seed's),
 # falls back to pfifo_fast on kernels built without it, once and loudly; a
@@ -317,11 +319,14 @@ install_qdisc() {
 }
 
 # One run: boot a VM on BACKEND, send for T seconds from THREADS threads,
-# drain, read every counter, stop, append a line to runs.tsv. Called as
-# `if ! run_one`, where errexit does not apply: every step checks for itself.
+# drain, save every counter verbatim into the run's directory, stop; run.txt,
+# written last, says the run's counters are all there (vut-report reads
+# them). Called as `if ! run_one`, where errexit does not apply: every step
+# checks for itself.
 run_one() {
     local backend=$1 threads=$2 run=$3
     local dir=$out/runs/$backend-t$threads-r$run
+    rm -rf "$dir"
     mkdir -p "$dir" || return 1
     local console=$dir/console.log sock=$dir/vhost-user.sock
     local daemon_pid='' qemu_pid='' start i
@@ -333,8 +338,10 @@ run_one() {
     case $backend in
     vhost-user)
         # The daemon creates the tap (and it disappears when the daemon exits).
+        # Its counters come from its metrics, on a unix socket in the run's directory.
         timeout -k 5 "$LIFETIME" ip netns exec "$NETNS" env RUST_LOG=info "$daemon" \
-            --socket-path "$sock" --tap "$TAP" "${DAEMON_ARGS[@]}" </dev/null >"$dir/daemon.log" 2>&1 &
+            --socket-path "$sock" --tap "$TAP" --metrics "unix:$dir/metrics.sock" "${DAEMON_ARGS[@]}" \
+            </dev/null >"$dir/daemon.log" 2>&1 &
         daemon_pid=$!
         RUN_PIDS+=("$daemon_pid")
         i=0
@@ -370,19 +377,12 @@ run_one() {
         tail -n5 "$console" "$dir/qemu.err" >&2
         return 1
     fi
-    local boot_s mode
+    local boot_s
     boot_s=$(elapsed_since "$start")
-    mode=$(tr -d '\r' <"$console" | sed -n 's/.*VUT-XDP-READY mode=\([a-z]*\).*/\1/p' | head -n1)
-    [[ -n $mode ]] || { vut_log "no XDP mode in the guest's READY line"; return 1; }
-    [[ -n $GUEST_KERNEL ]] ||
-        GUEST_KERNEL=$(tr -d '\r' <"$console" | sed -n 's/.*VUT-BOOT kernel=\([^ ]*\).*/\1/p' | head -n1)
-    [[ $mode == native ]] ||
-        vut_log "warning: the guest runs XDP in $mode mode (an skb per frame): $(grep -a VUT-XDP-WARN "$console")"
     # The count before sending: the first report (0 unless something else reached the guest).
     wait_for_line "$console" 'VUT-XDP [0-9.]+ [0-9]+ [0-9]+' "$qemu_pid" 30 "first XDP report" || return 1
     local baseline
     baseline=$(xdp_counts "$console" | tail -n1)
-    counts_ok "$baseline" || return 1
 
     # --- send ---
     timeout -k 5 $((seconds + 30)) ip netns exec "$NETNS" "$BLAST" "$TAP" "$GUEST_MAC" "$threads" "$seconds" \
@@ -390,77 +390,36 @@ run_one() {
     local blast_pid=$!
     RUN_PIDS+=("$blast_pid")
     wait "$blast_pid" || { vut_log "sender failed: $(cat "$dir/blast.out")"; return 1; }
-    local blast sent secs
-    blast=$(cat "$dir/blast.out")
-    sent=$(kv "$blast" sent)
-    secs=$(sed -n 's/.*seconds=\([0-9.]*\).*/\1/p' <<<"$blast")
-    if ! counts_ok "$sent" || [[ ! $secs =~ ^[0-9]+\.[0-9]+$ ]]; then
-        vut_log "sender said: $blast"
-        return 1
-    fi
 
-    # --- drain, then read every counter while the backend still holds the tap ---
+    # --- drain, then save the tap's and the qdisc's counters while the backend still holds the tap ---
     sleep "$DRAIN_SECS"
     local reports final
     reports=$(xdp_counts "$console" | wc -l)
     final=$(wait_quiescent "$console" "$reports" "$qemu_pid") || return 1
-    local q_kind q_sent q_drops q_backlog tun_drops tap_tx
-    read -r q_kind q_sent q_drops q_backlog < <(qdisc_stats)
-    tun_drops=$(tap_stat tx_dropped)
-    tap_tx=$(tap_stat tx_packets)
-    if ! counts_ok "$final" "$q_sent" "$q_drops" "$q_backlog" "$tun_drops" "$tap_tx"; then
-        vut_log "unreadable counters: guest=$final qdisc=$q_kind/$q_sent/$q_drops/$q_backlog tap=$tun_drops/$tap_tx"
-        return 1
-    fi
+    tc -n "$NETNS" -s -j qdisc show dev "$TAP" >"$dir/qdisc.json" ||
+        { vut_log "tc -s -j qdisc show dev $TAP failed"; return 1; }
+    ip -n "$NETNS" -s -j link show dev "$TAP" >"$dir/link.json" ||
+        { vut_log "ip -s -j link show dev $TAP failed"; return 1; }
 
     # --- stop: QEMU first (the daemon then sees the frontend leave), then the daemon ---
     kill -TERM "$qemu_pid" 2>/dev/null
     wait "$qemu_pid" 2>/dev/null
-    local daemon_drops=0 daemon_rx=-
     if [[ -n $daemon_pid ]]; then
+        # Its counters: one scrape once the frontend has left (its workers
+        # stopped, every count final), right before it is stopped.
+        i=0
+        until curl -sf --max-time 5 --unix-socket "$dir/metrics.sock" -o "$dir/metrics.txt" http://localhost/metrics &&
+            grep -qx 'vhost_user_tap_frontend_connected 0' "$dir/metrics.txt"; do
+            ((++i < 50)) || { vut_log "no metrics scrape without a frontend from the daemon in 5 s"; return 1; }
+            sleep 0.1
+        done
         kill -TERM "$daemon_pid" 2>/dev/null
         local status=0
         wait "$daemon_pid" || status=$?
         ((status == 0)) || { vut_log "daemon exited with status $status on SIGTERM"; return 1; }
-        # Its counters, one "queue pair N: rx_frames=.. rx_dropped_oversize=.."
-        # line per pair, logged once at exit; summed over the pairs.
-        local lines field
-        lines=$(grep -a 'queue pair [0-9]*: rx_frames=' "$dir/daemon.log")
-        [[ -n $lines ]] || { vut_log "no counter line in $dir/daemon.log"; return 1; }
-        daemon_rx=0
-        # Every RX drop reason the daemon counts (today: rx_dropped_oversize).
-        # tx_dropped_* concern guest -> host frames, not these.
-        while read -r field; do
-            counts_ok "${field#*=}" || return 1
-            case $field in
-            rx_frames=*) daemon_rx=$((daemon_rx + ${field#*=})) ;;
-            *) daemon_drops=$((daemon_drops + ${field#*=})) ;;
-            esac
-        done < <(grep -oE '(rx_frames|rx_dropped_[a-z_]*)=[0-9]+' <<<"$lines")
-        # Its start-up line on IFF_BACKPRESSURE ("backpressure off (stock mode)").
-        [[ -n $DAEMON_BACKPRESSURE ]] ||
-            DAEMON_BACKPRESSURE=$(grep -ao 'backpressure o[nf]*[^:;]*' "$dir/daemon.log" | head -n1)
     fi
     RUN_PIDS=()
-
-    local received=$((final - baseline))
-    local lost=$((q_drops + tun_drops + daemon_drops))
-    local in_flight=$((sent - received - lost))
-    printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' \
-        "$backend" "$threads" "$run" "$secs" "$sent" "$received" "$q_drops" "$tun_drops" \
-        "$daemon_drops" "$in_flight" "$q_sent" "$q_backlog" "$tap_tx" "$daemon_rx" "$mode" \
-        "$boot_s" "$q_kind" >>"$RESULTS"
-    vut_log "$(printf '%-10s %d thr run %d: sent %d = received %d + lost %d (qdisc %d, tun %d, daemon %d) + in flight %d; boot %ss' \
-        "$backend" "$threads" "$run" "$sent" "$received" "$lost" "$q_drops" "$tun_drops" \
-        "$daemon_drops" "$in_flight" "$boot_s")"
-    if ((in_flight != 0)); then
-        vut_log "error: $backend run does not add up: $in_flight frames neither received nor counted as lost"
-        return 1
-    fi
-    if [[ -n $daemon_pid ]] && ((daemon_rx != received)); then
-        vut_log "error: the daemon delivered $daemon_rx frames, the guest counted $received"
-        return 1
-    fi
+    printf 'boot_seconds=%s\nxdp_before=%s\nxdp_after=%s\n' "$boot_s" "$baseline" "$final" >"$dir/run.txt"
 }
 
 vut_log "QEMU $QMAJ.$QMIN.$QMIC, accel $ACCEL, ${seconds}s x $runs run(s), threads ${THREADS[*]}, backends ${BACKENDS[*]}, qdisc $qdisc"
@@ -483,182 +442,23 @@ done
 BENCH_SECS=$(elapsed_since "$BENCH_START")
 
 # --- table, JSON, chart ---------------------------------------------------------
-if [[ $ACCEL == tcg ]]; then
-    ACCEL_LABEL="TCG (no KVM: emulated guest, absolute numbers are far below a KVM host's)"
+# vut-report reads every run's directory, checks that each adds up and writes
+# table.txt, results.json, chart.dat and chart.gp; it fails when a run failed
+# or did not add up (the reports are written anyway).
+NA_LIST=$(IFS=,; echo "${!NA[*]}")
+report_args=(--out "$out" --backends "$(IFS=,; echo "${BACKENDS[*]}")" --unavailable="$NA_LIST"
+    --threads "$threads_list" --seconds "$seconds" --runs "$runs" --qdisc "$qdisc"
+    --qemu-line="$QEMU_LINE" --qemu-version "$QMAJ.$QMIN.$QMIC" --accel "$ACCEL" --cpu-model="$cpu_model"
+    --host-kernel="$HOST_KERNEL" --host-cpu="$HOST_CPU" --host-cpus "$HOST_CPUS" --smp "$smp"
+    --load-start="$LOAD_START" --load-end="$(cut -d' ' -f1-3 /proc/loadavg)"
+    --daemon-args="${DAEMON_ARGS[*]}" --bench-seconds "$BENCH_SECS")
+[[ -z $INTX_NOTE ]] || report_args+=(--intx)
+"$report" xdp-bench "${report_args[@]}" || FAILED=1
+
+rm -f "$out/chart.png"
+if [[ -f $out/chart.gp ]]; then
+    gnuplot "$out/chart.gp" || { vut_log "gnuplot failed"; FAILED=1; }
 else
-    ACCEL_LABEL="KVM${cpu_model:+ (-cpu $cpu_model)}"
-fi
-NA_LIST=$(for b in "${!NA[@]}"; do printf '%s,' "$b"; done)
-
-# One awk program renders all three outputs from runs.tsv, so they cannot disagree.
-awk -F'\t' -v backends="${BACKENDS[*]}" -v na="$NA_LIST" -v threads="${THREADS[*]}" \
-    -v out="$out" -v qemu_line="$QEMU_LINE" -v accel="$ACCEL" -v accel_label="$ACCEL_LABEL" \
-    -v host_kernel="$HOST_KERNEL" -v host_cpu="$HOST_CPU" -v host_cpus="$HOST_CPUS" \
-    -v guest_kernel="${GUEST_KERNEL:-?}" -v smp="$smp" -v qdisc="$qdisc" -v secs="$seconds" \
-    -v runs="$runs" -v intx="$INTX_NOTE" -v backpressure="${DAEMON_BACKPRESSURE:-}" \
-    -v bench_secs="$BENCH_SECS" -v load_start="$LOAD_START" -v load_end="$(cut -d' ' -f1-3 /proc/loadavg)" -v daemon_args="${DAEMON_ARGS[*]}" -v failed="$FAILED" '
-function label(b) {
-    return b == "vhost-user" ? "vhost-user-tap" : b == "tap" ? "QEMU tap" : "vhost-net"
-}
-function sublabel(b) {
-    return b == "vhost-user" ? "(this daemon)" : b == "tap" ? "(vhost=off)" : "(vhost=on)"
-}
-function rate(v) {
-    if (v == "") return "n/a"
-    if (v >= 10000) return sprintf("%.3f Mpps", v / 1e6)
-    return sprintf("%d pps", v + 0.5)
-}
-function jstr(s) { gsub(/\\/, "\\\\", s); gsub(/"/, "\\\"", s); return "\"" s "\"" }
-function line(   s, i) {
-    s = "+------------+-------------+"
-    for (i = 1; i <= nb; i++) s = s "----------------+" (i > 1 ? "----------+" : "")
-    return s
-}
-NR == 1 { next }
-{
-    k = $1 SUBSEP $2
-    n[k]++
-    rx[k] += $6 / $4
-    lost[k] += ($7 + $8 + $9) / $4
-    sent[k] += $5 / $4
-    run_line[++nr] = $0
-    if (!($17 in kinds)) { kinds[$17] = 1; kind_list = kind_list (kind_list == "" ? "" : "/") $17 }
-}
-END {
-    nb = split(backends, B, " ")
-    nt = split(threads, T, " ")
-    split(na, NAs, ",")
-    for (i in NAs) if (NAs[i] != "") isna[NAs[i]] = 1
-    for (t = 1; t <= nt; t++) for (i = 1; i <= nb; i++) {
-        k = B[i] SUBSEP T[t]
-        if (n[k] > 0) { mrx[k] = rx[k] / n[k]; mlost[k] = lost[k] / n[k]; msent[k] = sent[k] / n[k] }
-    }
-
-    txt = out "/table.txt"
-    if (kind_list == "") kind_list = qdisc
-    hdr = sprintf("XDP-drop guest benchmark: 64-byte frames (60 B + FCS) into the tap through qdisc %s, %d s x %d run(s) per cell\n", kind_list, secs, runs)
-    hdr = hdr sprintf("QEMU: %s, accel: %s%s\n", qemu_line, accel_label, intx)
-    hdr = hdr sprintf("host: Linux %s, %s (%d CPUs), load average %s at start, %s at end; guest: Linux %s, %d vCPU, XDP_DROP in virtio_net\n", host_kernel, host_cpu, host_cpus, load_start, load_end, guest_kernel, smp)
-    if (backpressure != "" || daemon_args != "") hdr = hdr sprintf("daemon: %s%s\n", backpressure, daemon_args == "" ? "" : "; options: " daemon_args)
-    printf "%s", hdr > txt
-    sep = line()
-    for (t = 1; t <= nt; t++) {
-        print sep > txt
-        s1 = sprintf("| %-10s  %-13s|", T[t] " thread" (T[t] == 1 ? "" : "s"), "")
-        s2 = sprintf("| %-10s  %-13s|", "sending", "")
-        for (i = 1; i <= nb; i++) {
-            s1 = s1 sprintf(" %-14s |", label(B[i]))
-            s2 = s2 sprintf(" %-14s |", sublabel(B[i]))
-            if (i > 1) { s1 = s1 sprintf(" %-8s |", "diff"); s2 = s2 sprintf(" %-8s |", "") }
-        }
-        print s1 > txt; print s2 > txt; print sep > txt
-        r1 = sprintf("| %-10s | %-11s |", "XDP drop", "Received")
-        r2 = sprintf("| %-10s | %-11s |", "in guest", "Lost/s")
-        r3 = sprintf("| %-10s | %-11s |", "", "Sent/s")
-        base = B[1] SUBSEP T[t]
-        for (i = 1; i <= nb; i++) {
-            k = B[i] SUBSEP T[t]
-            has = (k in mrx)
-            r1 = r1 sprintf(" %-14s |", has ? rate(mrx[k]) : "n/a")
-            r2 = r2 sprintf(" %-14s |", has ? rate(mlost[k]) : "n/a")
-            r3 = r3 sprintf(" %-14s |", has ? rate(msent[k]) : "n/a")
-            if (i > 1) {
-                d = (has && (base in mrx) && mrx[base] > 0) ? sprintf("%+.1f%%", (mrx[k] / mrx[base] - 1) * 100) : ""
-                r1 = r1 sprintf(" %-8s |", d); r2 = r2 sprintf(" %-8s |", ""); r3 = r3 sprintf(" %-8s |", "")
-            }
-        }
-        print r1 > txt; print r2 > txt; print r3 > txt
-    }
-    print sep > txt
-    printf "Received = frames counted by the guest'\''s XDP program / T; Lost/s = (qdisc drops + tun ring drops\n" > txt
-    printf "(tap tx_dropped) + daemon RX drops) / T; Sent/s = frames handed to the kernel / T. Means over runs.\n" > txt
-    printf "diff: Received vs the first column. n/a: backend not available on this host.\n\n" > txt
-    printf "Per run (frames): sent = received + qdisc + tun + daemon (+ in flight, 0 after the drain)\n" > txt
-    printf "%-10s %3s %3s %7s %11s %11s %10s %11s %7s %6s %7s %6s\n", "backend", "thr", "run", "seconds", "sent", "received", "qdisc", "tun", "daemon", "flight", "xdp", "boot_s" > txt
-    for (r = 1; r <= nr; r++) {
-        split(run_line[r], f, "\t")
-        printf "%-10s %3d %3d %7.3f %11d %11d %10d %11d %7d %6d %7s %6s\n", f[1], f[2], f[3], f[4], f[5], f[6], f[7], f[8], f[9], f[10], f[15], f[16] > txt
-    }
-    printf "\nTotal benchmark time: %s s%s\n", bench_secs, failed ? " (SOME RUNS FAILED: see runs/*/)" : "" > txt
-    close(txt)
-
-    js = out "/results.json"
-    printf "{\n  \"qemu\": %s,\n  \"accel\": %s,\n  \"host_kernel\": %s,\n  \"host_cpu\": %s,\n  \"host_cpus\": %d,\n  \"host_loadavg_start\": %s,\n  \"host_loadavg_end\": %s,\n", jstr(qemu_line), jstr(accel), jstr(host_kernel), jstr(host_cpu), host_cpus, jstr(load_start), jstr(load_end) > js
-    printf "  \"guest_kernel\": %s,\n  \"guest_vcpus\": %d,\n  \"qdisc\": %s,\n  \"seconds\": %d,\n  \"runs\": %d,\n  \"frame_bytes\": 60,\n", jstr(guest_kernel), smp, jstr(kind_list), secs, runs > js
-    printf "  \"daemon_backpressure\": %s,\n  \"daemon_args\": %s,\n  \"failed\": %s,\n  \"unavailable\": [", jstr(backpressure), jstr(daemon_args), failed ? "true" : "false" > js
-    c = 0; for (b in isna) printf "%s%s", (c++ ? ", " : ""), jstr(b) > js
-    printf "],\n  \"summary\": [\n" > js
-    c = 0
-    for (t = 1; t <= nt; t++) for (i = 1; i <= nb; i++) {
-        k = B[i] SUBSEP T[t]
-        if (!(k in mrx)) continue
-        printf "%s    {\"backend\": %s, \"threads\": %d, \"runs\": %d, \"received_pps\": %.0f, \"lost_pps\": %.0f, \"sent_pps\": %.0f}", (c++ ? ",\n" : ""), jstr(B[i]), T[t], n[k], mrx[k], mlost[k], msent[k] > js
-    }
-    printf "\n  ],\n  \"runs\": [\n" > js
-    for (r = 1; r <= nr; r++) {
-        split(run_line[r], f, "\t")
-        printf "%s    {\"backend\": %s, \"threads\": %d, \"run\": %d, \"seconds\": %s, \"sent\": %d, \"received\": %d, \"qdisc_drops\": %d, \"tun_drops\": %d, \"daemon_drops\": %d, \"in_flight\": %d, \"qdisc_sent\": %d, \"qdisc_backlog\": %d, \"tap_tx_packets\": %d, \"daemon_rx_frames\": %s, \"xdp_mode\": %s, \"boot_seconds\": %s}", (r > 1 ? ",\n" : ""), jstr(f[1]), f[2], f[3], f[4], f[5], f[6], f[7], f[8], f[9], f[10], f[11], f[12], f[13], (f[14] == "-" ? "null" : f[14]), jstr(f[15]), f[16] > js
-    }
-    printf "\n  ]\n}\n" > js
-    close(js)
-
-    dat = out "/chart.dat"
-    printf "# threads" > dat
-    for (i = 1; i <= nb; i++) printf "\t%s_rx_mpps", B[i] > dat
-    for (i = 1; i <= nb; i++) printf "\t%s_lost_mpps", B[i] > dat
-    printf "\n" > dat
-    for (t = 1; t <= nt; t++) {
-        printf "\"%s thread%s\"", T[t], (T[t] == 1 ? "" : "s") > dat
-        for (i = 1; i <= nb; i++) { k = B[i] SUBSEP T[t]; printf "\t%s", (k in mrx) ? sprintf("%.6f", mrx[k] / 1e6) : "NaN" > dat }
-        for (i = 1; i <= nb; i++) { k = B[i] SUBSEP T[t]; printf "\t%s", (k in mrx) ? sprintf("%.6f", mlost[k] / 1e6) : "NaN" > dat }
-        printf "\n" > dat
-    }
-    close(dat)
-}' "$RESULTS"
-
-# Grouped bars: Received and Lost/s per thread count, one bar per backend
-# that ran (n/a ones are named in the subtitle).
-nb=${#BACKENDS[@]}
-title="XDP-drop guest, 64-byte frames, qdisc $qdisc, ${seconds}s x $runs run(s): QEMU $QMAJ.$QMIN.$QMIC, ${ACCEL^^}"
-[[ $ACCEL == tcg ]] && title+=" (emulated guest: not KVM numbers)"
-subtitle="host Linux $HOST_KERNEL, $HOST_CPU ($HOST_CPUS CPUs); guest Linux ${GUEST_KERNEL:-?}, $smp vCPU"
-rx_plot='' lost_plot=''
-for i in $(seq 1 "$nb"); do
-    b=${BACKENDS[i - 1]}
-    case $b in vhost-user) name="vhost-user-tap" ;; tap) name="QEMU tap (vhost=off)" ;; *) name="vhost-net (vhost=on)" ;; esac
-    if [[ -n ${NA[$b]:-} ]]; then
-        subtitle+="; $name: n/a"
-        continue
-    fi
-    sep=''
-    [[ -n $rx_plot ]] && sep=', '
-    rx_plot+="${sep}'$out/chart.dat' using $((i + 1)):xtic(1) title '$name'"
-    lost_plot+="${sep}'$out/chart.dat' using $((nb + i + 1)):xtic(1) title '$name'"
-done
-if [[ -n $rx_plot ]]; then
-    gnuplot <<EOF || { vut_log "gnuplot failed"; FAILED=1; }
-set terminal png size 1200,540 font ",10"
-set output '$out/chart.png'
-set termoption noenhanced
-set multiplot layout 1,2 title "$title\n$subtitle"
-set style data histograms
-set style histogram clustered gap 1
-set style fill solid 0.8 border -1
-set boxwidth 0.9
-set grid ytics
-set yrange [0:*]
-set offsets 0, 0, graph 0.15, 0
-set key top center horizontal
-set datafile missing 'NaN'
-set title 'Received (Mpps, higher is better)'
-set ylabel 'Mpps'
-plot $rx_plot
-set title 'Lost/s (Mpps: qdisc + tun ring + daemon drops)'
-plot $lost_plot
-unset multiplot
-EOF
-else
-    vut_log "no run completed: no chart"
     FAILED=1
 fi
 

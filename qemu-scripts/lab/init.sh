@@ -11,12 +11,16 @@
 #        --> vhost-user-tap --> vhost-user-tap-guest (harvests at --rx-rate)
 #
 # Parameters come on the kernel command line (vut.*=, see below); results go
-# to the serial console as one-line markers the host script parses:
+# to the serial console as one-line markers, raw counters only (the host's
+# vut-report does the accounting, crates/vhost-user-tap-guest/src/report/):
 #   VUT-LAB-BOOT, VUT-LAB-TUN, VUT-LAB-SYSCTL, VUT-LAB-CASE-START,
 #   VUT-LAB-SEND(-THREAD), VUT-LAB-STALL, VUT-LAB-LOG (daemon lines about
-#   backpressure, qdisc, metrics), VUT-LAB-QDISC (tc -s -j), VUT-LAB-RESULT
-#   (k=v counters), VUT-LAB-METRIC (the daemon's scrape), VUT-LAB-SKIP,
-#   VUT-LAB-WARN, VUT-LAB-ERROR, VUT-LAB-DONE.
+#   backpressure, qdisc, metrics), VUT-LAB-QDISC (tc -s -j, verbatim),
+#   VUT-LAB-GUEST (the synthetic guest's JSON report, verbatim),
+#   VUT-LAB-RESULT (k=v: the sender's counts, the tap's sysfs counters, the
+#   sampler's and the drain's findings), VUT-LAB-METRIC (the daemon's
+#   --metrics scrape, a line each: its counters come from there),
+#   VUT-LAB-SKIP, VUT-LAB-WARN, VUT-LAB-ERROR, VUT-LAB-DONE.
 export PATH=/usr/bin:/bin
 # Debian's busybox-static runs its own applets before anything in PATH
 # (standalone shell): iproute2's ip and tc must be called by path. Busybox's
@@ -48,7 +52,6 @@ payload=18
 drain_max=30
 bp_flag=1
 qdisc_flag=1
-metrics=0
 read -r cmdline </proc/cmdline
 for arg in $cmdline; do
     case "$arg" in
@@ -62,7 +65,6 @@ for arg in $cmdline; do
     vut.drain_max=*) drain_max=${arg#*=} ;;
     vut.bp_flag=*) bp_flag=${arg#*=} ;;
     vut.qdisc_flag=*) qdisc_flag=${arg#*=} ;;
-    vut.metrics=*) metrics=${arg#*=} ;;
     esac
 done
 
@@ -90,8 +92,9 @@ echo "VUT-LAB-SYSCTL wmem_default=$(cat /proc/sys/net/core/wmem_default)" \
 
 now_ms() { awk '{ printf "%d\n", $1 * 1000 }' /proc/uptime; }
 
-# First number after "KEY": in stdin (tc -j and the guest's JSON are one line;
-# the first match is the top-level field in both).
+# First number after "KEY": in stdin (tc -j is one line; the first match is
+# the root qdisc's field). Only for the sampler and the drain: the reported
+# numbers are tc's JSON itself.
 json_num() {
     awk -v k="\"$1\":" '{ i = index($0, k); if (i) { s = substr($0, i + length(k));
         if (match(s, /^-?[0-9]+/)) print substr(s, 1, RLENGTH); exit } }'
@@ -167,7 +170,8 @@ run_case() {
         echo "VUT-LAB-SKIP $tag: the daemon has no --backpressure option"
         return
     fi
-    [ "$metrics" = 1 ] && flags="$flags --metrics $METRICS_ADDR"
+    # The daemon's counters are read from its metrics.
+    flags="$flags --metrics $METRICS_ADDR"
     # The daemon installs the qdisc itself where it can (--qdisc KIND, the
     # way users are told to run it); tc then only adds the options.
     [ "$qdisc_flag" = 1 ] && flags="$flags --qdisc $q"
@@ -212,7 +216,7 @@ run_case() {
     #   is stuck: a full ring means the daemon (or the guest behind it)
     #   stopped reading; an empty ring with a queued qdisc means the kernel
     #   left the tap's queue stopped. Each stall episode is reported once,
-    #   with the daemon's RX counters when it serves metrics;
+    #   with the daemon's RX counters from its metrics;
     # - the longest gap between two samples (normally about 1 s): much more
     #   means the sampler did not get a CPU, because the senders saturate the
     #   vCPUs or the host's CPUs are busy elsewhere (then the VM stands still,
@@ -231,8 +235,7 @@ run_case() {
         if [ "$s_read" = "$prev_read" ] && [ "$s_sent" = "$prev_sent" ]; then
             if [ "$in_stall" = 0 ]; then
                 stalls=$((stalls + 1))
-                rx=
-                [ "$metrics" = 1 ] && rx=$(wget -q -O - "http://$METRICS_ADDR/metrics" |
+                rx=$(wget -q -O - "http://$METRICS_ADDR/metrics" |
                     grep -E '^vhost_user_tap_rx_(stops|wakes|kicks|notify_races)_total' |
                     sed 's/^vhost_user_tap_\([a-z_]*\)_total{[^}]*} /\1=/' | tr '\n' ' ')
                 echo "VUT-LAB-STALL $tag: t=$(now_ms)ms nothing moved since the last sample: qdisc_qlen=$s_qlen" \
@@ -277,40 +280,38 @@ run_case() {
     drain_ms=$(($(now_ms) - t0))
     [ "$drained" = yes ] || echo "VUT-LAB-WARN $tag: not drained after ${drain_max}s (backlog $backlog)"
 
-    metrics_file=
-    if [ "$metrics" = 1 ]; then
-        metrics_file=/tmp/metrics.txt
-        wget -q -O "$metrics_file" "http://$METRICS_ADDR/metrics" ||
-            echo "VUT-LAB-WARN $tag: scraping http://$METRICS_ADDR/metrics failed"
-    fi
-    qd=$("$TC" -s -j qdisc show dev "$TAP")
-    echo "VUT-LAB-QDISC $tag: $qd"
+    # The kernel's counters, verbatim: tc's JSON and the tap's sysfs
+    # statistics (nothing moves any more).
+    echo "VUT-LAB-QDISC $tag: $("$TC" -s -j qdisc show dev "$TAP")"
     tap_stats="tap_tx_packets=$(stat_of tx_packets) tap_tx_dropped=$(stat_of tx_dropped)"
     tap_stats="$tap_stats tap_tx_errors=$(stat_of tx_errors) tap_rx_packets=$(stat_of rx_packets)"
-    qd_stats="qdisc_kind=$q qdisc_sent=$(echo "$qd" | json_num packets)"
-    qd_stats="$qd_stats qdisc_drops=$(echo "$qd" | json_num drops)"
-    qd_stats="$qd_stats qdisc_overlimits=$(echo "$qd" | json_num overlimits)"
-    qd_stats="$qd_stats qdisc_requeues=$(echo "$qd" | json_num requeues)"
-    qd_stats="$qd_stats qdisc_backlog=$(echo "$qd" | json_num qlen)"
-    if [ "$q" = fq_codel ]; then
-        qd_stats="$qd_stats qdisc_drop_overlimit=$(echo "$qd" | json_num drop_overlimit)"
-        qd_stats="$qd_stats qdisc_ecn_mark=$(echo "$qd" | json_num ecn_mark)"
-    fi
 
     stop_pid "$gpid"
+    if [ -s /tmp/guest.json ]; then
+        echo "VUT-LAB-GUEST $tag: $(head -n 1 /tmp/guest.json)"
+    else
+        echo "VUT-LAB-WARN $tag: no JSON from the synthetic guest: $(tr '\n' '|' </tmp/guest.err)"
+    fi
+    # The daemon's counters: one scrape after the guest left (its workers
+    # stopped, every count final), right before the daemon is stopped.
+    rm -f /tmp/metrics.txt
+    sc_tries=50
+    until wget -q -O /tmp/metrics.txt "http://$METRICS_ADDR/metrics" &&
+        grep -qx 'vhost_user_tap_frontend_connected 0' /tmp/metrics.txt; do
+        sc_tries=$((sc_tries - 1))
+        if [ "$sc_tries" -le 0 ]; then
+            echo "VUT-LAB-WARN $tag: no scrape of http://$METRICS_ADDR/metrics without a frontend in 5 s"
+            break
+        fi
+        sleep 0.1
+    done
     stop_pid "$dpid"
-    delivered=$(json_num rx_frames </tmp/guest.json)
-    # The daemon logs its counters at SIGTERM:
-    #   ... queue pair 0: rx_frames=N rx_bytes=N ... tx_dropped_tap_error=N ring_errors=N
-    daemon=$(sed -n 's/.*queue pair 0: //p' /tmp/daemon.log | tail -n 1 | sed 's/\([a-z_]*=\)/daemon_\1/g')
-    [ -n "$daemon" ] || echo "VUT-LAB-WARN $tag: no counters in the daemon's log: $(tail -n 3 /tmp/daemon.log | tr '\n' '|')"
-    [ -n "$delivered" ] || echo "VUT-LAB-WARN $tag: no JSON from the synthetic guest: $(tr '\n' '|' </tmp/guest.err)"
     send_line=$(sed -n 's/^VUT-LAB-SEND threads=[0-9]* //p' /tmp/send.out)
-    echo "VUT-LAB-RESULT $tag $send_line read_in_window=$read_in_window delivered=${delivered:-}" \
-        "$tap_stats $qd_stats $daemon drained=$drained drain_ms=$drain_ms" \
+    echo "VUT-LAB-RESULT $tag $send_line read_in_window=$read_in_window $tap_stats" \
+        "drained=$drained drain_ms=$drain_ms" \
         "peak_qdisc_qlen=$peak_qlen samples=$samples stalls=$stalls max_sample_gap_ms=$max_gap"
-    if [ -n "$metrics_file" ] && [ -s "$metrics_file" ]; then
-        grep '^vhost_user_tap_' "$metrics_file" | sed "s/^/VUT-LAB-METRIC $tag: /"
+    if [ -s /tmp/metrics.txt ]; then
+        grep -v '^#' /tmp/metrics.txt | sed "s/^/VUT-LAB-METRIC $tag: /"
     fi
 }
 

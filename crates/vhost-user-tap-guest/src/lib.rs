@@ -30,6 +30,7 @@
 pub mod bridge;
 pub mod frontend;
 pub mod kit;
+pub mod labs;
 pub mod loopback;
 pub mod mem;
 pub mod net;

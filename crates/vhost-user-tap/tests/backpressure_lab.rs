@@ -12,7 +12,8 @@
 //! - with two senders the rare LLTX-race drops tun may still make are reported, not hidden;
 //! - in every case the totals add up after draining: sent = delivered + tun ring drops + qdisc
 //!   drops + daemon drops + qdisc backlog, with nothing left in the tun ring, the daemon or the
-//!   guest's ring; and the daemon's metrics scrape agrees with the kernel's own counters.
+//!   guest's ring; and the daemon's metrics scrape (where its counters are read) agrees with the
+//!   kernel's own counters for the tap and the qdisc.
 //!
 //! It runs the binaries this `cargo test` built (debug: slower under TCG than the release build
 //! the README's table uses, which changes the rates, not the guarantees); `VUT_LAB_BIN_DIR`
@@ -25,89 +26,39 @@
 //! Run: `cargo test --test backpressure_lab -- --nocapture` (as root).
 
 use std::fs;
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command};
-use std::time::{Duration, Instant};
+use std::process::Command;
+use std::time::Duration;
 
 use serde_json::Value;
+use vhost_user_tap_guest::{kit, labs};
 
-fn script() -> PathBuf {
-    vhost_user_tap_guest::kit::repo_root().join("qemu-scripts/backpressure-lab.sh")
-}
 const KERNEL: &str = "7.3.4+deb13-cloud-amd64";
 /// The lab boots in ~3 s and runs 8 cases of ~6 s; a VM that crashed under TCG is run again.
 const DEADLINE: Duration = Duration::from_secs(420);
 
 /// Why the lab cannot run here, and how to fix it.
 fn check_prerequisites() -> Result<(), String> {
-    // SAFETY: geteuid has no preconditions and cannot fail.
-    if unsafe { libc::geteuid() } != 0 {
-        return Err("must run as root (builds an initramfs with device nodes)".into());
-    }
+    labs::require_root("builds an initramfs with device nodes")?;
     let fetch = "run `qemu-scripts/backpressure-lab.sh --fetch-only` as root";
-    if !vhost_user_tap_guest::kit::on_path("qemu-system-x86_64") {
-        return Err(format!("qemu-system-x86_64 not found: {fetch}"));
-    }
-    for (tool, package) in [
-        ("/bin/busybox", "busybox-static"),
-        ("/usr/sbin/tc", "iproute2"),
-        ("/usr/bin/cpio", "cpio"),
-        ("/usr/bin/gcc", "gcc"),
-        ("/usr/bin/strip", "binutils"),
-    ] {
-        if !Path::new(tool).exists() {
-            return Err(format!("{tool} missing (package {package}): {fetch}"));
-        }
-    }
-    let kernels = vhost_user_tap_guest::kit::cache_dir().join("lab-kernel");
-    let fetched = fs::read_dir(&kernels).ok().is_some_and(|dirs| {
-        dirs.flatten().any(|d| {
-            d.file_name().to_string_lossy().starts_with(KERNEL)
-                && d.path().join("extracted").is_file()
-        })
-    });
-    if !fetched {
+    labs::require_programs(&["qemu-system-x86_64"], fetch)?;
+    labs::require_files(
+        &[
+            ("/bin/busybox", "busybox-static"),
+            ("/usr/sbin/tc", "iproute2"),
+            ("/usr/bin/cpio", "cpio"),
+            ("/usr/bin/gcc", "gcc"),
+            ("/usr/bin/strip", "binutils"),
+        ],
+        fetch,
+    )?;
+    if !labs::kernel_fetched("lab-kernel", KERNEL) {
         return Err(format!(
             "Linux {KERNEL} is not in {}: {fetch}",
-            kernels.display()
+            kit::cache_dir().join("lab-kernel").display()
         ));
     }
     Ok(())
-}
-
-/// The lab script in its own process group, killed as a whole (QEMU included) if the test ends
-/// early.
-struct Lab(Child);
-
-impl Lab {
-    fn spawn(cmd: &mut Command) -> Lab {
-        cmd.process_group(0);
-        Lab(cmd
-            .spawn()
-            .unwrap_or_else(|e| panic!("cannot run {}: {e}", script().display())))
-    }
-
-    fn wait(&mut self, deadline: Instant) -> Option<std::process::ExitStatus> {
-        while Instant::now() < deadline {
-            if let Some(status) = self.0.try_wait().expect("waiting for the lab") {
-                return Some(status);
-            }
-            std::thread::sleep(Duration::from_millis(200));
-        }
-        None
-    }
-}
-
-impl Drop for Lab {
-    fn drop(&mut self) {
-        if matches!(self.0.try_wait(), Ok(None)) {
-            let pgid = self.0.id() as libc::pid_t;
-            // SAFETY: kill has no memory-safety preconditions; the group is the one we created.
-            unsafe { libc::kill(-pgid, libc::SIGKILL) };
-            let _ = self.0.wait();
-        }
-    }
 }
 
 fn num(case: &Value, key: &str) -> u64 {
@@ -131,47 +82,38 @@ fn describe(case: &Value) -> String {
 
 #[test]
 fn backpressure_lab_quick() {
-    if let Err(reason) = check_prerequisites() {
-        if std::env::var_os("VUT_SKIP_QEMU").is_some_and(|v| v == "1") {
-            println!("SKIPPED: backpressure lab: {reason}");
-            return;
-        }
-        panic!("backpressure lab: {reason} (set VUT_SKIP_QEMU=1 to skip)");
+    if !labs::skip_or_fail("backpressure lab", check_prerequisites()) {
+        return;
     }
     let bin_dir = std::env::var_os("VUT_LAB_BIN_DIR")
         .map(PathBuf::from)
         .unwrap_or_else(|| {
-            // Both binaries of this build, side by side.
-            vhost_user_tap_guest::kit::guest_bin();
-            let daemon = vhost_user_tap_guest::kit::daemon_bin();
-            Path::new(daemon).parent().unwrap().to_path_buf()
+            // The daemon, the synthetic guest and vut-report of this build, side by side.
+            kit::guest_bin();
+            let report = labs::report_bin();
+            let daemon = Path::new(kit::daemon_bin()).parent().unwrap().to_path_buf();
+            assert_eq!(
+                report.parent(),
+                Some(daemon.as_path()),
+                "vut-report beside the daemon"
+            );
+            daemon
         });
-    let out = std::env::temp_dir().join(format!("vut-backpressure-lab-{}", std::process::id()));
-    let _ = fs::remove_dir_all(&out);
-    fs::create_dir_all(&out).expect("creating the output directory");
-    // The script's own output goes to a file: a child's stdout/stderr would bypass the test
-    // harness's capture. Its tail is shown when the lab fails.
-    let log_path = out.join("lab.log");
-    let log = fs::File::create(&log_path).expect("creating lab.log");
-    let start = Instant::now();
-    let mut lab = Lab::spawn(
-        Command::new(script())
+    let out = labs::out_dir("backpressure-lab");
+    let f = labs::run_script(
+        Command::new(labs::script("backpressure-lab.sh"))
             .arg("--quick")
             .arg("--bin-dir")
             .arg(&bin_dir)
             .arg("--out")
-            .arg(&out)
-            .stdout(log.try_clone().expect("lab.log"))
-            .stderr(log),
+            .arg(&out),
+        &out.join("lab.log"),
+        DEADLINE,
     );
-    let status = lab.wait(start + DEADLINE);
-    drop(lab);
     let table = fs::read_to_string(out.join("table.txt")).unwrap_or_default();
     println!("{table}");
-    let log = fs::read_to_string(&log_path).unwrap_or_default();
-    let lines: Vec<&str> = log.lines().collect();
-    let log_tail = lines[lines.len().saturating_sub(40)..].join("\n");
-    let status = status.unwrap_or_else(|| {
+    let log_tail = f.tail(40);
+    let status = f.status.unwrap_or_else(|| {
         panic!(
             "the lab did not finish within {DEADLINE:?}; console log under {}:\n{log_tail}",
             out.display()
@@ -180,16 +122,15 @@ fn backpressure_lab_quick() {
     if !status.success() {
         println!("the lab failed ({status}); the end of its output:\n{log_tail}");
     }
-    let text = fs::read_to_string(out.join("results.json")).unwrap_or_else(|e| {
+    let results = labs::read_results(&out).unwrap_or_else(|e| {
         panic!(
             "the lab ({status}) wrote no results.json ({e}); logs under {}:\n{log_tail}",
             out.display()
         )
     });
-    let results: Value = serde_json::from_str(&text).expect("results.json is JSON");
     println!(
         "lab ran in {:.0} s ({} VM attempt(s)), {status}",
-        start.elapsed().as_secs_f64(),
+        f.took.as_secs_f64(),
         results["vm_attempts"]
     );
     assert_eq!(
@@ -243,13 +184,11 @@ fn backpressure_lab_quick() {
         }
         assert_eq!(case["balanced"], Value::Bool(true), "{what}: {case}");
         assert!(num(case, "delivered") > 0, "{what}: nothing delivered");
-        if results["daemon_metrics"] == Value::Bool(true) {
-            assert_eq!(
-                case["metrics_agree"],
-                Value::Bool(true),
-                "{what}: the daemon's metrics disagree with the kernel (see the table's notes)"
-            );
-        }
+        assert_eq!(
+            case["metrics_agree"],
+            Value::Bool(true),
+            "{what}: the daemon's metrics disagree with the kernel (see the table's notes)"
+        );
     }
 
     // Backpressure, one sender: nothing lost anywhere with pfifo (limit 1000 > the 238

@@ -20,23 +20,21 @@
 //!
 //! Prerequisites (missing ones fail the test with instructions; `VUT_SKIP_QEMU=1` prints
 //! `SKIPPED: <reason>` and passes instead): root, QEMU (`qemu-system-x86_64`), busybox-static,
-//! iproute2, cpio, binutils, python3, and the kernels:
+//! iproute2, cpio, binutils, and the kernels:
 //! `qemu-scripts/kernel-lab.sh --kernel all --fetch-only`. `VUT_KERNEL_LAB_TESTS=label,...` runs
 //! only those scenarios (labels from `qemu-scripts/kernel-lab.sh --list`).
 //!
 //! Run: `cargo test --test kernel_lab -- --nocapture` (as root).
 
-use std::fs;
-use std::os::unix::process::CommandExt;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command};
+use std::process::Command;
 use std::sync::Mutex;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use serde_json::Value;
+use vhost_user_tap_guest::{kit, labs};
 
-fn script() -> PathBuf {
-    vhost_user_tap_guest::kit::repo_root().join("qemu-scripts/kernel-lab.sh")
+fn script() -> std::path::PathBuf {
+    labs::script("kernel-lab.sh")
 }
 const FETCH: &str = "run `qemu-scripts/kernel-lab.sh --kernel all --fetch-only` as root";
 /// A quick run takes about a minute; a scenario that hangs is killed after 120 s in the VM, and a
@@ -46,49 +44,23 @@ const DEADLINE: Duration = Duration::from_secs(30 * 60);
 /// One VM at a time: the machine has two cores, and the lab's cached initramfs parts are shared.
 static ONE_VM: Mutex<()> = Mutex::new(());
 
-/// Is a kernel whose cache directory starts with `prefix` extracted under `VUT_CACHE/sub`?
-fn fetched(sub: &str, prefix: &str) -> bool {
-    fs::read_dir(vhost_user_tap_guest::kit::cache_dir().join(sub))
-        .ok()
-        .is_some_and(|dirs| {
-            dirs.flatten().any(|d| {
-                d.file_name().to_string_lossy().starts_with(prefix)
-                    && d.path().join("extracted").is_file()
-            })
-        })
-}
-
 /// Why the lab cannot run here, and how to fix it.
 fn check_prerequisites(kernel: &Kernel) -> Result<(), String> {
-    // SAFETY: geteuid has no preconditions and cannot fail.
-    if unsafe { libc::geteuid() } != 0 {
-        return Err(
-            "must run as root (network namespaces in the VM, device nodes in its \
-                    initramfs, apt-get)"
-                .into(),
-        );
-    }
-    for program in ["qemu-system-x86_64", "python3", "cpio", "strip", "ss"] {
-        if !vhost_user_tap_guest::kit::on_path(program) {
-            return Err(format!("{program} not found: {FETCH}"));
-        }
-    }
-    for (tool, package) in [
-        ("/bin/busybox", "busybox-static"),
-        ("/usr/sbin/tc", "iproute2"),
-    ] {
-        if !Path::new(tool).exists() {
-            return Err(format!("{tool} missing (package {package}): {FETCH}"));
-        }
-    }
-    if !fetched(kernel.cache, kernel.cache_prefix) {
+    labs::require_root("network namespaces in the VM, device nodes in its initramfs, apt-get")?;
+    labs::require_programs(&["qemu-system-x86_64", "cpio", "strip", "ss"], FETCH)?;
+    labs::require_files(
+        &[
+            ("/bin/busybox", "busybox-static"),
+            ("/usr/sbin/tc", "iproute2"),
+        ],
+        FETCH,
+    )?;
+    if !labs::kernel_fetched(kernel.cache, kernel.cache_prefix) {
         return Err(format!(
             "kernel {} ({}) is not in {}: {FETCH}",
             kernel.name,
             kernel.what,
-            vhost_user_tap_guest::kit::cache_dir()
-                .join(kernel.cache)
-                .display()
+            kit::cache_dir().join(kernel.cache).display()
         ));
     }
     Ok(())
@@ -103,40 +75,6 @@ struct Kernel {
     cache_prefix: &'static str,
     /// How the release it boots (`uname -r`) begins.
     release_prefix: &'static str,
-}
-
-/// The lab script in its own process group, killed as a whole (QEMU included) if the test ends
-/// early.
-struct Lab(Child);
-
-impl Lab {
-    fn spawn(cmd: &mut Command) -> Lab {
-        cmd.process_group(0);
-        Lab(cmd
-            .spawn()
-            .unwrap_or_else(|e| panic!("cannot run {}: {e}", script().display())))
-    }
-
-    fn wait(&mut self, deadline: Instant) -> Option<std::process::ExitStatus> {
-        while Instant::now() < deadline {
-            if let Some(status) = self.0.try_wait().expect("waiting for the lab") {
-                return Some(status);
-            }
-            std::thread::sleep(Duration::from_millis(200));
-        }
-        None
-    }
-}
-
-impl Drop for Lab {
-    fn drop(&mut self) {
-        if matches!(self.0.try_wait(), Ok(None)) {
-            let pgid = self.0.id() as libc::pid_t;
-            // SAFETY: kill has no memory-safety preconditions; the group is the one we created.
-            unsafe { libc::kill(-pgid, libc::SIGKILL) };
-            let _ = self.0.wait();
-        }
-    }
 }
 
 /// The scenario labels and test names the lab runs (`kernel-lab.sh --list`, or the ones
@@ -171,60 +109,41 @@ fn scenarios() -> Vec<(String, String)> {
 }
 
 fn run_lab(kernel: Kernel) {
-    if let Err(reason) = check_prerequisites(&kernel) {
-        if std::env::var_os("VUT_SKIP_QEMU").is_some_and(|v| v == "1") {
-            println!("SKIPPED: kernel lab {}: {reason}", kernel.name);
-            return;
-        }
-        panic!(
-            "kernel lab {}: {reason} (set VUT_SKIP_QEMU=1 to skip)",
-            kernel.name
-        );
+    if !labs::skip_or_fail(
+        &format!("kernel lab {}", kernel.name),
+        check_prerequisites(&kernel),
+    ) {
+        return;
     }
     let _one = ONE_VM.lock().unwrap_or_else(|e| e.into_inner());
     let scenarios = scenarios();
     let tests: Vec<&str> = scenarios.iter().map(|(_, t)| t.as_str()).collect();
-    let out = std::env::temp_dir().join(format!(
-        "vut-kernel-lab-{}-{}",
-        kernel.name,
-        std::process::id()
-    ));
-    let _ = fs::remove_dir_all(&out);
-    fs::create_dir_all(&out).expect("creating the output directory");
-    // The script's own output goes to a file: a child's stdout/stderr would bypass the test
-    // harness's capture. Its tail is shown when the lab fails.
-    let log_path = out.join("lab.log");
-    let log = fs::File::create(&log_path).expect("creating lab.log");
-    let start = Instant::now();
-    let mut lab = Lab::spawn(
+    let out = labs::out_dir(&format!("kernel-lab-{}", kernel.name));
+    let f = labs::run_script(
         Command::new(script())
             .args(["--kernel", kernel.name, "--quick", "--tests"])
             .arg(tests.join(","))
             .arg("--out")
-            .arg(&out)
-            .stdout(log.try_clone().expect("lab.log"))
-            .stderr(log),
+            .arg(&out),
+        &out.join("lab.log"),
+        DEADLINE,
     );
-    let status = lab.wait(start + DEADLINE);
-    drop(lab);
-    let table = fs::read_to_string(out.join("table.txt")).unwrap_or_default();
+    let table = std::fs::read_to_string(out.join("table.txt")).unwrap_or_default();
     println!("{table}");
-    let log = fs::read_to_string(&log_path).unwrap_or_default();
-    let lines: Vec<&str> = log.lines().collect();
-    let log_tail = lines[lines.len().saturating_sub(40)..].join("\n");
-    let status = status.unwrap_or_else(|| {
+    let log_tail = f.tail(40);
+    let status = f.status.unwrap_or_else(|| {
         panic!(
             "the lab did not finish within {DEADLINE:?}; logs under {}:\n{log_tail}",
             out.display()
         )
     });
-    let text = fs::read_to_string(out.join("results.json")).unwrap_or_else(|e| {
+    let results = labs::read_results(&out).unwrap_or_else(|e| {
         panic!(
             "the lab ({status}) wrote no results.json ({e}); logs under {}:\n{log_tail}",
             out.display()
         )
     });
-    let results: Value = serde_json::from_str(&text).expect("results.json is JSON");
+    let text = results.to_string();
     let k = results["kernels"]
         .as_array()
         .and_then(|ks| ks.iter().find(|k| k["kernel"] == kernel.name))
@@ -233,7 +152,7 @@ fn run_lab(kernel: Kernel) {
         "kernel lab {} ({}): {} s, {} VM attempt(s), {status}",
         kernel.name,
         k["package"],
-        start.elapsed().as_secs(),
+        f.took.as_secs(),
         k["vm_attempts"]
     );
     let booted = k["booted_release"].as_str().unwrap_or("(none)");
@@ -274,7 +193,7 @@ fn run_lab(kernel: Kernel) {
         status.success(),
         "the lab reported a failure ({status}):\n{log_tail}"
     );
-    let _ = fs::remove_dir_all(&out);
+    let _ = std::fs::remove_dir_all(&out);
 }
 
 #[test]

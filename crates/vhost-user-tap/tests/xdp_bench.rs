@@ -6,7 +6,8 @@
 //! 2-core machine says little about speed):
 //! - the guest counted frames with its XDP program, attached in native (driver) mode;
 //! - the table (`table.txt`, with Received / Lost/s and TCG named), the JSON and the PNG chart
-//!   were written;
+//!   were written (by `vut-report xdp-bench` from what the script collected: the daemon's
+//!   counters from its `--metrics` scrape);
 //! - the daemon's runs add up: `sent = received + qdisc drops + tun ring drops + daemon drops`,
 //!   exactly, and the daemon delivered exactly the frames the guest counted.
 //!
@@ -21,123 +22,47 @@
 //! Prerequisites (a missing one fails the test with instructions; with `VUT_SKIP_QEMU=1` it prints
 //! `SKIPPED: <reason>` and passes instead): root (namespaces, taps), the test guest
 //! (`qemu-scripts/build-guest.sh`), QEMU 10.0.2 (`qemu-scripts/fetch-qemu.sh`), gcc, iproute2.
-//! The script installs gnuplot-nox itself if missing. `VUT_XDP_KEEP=1` keeps the output
+//! The script installs gnuplot-nox and curl itself if missing. `VUT_XDP_KEEP=1` keeps the output
 //! directory (logs of every run); it is also kept when the test fails.
 //!
 //! Run: `cargo test --test xdp_bench -- --nocapture` (as root).
 
 use std::fs;
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
-use std::sync::mpsc;
-use std::thread;
-use std::time::{Duration, Instant};
+use std::process::Command;
+use std::time::Duration;
 
 use serde_json::Value;
+use vhost_user_tap_guest::{kit, labs};
 
 /// The whole script, boots included; it normally takes about 60 s.
 const SCRIPT_DEADLINE: Duration = Duration::from_secs(300);
 const SECONDS: &str = "3";
 
-fn repo() -> PathBuf {
-    vhost_user_tap_guest::kit::repo_root()
-}
-
 fn qemu10() -> PathBuf {
-    vhost_user_tap_guest::kit::cache_dir().join("qemu-10/qemu-system-x86_64")
+    kit::cache_dir().join("qemu-10/qemu-system-x86_64")
 }
 
 /// Why the test cannot run, and how to fix it.
-fn missing_prerequisite() -> Option<String> {
-    // SAFETY: geteuid has no preconditions and cannot fail.
-    if unsafe { libc::geteuid() } != 0 {
-        return Some("must run as root (network namespaces, taps)".into());
-    }
-    let guest = vhost_user_tap_guest::kit::cache_dir().join("guest");
+fn check_prerequisites() -> Result<(), String> {
+    labs::require_root("network namespaces, taps")?;
+    let guest = kit::cache_dir().join("guest");
     for f in ["vmlinuz", "initrd.img"] {
         if !guest.join(f).is_file() {
-            return Some(format!(
+            return Err(format!(
                 "guest image {} missing: run qemu-scripts/build-guest.sh",
                 guest.join(f).display()
             ));
         }
     }
     if !qemu10().is_file() {
-        return Some(format!(
+        return Err(format!(
             "QEMU 10.0.2 {} missing: run qemu-scripts/fetch-qemu.sh",
             qemu10().display()
         ));
     }
-    for (tool, package) in [("gcc", "gcc"), ("ip", "iproute2"), ("tc", "iproute2")] {
-        let found = Command::new(tool)
-            .arg("-V")
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status()
-            .is_ok();
-        if !found {
-            return Some(format!("`{tool}` not found: apt-get install {package}"));
-        }
-    }
-    None
-}
-
-/// Runs the script to completion (or kills it at the deadline); its exit status and output.
-fn run_script(out: &Path) -> (Option<i32>, String) {
-    let mut cmd = Command::new(repo().join("qemu-scripts/xdp-bench.sh"));
-    cmd.args(["--seconds", SECONDS, "--runs", "1", "--threads", "1,2"])
-        .args(["--backends", "vhost-user,tap", "--accel", "tcg"])
-        .arg("--qemu")
-        .arg(qemu10())
-        .arg("--daemon")
-        .arg(env!("CARGO_BIN_EXE_vhost-user-tap"))
-        .arg("--out")
-        .arg(out)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    // SAFETY: the closure runs between fork and exec and only calls prctl, which is
-    // async-signal-safe. SIGTERM (not KILL): the script then stops its VMs and daemon and deletes
-    // its namespace, also if this test process dies.
-    unsafe {
-        cmd.pre_exec(|| {
-            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM) != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
-    let child = cmd
-        .spawn()
-        .unwrap_or_else(|e| panic!("cannot start xdp-bench.sh: {e}"));
-    let pid = child.id() as libc::pid_t;
-    let (tx, rx) = mpsc::channel();
-    thread::spawn(move || {
-        let _ = tx.send(child.wait_with_output());
-    });
-    let output = match rx.recv_timeout(SCRIPT_DEADLINE) {
-        Ok(out) => out.unwrap_or_else(|e| panic!("waiting for xdp-bench.sh: {e}")),
-        Err(_) => {
-            // SAFETY: kill has no memory-safety preconditions; the child is not reaped yet (its
-            // waiter has not returned), so the pid is still ours.
-            unsafe { libc::kill(pid, libc::SIGTERM) };
-            let out = rx
-                .recv_timeout(Duration::from_secs(30))
-                .ok()
-                .and_then(Result::ok);
-            let text = out
-                .map(|o| {
-                    String::from_utf8_lossy(&o.stdout).into_owned()
-                        + &String::from_utf8_lossy(&o.stderr)
-                })
-                .unwrap_or_default();
-            panic!("xdp-bench.sh still running after {SCRIPT_DEADLINE:?}; output:\n{text}");
-        }
-    };
-    let text = String::from_utf8_lossy(&output.stderr).into_owned()
-        + &String::from_utf8_lossy(&output.stdout);
-    (output.status.code(), text)
+    labs::require_programs(&["gcc"], "apt-get install gcc")?;
+    labs::require_programs(&["ip", "tc"], "apt-get install iproute2")
 }
 
 fn num(run: &Value, key: &str) -> u64 {
@@ -163,10 +88,8 @@ fn check(out: &Path) -> Result<String, String> {
             png.len()
         ));
     }
-    let json = fs::read_to_string(out.join("results.json"))
-        .map_err(|e| format!("no results.json: {e}"))?;
-    let results: Value =
-        serde_json::from_str(&json).map_err(|e| format!("results.json: {e}\n{json}"))?;
+    let results = labs::read_results(out)?;
+    let json = results.to_string();
     if results["accel"] != "tcg" {
         return Err(format!(
             "accel is {}, the test asked for tcg",
@@ -216,33 +139,43 @@ fn check(out: &Path) -> Result<String, String> {
 
 #[test]
 fn xdp_bench_short_run_adds_up() {
-    if let Some(reason) = missing_prerequisite() {
-        if std::env::var_os("VUT_SKIP_QEMU").is_some_and(|v| v == "1") {
-            println!("SKIPPED: {reason}");
-            return;
-        }
-        panic!("prerequisite missing for xdp_bench: {reason} (set VUT_SKIP_QEMU=1 to skip)");
+    if !labs::skip_or_fail("xdp_bench", check_prerequisites()) {
+        return;
     }
-    let out = std::env::temp_dir().join(format!("vut-xdp-bench-{}", std::process::id()));
-    let _ = fs::remove_dir_all(&out);
-    let start = Instant::now();
-    let (status, text) = run_script(&out);
-    println!("{text}");
-    let verdict = if status == Some(0) {
-        check(&out)
-    } else {
-        Err(format!("xdp-bench.sh exited with {status:?}"))
+    let out = labs::out_dir("xdp-bench");
+    let f = labs::run_script(
+        Command::new(labs::script("xdp-bench.sh"))
+            .args(["--seconds", SECONDS, "--runs", "1", "--threads", "1,2"])
+            .args(["--backends", "vhost-user,tap", "--accel", "tcg"])
+            .arg("--qemu")
+            .arg(qemu10())
+            .arg("--daemon")
+            .arg(env!("CARGO_BIN_EXE_vhost-user-tap"))
+            .arg("--report")
+            .arg(labs::report_bin())
+            .arg("--out")
+            .arg(&out),
+        &out.join("script.log"),
+        SCRIPT_DEADLINE,
+    );
+    println!("{}", f.log);
+    let verdict = match f.status {
+        Some(s) if s.success() => check(&out),
+        Some(s) => Err(format!("xdp-bench.sh exited with {s}")),
+        None => Err(format!(
+            "xdp-bench.sh still running after {SCRIPT_DEADLINE:?}"
+        )),
     };
     match verdict {
         Ok(summary) => {
-            println!("PASS in {:.1}s: {summary}", start.elapsed().as_secs_f64());
+            println!("PASS in {:.1}s: {summary}", f.took.as_secs_f64());
             if std::env::var_os("VUT_XDP_KEEP").is_none_or(|v| v != "1") {
                 let _ = fs::remove_dir_all(&out);
             }
         }
         Err(e) => panic!(
             "FAILED after {:.1}s: {e}\n(output and per-run logs kept in {})",
-            start.elapsed().as_secs_f64(),
+            f.took.as_secs_f64(),
             out.display()
         ),
     }
