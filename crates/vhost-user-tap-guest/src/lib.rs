@@ -13,6 +13,7 @@
 //! - [`run`]: the binary's traffic mode.
 //! - [`bridge`]: forwarding between the rings and a second tap (TCP through a backend).
 //! - [`loopback`]: the daemon's RX/TX wired to a guest queue pair in-process.
+//! - [`hostile`]: a guest that writes its rings directly to work against the daemon.
 //! - [`kit`]: namespaces, the daemon process, counters, prerequisites for integration tests.
 //!
 //! ```no_run
@@ -29,6 +30,7 @@
 //! ```
 pub mod bridge;
 pub mod frontend;
+pub mod hostile;
 pub mod kit;
 pub mod labs;
 pub mod loopback;

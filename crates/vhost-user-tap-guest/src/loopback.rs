@@ -628,4 +628,87 @@ mod tests {
     }
 
     const REFUSING_TIME_FOR_TESTS: std::time::Duration = std::time::Duration::from_millis(1050);
+
+    /// A hostile ring, always full: each call does a bounded batch (one pop of at most 64
+    /// chains, every one rejected within `MAX_CHAIN_DESCS` descriptors), and after
+    /// `GARBAGE_CHAINS` rejected chains in a row the queue stops.
+    fn hostile_ring_costs_bounded_batches_then_stops(rx: bool, attack: crate::hostile::Attack) {
+        use crate::hostile::HostileRing;
+        use vhost_user_tap::ring::{RingError, CHAIN_BUDGET, GARBAGE_CHAINS};
+        let expensive = matches!(attack, crate::hostile::Attack::ZeroLengthChains { .. });
+        let mut lb = Loopback::new(LoopbackConfig {
+            queue_size: 1024,
+            ..LoopbackConfig::default()
+        })
+        .unwrap();
+        let ring = if rx { lb.guest.rx_ring() } else { lb.guest.tx_ring() };
+        let (layout, avail) = (*ring.layout(), ring.avail_idx());
+        let mut h = HostileRing::new(lb.guest.memory().clone(), layout, attack, avail);
+        if rx {
+            assert!(lb.inject(&frame(0, 100)).unwrap());
+        }
+        let bad = |lb: &Loopback| {
+            let s = lb.stats.snapshot();
+            if rx {
+                s.rx_bad_desc
+            } else {
+                s.tx_dropped_bad_desc
+            }
+        };
+        let mut calls = 0;
+        let err = loop {
+            h.refill();
+            let before = bad(&lb);
+            let r = if rx {
+                lb.rx_process().map(|s| s == RxState::Ready)
+            } else {
+                lb.tx_process().map(|s| s == TxState::Ready)
+            };
+            // The chain budget, or one pop (64) once the descriptor budget is spent.
+            let popped = bad(&lb) - before;
+            let bound = if expensive { 64 } else { CHAIN_BUDGET };
+            assert!(popped <= bound, "call {calls}: {popped} chains in one batch");
+            match r {
+                Ok(ready) => assert!(ready, "call {calls}: a full ring leaves work for later"),
+                Err(e) => break e,
+            }
+            calls += 1;
+            assert!(calls <= GARBAGE_CHAINS, "the queue never stopped");
+        };
+        let garbage = matches!(
+            err,
+            PairError::Rx(vhost_user_tap::rx::RxError::Ring(RingError::Garbage(_)))
+                | PairError::Tx(vhost_user_tap::tx::TxError::Ring(RingError::Garbage(_)))
+        );
+        assert!(garbage, "{err}");
+        assert!(bad(&lb) >= u64::from(GARBAGE_CHAINS), "{}", bad(&lb));
+        if rx {
+            assert_eq!(lb.stats.snapshot().rx_frames, 0);
+        }
+    }
+
+    #[test]
+    fn a_tx_ring_full_of_long_zero_length_chains_costs_bounded_batches_then_stops() {
+        let attack = crate::hostile::Attack::ZeroLengthChains {
+            descs: 1024,
+            writable: false,
+        };
+        hostile_ring_costs_bounded_batches_then_stops(false, attack);
+    }
+
+    #[test]
+    fn an_rx_ring_full_of_long_zero_length_chains_costs_bounded_batches_then_stops() {
+        let attack = crate::hostile::Attack::ZeroLengthChains {
+            descs: 1024,
+            writable: true,
+        };
+        hostile_ring_costs_bounded_batches_then_stops(true, attack);
+    }
+
+    #[test]
+    fn a_ring_full_of_out_of_range_heads_costs_bounded_batches_then_stops() {
+        let attack = crate::hostile::Attack::OutOfRangeHeads;
+        hostile_ring_costs_bounded_batches_then_stops(false, attack);
+        hostile_ring_costs_bounded_batches_then_stops(true, attack);
+    }
 }

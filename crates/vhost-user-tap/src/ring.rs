@@ -44,6 +44,11 @@ const DESC_F_WRITE: u16 = VRING_DESC_F_WRITE as u16;
 /// Most segments accepted in one descriptor chain. Linux uses at most MAX_SKB_FRAGS + 2.
 pub const MAX_CHAIN_SEGS: usize = 64;
 
+/// Most descriptors one chain may take, zero-length ones and indirect tables included: the work
+/// one chain can cost is bounded by it. Linux posts at most MAX_SKB_FRAGS + 2 (19); a longer chain
+/// is a guest wasting our time, rejected once this many were visited.
+pub const MAX_CHAIN_DESCS: usize = 256;
+
 #[derive(Debug, Error, Clone, Copy, PartialEq, Eq)]
 pub enum RingError {
     #[error(
@@ -52,13 +57,27 @@ pub enum RingError {
     AvailIndex { avail: u16, next: u16, size: u16 },
     #[error("ring memory is not accessible at {0:#x}")]
     RingMemory(u64),
+    #[error("the guest posted {0} malformed chains in a row: not a driver, stopping the queue")]
+    Garbage(u32),
 }
+
+/// The work one batch may do on a queue whatever the guest posts, besides the frame and byte
+/// budgets of RX and TX: chains popped (good or rejected) and descriptors visited. With
+/// `MAX_CHAIN_DESCS` per chain and up to `WINDOW_REFILL`/`BATCH` (64) chains per pop, a batch
+/// visits at most `DESC_BUDGET + 64 * MAX_CHAIN_DESCS` descriptors before the worker is back in
+/// its event loop (where it sees stop requests).
+pub const CHAIN_BUDGET: u64 = 512;
+pub const DESC_BUDGET: u64 = 4096;
+
+/// Malformed chains in a row (none good between) after which a queue is taken for hostile and
+/// its pair stopped, like a corrupted index: a Linux driver never posts one.
+pub const GARBAGE_CHAINS: u32 = 1024;
 
 /// Why a descriptor chain was rejected. The chain is returned to the guest with length 0.
 #[derive(Debug, Error, Clone, Copy, PartialEq, Eq)]
 pub enum ChainError {
     #[error("descriptor {0} has the wrong direction for this queue")]
-    WrongDirection(u16),
+    WrongDirection(usize),
     #[error("chain ends in a loop, an out-of-range next index or a bad indirect table")]
     Truncated,
     #[error("buffer at {addr:#x} (+{len}) is outside guest memory")]
@@ -67,6 +86,8 @@ pub enum ChainError {
     TooSmall(u32, usize),
     #[error("chain has more than {MAX_CHAIN_SEGS} segments")]
     TooManySegments,
+    #[error("chain has more than {MAX_CHAIN_DESCS} descriptors")]
+    TooManyDescriptors,
     #[error("chain is empty")]
     Empty,
 }
@@ -194,6 +215,8 @@ pub struct DeviceQueue {
     next_used: Wrapping<u16>,
     /// `used.idx` at the last interrupt decision; the next decision looks at what was added since.
     signalled_used: Wrapping<u16>,
+    /// Descriptors visited since the last `take_visited`: the work the guest made us do.
+    visited: u64,
 }
 
 // SAFETY: a Segment is an address into a guest memory mapping; it is only dereferenced (by
@@ -213,6 +236,7 @@ impl DeviceQueue {
             event_idx,
             next_used,
             signalled_used: next_used,
+            visited: 0,
         }
     }
 
@@ -237,6 +261,11 @@ impl DeviceQueue {
 
     pub fn size(&self) -> u16 {
         self.queue.size()
+    }
+
+    /// Descriptors visited since the last call (popped chains, good or not).
+    pub fn take_visited(&mut self) -> u64 {
+        std::mem::take(&mut self.visited)
     }
 
     /// The guest memory the queue and its buffers live in.
@@ -294,7 +323,7 @@ impl DeviceQueue {
             };
             let head = chain.head_index();
             segs.clear();
-            let res = map_chain(mem, chain, device_writes, segs).and_then(|len| {
+            let res = map_chain(mem, chain, device_writes, segs, &mut self.visited).and_then(|len| {
                 if (len as usize) < min_len {
                     Err(ChainError::TooSmall(len, min_len))
                 } else {
@@ -408,12 +437,14 @@ pub fn vring_need_event(event: u16, new: u16, old: u16) -> bool {
     new.wrapping_sub(event).wrapping_sub(1) < new.wrapping_sub(old)
 }
 
-/// Map every descriptor of `chain` into host segments; returns the total length.
+/// Map every descriptor of `chain` into host segments; returns the total length. Every
+/// descriptor looked at is added to `visited`, and at most `MAX_CHAIN_DESCS` are.
 fn map_chain<M>(
     mem: &GuestMemoryMmap,
     chain: virtio_queue::DescriptorChain<M>,
     device_writes: bool,
     segs: &mut Vec<Segment>,
+    visited: &mut u64,
 ) -> Result<u32, ChainError>
 where
     M: std::ops::Deref,
@@ -421,14 +452,18 @@ where
 {
     let mut total: u32 = 0;
     let mut last_has_next = false;
-    let mut count: u16 = 0;
+    let mut count: usize = 0;
     for desc in chain {
+        if count == MAX_CHAIN_DESCS {
+            return Err(ChainError::TooManyDescriptors);
+        }
+        count += 1;
+        *visited += 1;
         last_has_next = desc.has_next();
         let writable = desc.flags() & DESC_F_WRITE != 0;
         if writable != device_writes {
-            return Err(ChainError::WrongDirection(count));
+            return Err(ChainError::WrongDirection(count - 1));
         }
-        count += 1;
         if desc.len() == 0 {
             continue;
         }

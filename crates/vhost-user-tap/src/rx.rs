@@ -28,7 +28,9 @@ use thiserror::Error;
 use vm_memory::Bytes;
 
 use crate::ratelog::{self, RateLimited};
-use crate::ring::{DeviceQueue, RingError, Segment, Verdict};
+use crate::ring::{
+    DeviceQueue, RingError, Segment, Verdict, CHAIN_BUDGET, DESC_BUDGET, GARBAGE_CHAINS,
+};
 use crate::stats::{self, PairStats};
 use crate::tap::Tap;
 use crate::virtio_net::{HDR_LEN, MAX_GSO_FRAME, NUM_BUFFERS_OFFSET};
@@ -119,11 +121,16 @@ pub struct Rx {
     scratch: Vec<Segment>,
     iovs: Vec<iovec>,
     bad_log: RateLimited,
+    /// Malformed chains popped in a row (see `GARBAGE_CHAINS`).
+    garbage: u32,
 }
 
 /// Totals of one batch, added to the shared counters once.
 #[derive(Default)]
 struct Tally {
+    /// Chains popped, good or rejected, and descriptors visited: the batch's work.
+    popped: u64,
+    visited: u64,
     frames: u64,
     /// Of `frames`, those already added to `rx_frames` (at a publish inside the batch).
     frames_counted: u64,
@@ -133,6 +140,15 @@ struct Tally {
     staged: u64,
     races: u64,
     interrupts: u64,
+}
+
+impl Tally {
+    fn spent(&self) -> bool {
+        self.frames >= FRAME_BUDGET
+            || self.bytes >= BYTE_BUDGET
+            || self.popped >= CHAIN_BUDGET
+            || self.visited >= DESC_BUDGET
+    }
 }
 
 impl Rx {
@@ -155,6 +171,7 @@ impl Rx {
             scratch: Vec::with_capacity(crate::ring::MAX_CHAIN_SEGS),
             iovs: Vec::with_capacity(MAX_RX_IOVS + 1),
             bad_log: RateLimited::default(),
+            garbage: 0,
         }
     }
 
@@ -265,7 +282,7 @@ impl Rx {
         t: &mut Tally,
     ) -> Result<RxState, RxError> {
         loop {
-            if t.frames >= FRAME_BUDGET || t.bytes >= BYTE_BUDGET {
+            if t.spent() {
                 return Ok(RxState::Ready);
             }
             if self.carry.staged > 0 {
@@ -274,6 +291,10 @@ impl Rx {
                 }
             } else {
                 self.fill_window(self.target, t)?;
+                if t.spent() && self.win.chains.is_empty() {
+                    // Rejected chains ate the budget: back to the event loop, then on.
+                    return Ok(RxState::Ready);
+                }
                 if !self.win.chains.is_empty() {
                     if !self.read_frame(tap, t)? {
                         return Ok(RxState::TapEmpty);
@@ -291,15 +312,15 @@ impl Rx {
         }
     }
 
-    /// Pop chains until the window holds `want` bytes or the avail ring is empty. Malformed
-    /// chains go straight back to the guest with length 0.
+    /// Pop chains until the window holds `want` bytes, the avail ring is empty or the batch's
+    /// work budget is spent. Malformed chains go straight back to the guest with length 0.
     fn fill_window(&mut self, want: usize, t: &mut Tally) -> Result<(), RxError> {
         let size = usize::from(self.q.size());
         let hdr_len = self.hdr_len;
-        while self.win.cap < want && self.win.chains.len() < size {
+        while self.win.cap < want && self.win.chains.len() < size && !t.spent() {
             // More than `want` asks for: one avail-index read serves the next frames too.
             let max = (size - self.win.chains.len()).min(WINDOW_REFILL);
-            let (win, bad_log) = (&mut self.win, &mut self.bad_log);
+            let (win, bad_log, garbage) = (&mut self.win, &mut self.bad_log, &mut self.garbage);
             let taken = self.q.pop_batch(
                 true,
                 hdr_len,
@@ -307,6 +328,7 @@ impl Rx {
                 &mut self.scratch,
                 |head, res, segs| match res {
                     Ok(cap) => {
+                        *garbage = 0;
                         win.segs.extend(segs.iter().copied());
                         win.chains.push_back(WinChain {
                             head,
@@ -321,11 +343,17 @@ impl Rx {
                             warn!("RX chain {head} rejected: {e}{}", ratelog::suppressed(n));
                         }
                         t.bad += 1;
+                        *garbage += 1;
                         win.completed_behind |= !win.chains.is_empty();
                         Verdict::Complete
                     }
                 },
             )?;
+            t.popped += taken as u64;
+            t.visited += self.q.take_visited();
+            if self.garbage >= GARBAGE_CHAINS {
+                return Err(RingError::Garbage(self.garbage).into());
+            }
             if taken < max {
                 break;
             }

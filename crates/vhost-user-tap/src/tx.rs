@@ -22,7 +22,10 @@ use log::{error, warn};
 use thiserror::Error;
 
 use crate::ratelog::{self, RateLimited};
-use crate::ring::{ChainError, DeviceQueue, RingError, Segment, Verdict, MAX_CHAIN_SEGS};
+use crate::ring::{
+    ChainError, DeviceQueue, RingError, Segment, Verdict, CHAIN_BUDGET, DESC_BUDGET,
+    GARBAGE_CHAINS, MAX_CHAIN_SEGS,
+};
 use crate::stats::{self, PairStats};
 use crate::tap::Tap;
 use crate::uring::{TxRing, BATCH};
@@ -78,6 +81,8 @@ pub struct Tx {
     refused_log: RateLimited,
     /// The tap's current run of refusals, if its last write was refused.
     refusing: Option<Refusing>,
+    /// Malformed chains popped in a row (see `GARBAGE_CHAINS`).
+    garbage: u32,
 }
 
 /// A run of frames the tap refused with one error and nothing accepted in between.
@@ -115,6 +120,7 @@ impl Tx {
             bad_log: RateLimited::default(),
             refused_log: RateLimited::default(),
             refusing: None,
+            garbage: 0,
         }
     }
 
@@ -178,13 +184,21 @@ impl Tx {
     fn run_batch(&mut self, tap: &Tap, t: &mut Tally) -> Result<TxState, TxError> {
         self.q.suppress_kicks()?;
         loop {
-            if t.frames >= FRAME_BUDGET || t.bytes >= BYTE_BUDGET {
+            if t.spent() {
                 return Ok(TxState::Ready);
             }
             let max = usize::try_from(FRAME_BUDGET - t.frames)
                 .unwrap_or(BATCH)
                 .min(BATCH);
             let (taken, budget_hit) = self.gather(max, BYTE_BUDGET - t.bytes)?;
+            t.popped += taken as u64;
+            t.visited += self.q.take_visited();
+            if self.garbage >= GARBAGE_CHAINS {
+                // Every chain of this batch was rejected (the run is longer than a batch): they
+                // go back to the guest, counted, before the queue stops.
+                self.complete(tap, t)?;
+                return Err(RingError::Garbage(self.garbage).into());
+            }
             if !self.batch.is_empty() {
                 self.write(tap, t);
                 if let Some(stop) = self.complete(tap, t)? {
@@ -208,7 +222,7 @@ impl Tx {
     fn gather(&mut self, max: usize, bytes_left: u64) -> Result<(usize, bool), TxError> {
         self.batch.clear();
         self.iovs.clear();
-        let (batch, iovs) = (&mut self.batch, &mut self.iovs);
+        let (batch, iovs, garbage) = (&mut self.batch, &mut self.iovs, &mut self.garbage);
         let hdr_len = self.hdr_len as u64;
         let mut bytes = 0u64;
         let mut budget_hit = false;
@@ -223,9 +237,13 @@ impl Tx {
                     return Verdict::Rewind;
                 }
                 let start = iovs.len();
-                if let Ok(l) = len {
-                    bytes += u64::from(l) - hdr_len;
-                    iovs.extend(segs.iter().map(Segment::iovec));
+                match len {
+                    Ok(l) => {
+                        *garbage = 0;
+                        bytes += u64::from(l) - hdr_len;
+                        iovs.extend(segs.iter().map(Segment::iovec));
+                    }
+                    Err(_) => *garbage += 1,
                 }
                 batch.push(Gathered {
                     head,
@@ -444,10 +462,22 @@ fn write_waiting(tap: &Tap, iov: &[iovec]) -> i32 {
 /// Totals of one batch, added to the shared counters once.
 #[derive(Default)]
 struct Tally {
+    /// Chains popped, good or rejected, and descriptors visited: the batch's work.
+    popped: u64,
+    visited: u64,
     frames: u64,
     bytes: u64,
     bad: u64,
     refused: u64,
     blocked: u64,
     uring_fallbacks: u64,
+}
+
+impl Tally {
+    fn spent(&self) -> bool {
+        self.frames >= FRAME_BUDGET
+            || self.bytes >= BYTE_BUDGET
+            || self.popped >= CHAIN_BUDGET
+            || self.visited >= DESC_BUDGET
+    }
 }
