@@ -48,7 +48,12 @@ pub struct HostileRing {
 impl HostileRing {
     /// Take over the queue at `layout`: lay out the descriptors `attack` needs. `avail` is the
     /// queue's current avail index (its driver's), from which the attack goes on.
-    pub fn new(mem: GuestMemoryMmap, layout: RingLayout, attack: Attack, avail: u16) -> HostileRing {
+    pub fn new(
+        mem: GuestMemoryMmap,
+        layout: RingLayout,
+        attack: Attack,
+        avail: u16,
+    ) -> HostileRing {
         let ring = HostileRing {
             mem,
             layout,
@@ -58,7 +63,11 @@ impl HostileRing {
         let chain = |descs: u16, flags: u16| {
             for i in 0..descs.min(layout.size) {
                 let last = i + 1 == descs.min(layout.size);
-                let f = if last { flags } else { flags | VRING_DESC_F_NEXT };
+                let f = if last {
+                    flags
+                } else {
+                    flags | VRING_DESC_F_NEXT
+                };
                 ring.write_desc(i, encode_desc(0, 0, f, i + 1));
             }
         };
@@ -84,10 +93,7 @@ impl HostileRing {
     }
 
     fn write_desc(&self, index: u16, bytes: [u8; 16]) {
-        let at = self
-            .layout
-            .desc_table
-            .unchecked_add(16 * u64::from(index));
+        let at = self.layout.desc_table.unchecked_add(16 * u64::from(index));
         self.mem
             .write_slice(&bytes, at)
             .expect("descriptor table in guest memory");
@@ -121,7 +127,10 @@ impl HostileRing {
         let room = size - self.avail.wrapping_sub(self.used_idx()).min(size);
         for _ in 0..room {
             let slot = self.avail % size;
-            let at = self.layout.avail_ring.unchecked_add(4 + 2 * u64::from(slot));
+            let at = self
+                .layout
+                .avail_ring
+                .unchecked_add(4 + 2 * u64::from(slot));
             self.mem
                 .write_obj(self.head(self.avail), at)
                 .expect("avail ring in guest memory");

@@ -641,7 +641,11 @@ mod tests {
             ..LoopbackConfig::default()
         })
         .unwrap();
-        let ring = if rx { lb.guest.rx_ring() } else { lb.guest.tx_ring() };
+        let ring = if rx {
+            lb.guest.rx_ring()
+        } else {
+            lb.guest.tx_ring()
+        };
         let (layout, avail) = (*ring.layout(), ring.avail_idx());
         let mut h = HostileRing::new(lb.guest.memory().clone(), layout, attack, avail);
         if rx {
@@ -667,7 +671,10 @@ mod tests {
             // The chain budget, or one pop (64) once the descriptor budget is spent.
             let popped = bad(&lb) - before;
             let bound = if expensive { 64 } else { CHAIN_BUDGET };
-            assert!(popped <= bound, "call {calls}: {popped} chains in one batch");
+            assert!(
+                popped <= bound,
+                "call {calls}: {popped} chains in one batch"
+            );
             match r {
                 Ok(ready) => assert!(ready, "call {calls}: a full ring leaves work for later"),
                 Err(e) => break e,
@@ -710,5 +717,107 @@ mod tests {
         let attack = crate::hostile::Attack::OutOfRangeHeads;
         hostile_ring_costs_bounded_batches_then_stops(false, attack);
         hostile_ring_costs_bounded_batches_then_stops(true, attack);
+    }
+
+    /// Finding 6 of the hostile-guest review: 255 zero-length descriptors chained into a
+    /// 65,535-entry indirect table made 65,790 descriptors, counted in a u16 (a panic in
+    /// debug builds, a wrap in release). The walk now stops at MAX_CHAIN_DESCS.
+    #[test]
+    fn a_chain_into_a_huge_indirect_table_is_rejected_after_a_bounded_walk() {
+        use crate::ring::{write_desc_table, RawDesc, RawNext, VRING_DESC_F_INDIRECT};
+        use vhost_user_tap::ring::MAX_CHAIN_DESCS;
+        let mut lb = Loopback::new(LoopbackConfig {
+            queue_size: 512,
+            ..LoopbackConfig::default()
+        })
+        .unwrap();
+        let table = vm_memory::GuestAddress(48 << 20);
+        let zero = RawDesc {
+            addr: 0,
+            len: 0,
+            flags: crate::ring::VRING_DESC_F_NEXT,
+            next: RawNext::Follow,
+        };
+        let mut entries = vec![zero; 65_535];
+        entries.last_mut().unwrap().flags = 0;
+        write_desc_table(lb.guest.memory(), table, &entries).unwrap();
+        let mut chain = vec![zero; 255];
+        chain.push(RawDesc {
+            addr: table.0,
+            len: 65_535 * 16,
+            flags: VRING_DESC_F_INDIRECT,
+            next: RawNext::Follow,
+        });
+        lb.guest.post_raw_tx_chain(&chain).unwrap();
+        assert!(lb.guest.send_frame(&frame(1, 100)).unwrap());
+        assert_eq!(lb.tx_process().unwrap(), TxState::Idle);
+        let s = lb.stats.snapshot();
+        assert_eq!((s.tx_dropped_bad_desc, s.tx_frames), (1, 1));
+        assert!(MAX_CHAIN_DESCS < 65_790);
+    }
+
+    /// Finding 7: RX took the ring for exhausted once the window held as many segments as the
+    /// ring has entries, so a frame spread over chains of several segments each (indirect
+    /// tables) was dropped as "oversize" while the ring still had room. Only chains count now.
+    #[test]
+    fn a_large_frame_over_chains_of_many_segments_is_delivered_not_dropped() {
+        use crate::ring::{write_desc_table, RawDesc, RawNext, VRING_DESC_F_INDIRECT};
+        use crate::ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
+        use vm_memory::{Bytes, GuestAddress};
+        const CHAINS: u64 = 150;
+        const SEGS: u64 = 4;
+        const SEG: u64 = 128;
+        let mut lb = Loopback::new(LoopbackConfig::default()).unwrap(); // 256 entries
+        let (tables, bufs) = (40u64 << 20, 44u64 << 20);
+        let buf = |c: u64, k: u64| bufs + (c * SEGS + k) * SEG;
+        let mut heads = Vec::new();
+        for c in 0..CHAINS {
+            let table: Vec<RawDesc> = (0..SEGS)
+                .map(|k| RawDesc {
+                    addr: buf(c, k),
+                    len: SEG as u32,
+                    flags: VRING_DESC_F_WRITE | if k + 1 < SEGS { VRING_DESC_F_NEXT } else { 0 },
+                    next: RawNext::Follow,
+                })
+                .collect();
+            let at = GuestAddress(tables + c * SEGS * 16);
+            write_desc_table(lb.guest.memory(), at, &table).unwrap();
+            heads.push(
+                lb.guest
+                    .post_raw_rx_chain(&[RawDesc {
+                        addr: at.0,
+                        len: (SEGS * 16) as u32,
+                        flags: VRING_DESC_F_INDIRECT,
+                        next: RawNext::Follow,
+                    }])
+                    .unwrap(),
+            );
+        }
+        // Larger than the 1530 bytes gathered before a read: it waits in staging, then needs
+        // 118 chains, 472 segments (more than the ring's 256 entries).
+        let sent = frame(7, 60_000);
+        assert!(lb.inject(&sent).unwrap());
+        lb.rx_process().unwrap();
+        let s = lb.stats.snapshot();
+        assert_eq!((s.rx_frames, s.rx_dropped_oversize), (1, 0));
+        lb.guest.poll_rx(|_, _| {}).unwrap();
+        let done = lb.guest.take_raw_completions();
+        let mut got = Vec::new();
+        for d in &done {
+            let c = heads.iter().position(|&h| h == d.head).unwrap() as u64;
+            let mut left = d.len as u64;
+            for k in 0..SEGS {
+                let n = left.min(SEG) as usize;
+                let mut b = vec![0u8; n];
+                lb.guest
+                    .memory()
+                    .read_slice(&mut b, GuestAddress(buf(c, k)))
+                    .unwrap();
+                got.extend_from_slice(&b);
+                left -= n as u64;
+            }
+        }
+        assert_eq!(done.len(), 118);
+        assert!(got[HDR_LEN..] == sent[..], "the frame arrived altered");
     }
 }

@@ -323,13 +323,14 @@ impl DeviceQueue {
             };
             let head = chain.head_index();
             segs.clear();
-            let res = map_chain(mem, chain, device_writes, segs, &mut self.visited).and_then(|len| {
-                if (len as usize) < min_len {
-                    Err(ChainError::TooSmall(len, min_len))
-                } else {
-                    Ok(len)
-                }
-            });
+            let res =
+                map_chain(mem, chain, device_writes, segs, &mut self.visited).and_then(|len| {
+                    if (len as usize) < min_len {
+                        Err(ChainError::TooSmall(len, min_len))
+                    } else {
+                        Ok(len)
+                    }
+                });
             match f(head, res, segs) {
                 Verdict::Keep => {}
                 Verdict::Complete => host.push_used(&mut self.next_used, head, 0),

@@ -121,6 +121,7 @@ pub struct Rx {
     scratch: Vec<Segment>,
     iovs: Vec<iovec>,
     bad_log: RateLimited,
+    oversize_log: RateLimited,
     /// Malformed chains popped in a row (see `GARBAGE_CHAINS`).
     garbage: u32,
 }
@@ -171,6 +172,7 @@ impl Rx {
             scratch: Vec::with_capacity(crate::ring::MAX_CHAIN_SEGS),
             iovs: Vec::with_capacity(MAX_RX_IOVS + 1),
             bad_log: RateLimited::default(),
+            oversize_log: RateLimited::default(),
             garbage: 0,
         }
     }
@@ -474,23 +476,26 @@ impl Rx {
             self.win.chains.front().map_or(0, |c| c.cap as usize)
         };
         if room < n {
-            let ring_exhausted = self.win.chains.len() == usize::from(self.q.size())
-                || self.win.segs.len() >= usize::from(self.q.size());
+            // Mergeable: hopeless only once every chain of the ring is ours and still too
+            // small (however many segments each has). Otherwise the first buffer decides.
             let hopeless = if self.mrg {
-                ring_exhausted
+                self.win.chains.len() == usize::from(self.q.size())
             } else {
                 !self.win.chains.is_empty()
             };
             if hopeless {
-                error!(
-                    "RX frame of {n} bytes dropped: larger than the guest's buffers can hold \
-                     ({room} bytes{})",
-                    if self.mrg {
-                        " in the whole ring"
-                    } else {
-                        " in one buffer"
-                    }
-                );
+                if let Some(s) = self.oversize_log.allow() {
+                    error!(
+                        "RX frame of {n} bytes dropped: larger than the guest's buffers can hold \
+                         ({room} bytes{}){}",
+                        if self.mrg {
+                            " in the whole ring"
+                        } else {
+                            " in one buffer"
+                        },
+                        ratelog::suppressed(s)
+                    );
+                }
                 self.carry.staged = 0;
                 t.oversize += 1;
                 return Ok(true);
