@@ -753,7 +753,7 @@ mod tests {
         assert_eq!(lb.tx_process().unwrap(), TxState::Idle);
         let s = lb.stats.snapshot();
         assert_eq!((s.tx_dropped_bad_desc, s.tx_frames), (1, 1));
-        assert!(MAX_CHAIN_DESCS < 65_790);
+        const { assert!(MAX_CHAIN_DESCS < 65_790) };
     }
 
     /// Finding 7: RX took the ring for exhausted once the window held as many segments as the
@@ -771,32 +771,45 @@ mod tests {
         let (tables, bufs) = (40u64 << 20, 44u64 << 20);
         let buf = |c: u64, k: u64| bufs + (c * SEGS + k) * SEG;
         let mut heads = Vec::new();
-        for c in 0..CHAINS {
-            let table: Vec<RawDesc> = (0..SEGS)
-                .map(|k| RawDesc {
-                    addr: buf(c, k),
-                    len: SEG as u32,
-                    flags: VRING_DESC_F_WRITE | if k + 1 < SEGS { VRING_DESC_F_NEXT } else { 0 },
-                    next: RawNext::Follow,
-                })
-                .collect();
-            let at = GuestAddress(tables + c * SEGS * 16);
-            write_desc_table(lb.guest.memory(), at, &table).unwrap();
-            heads.push(
-                lb.guest
-                    .post_raw_rx_chain(&[RawDesc {
-                        addr: at.0,
-                        len: (SEGS * 16) as u32,
-                        flags: VRING_DESC_F_INDIRECT,
+        let mut post = |lb: &mut Loopback, chains: std::ops::Range<u64>| {
+            for c in chains {
+                let table: Vec<RawDesc> = (0..SEGS)
+                    .map(|k| RawDesc {
+                        addr: buf(c, k),
+                        len: SEG as u32,
+                        flags: VRING_DESC_F_WRITE
+                            | if k + 1 < SEGS { VRING_DESC_F_NEXT } else { 0 },
                         next: RawNext::Follow,
-                    }])
-                    .unwrap(),
-            );
-        }
-        // Larger than the 1530 bytes gathered before a read: it waits in staging, then needs
-        // 118 chains, 472 segments (more than the ring's 256 entries).
+                    })
+                    .collect();
+                let at = GuestAddress(tables + c * SEGS * 16);
+                write_desc_table(lb.guest.memory(), at, &table).unwrap();
+                heads.push(
+                    lb.guest
+                        .post_raw_rx_chain(&[RawDesc {
+                            addr: at.0,
+                            len: (SEGS * 16) as u32,
+                            flags: VRING_DESC_F_INDIRECT,
+                            next: RawNext::Follow,
+                        }])
+                        .unwrap(),
+                );
+            }
+        };
+        // 80 chains: 320 segments (more than the ring's 256 entries) but 40 KiB, too little for
+        // the frame, which is larger than the 1530 bytes gathered before a read: it waits in
+        // staging for more buffers. Then 70 more chains: it needs 118.
+        post(&mut lb, 0..80);
         let sent = frame(7, 60_000);
         assert!(lb.inject(&sent).unwrap());
+        assert_eq!(lb.rx_process().unwrap(), RxState::WaitingForBuffers);
+        assert_eq!(
+            lb.stats.snapshot().rx_dropped_oversize,
+            0,
+            "dropped with room left"
+        );
+        post(&mut lb, 80..CHAINS);
+        lb.rx_kick().unwrap();
         lb.rx_process().unwrap();
         let s = lb.stats.snapshot();
         assert_eq!((s.rx_frames, s.rx_dropped_oversize), (1, 0));
