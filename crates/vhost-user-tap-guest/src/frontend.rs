@@ -708,6 +708,14 @@ impl Guest {
         self.enable_vring(queue, enable)
     }
 
+    /// Send `fd` as vring `queue`'s kick, call or error fd (`req::SET_VRING_KICK`, ...): a
+    /// frontend may send anything there. With REPLY_ACK, a refusal is an error.
+    pub fn send_vring_fd_raw(&mut self, code: u32, queue: u32, fd: &impl AsRawFd) -> Result<()> {
+        self.conn()?
+            .set_vring_fd(code, queue, Some(fd.as_raw_fd()))
+            .map_err(step(format!("{} for vring {queue}", req::name(code))))
+    }
+
     /// GET_VRING_BASE for one vring (stops it in the backend).
     pub fn get_vring_base(&mut self, queue: u32) -> Result<u32> {
         self.conn()?

@@ -82,6 +82,8 @@ pub enum PairError {
     Tx(#[from] TxError),
     #[error("the worker's event loop failed: {0}")]
     EventLoop(#[source] std::io::Error),
+    #[error("the {} queue's kick fd misbehaves ({why}): not an eventfd", if *rx { "RX" } else { "TX" })]
+    Kick { rx: bool, why: String },
 }
 
 impl PairError {
@@ -354,6 +356,10 @@ impl Pair {
             }
             PairError::Tx(TxError::TapRefusesAll { .. }) => {
                 signal(tx_err);
+            }
+            PairError::Kick { rx, .. } => {
+                signal(if *rx { rx_err } else { tx_err });
+                stats::inc(&self.stats.ring_errors);
             }
             // The daemon's business (the tap is gone) or not the guest's doing.
             PairError::Rx(RxError::Tap(..))

@@ -12,6 +12,7 @@ use std::io::{self, Read, Write};
 use std::mem::size_of;
 use std::os::fd::FromRawFd;
 use std::os::unix::net::UnixStream;
+use std::time::{Duration, Instant};
 
 use libc::iovec;
 use log::{debug, warn};
@@ -86,71 +87,174 @@ impl Request {
     }
 }
 
+/// How long a frontend may take to finish a message it started sending, and to take the replies
+/// we wrote: a frontend that stalls costs its own connection, never the daemon's loop (which
+/// also serves signals, the watchdog and the workers' fatal errors).
+pub const MESSAGE_DEADLINE: Duration = Duration::from_secs(1);
+
+/// What `Connection::recv` found.
+pub enum Recv {
+    Request(Request),
+    /// Not a whole message yet: wait for the socket.
+    Pending,
+    /// The frontend closed the connection between messages.
+    Closed,
+}
+
+/// The frontend's socket, non-blocking: requests are assembled from whatever arrives, replies
+/// wait in a buffer until the frontend takes them. Nothing here ever blocks.
 pub struct Connection {
     sock: UnixStream,
+    /// The message being assembled: its header so far, its body so far, the fds that came
+    /// with it, and when its first byte arrived.
+    hdr: [u8; HDR_SIZE],
+    hdr_len: usize,
+    body: Vec<u8>,
+    body_len: usize,
+    files: Vec<File>,
+    started: Option<Instant>,
+    /// Replies the frontend has not taken yet, and since when.
+    out: Vec<u8>,
+    out_pos: usize,
+    out_since: Option<Instant>,
 }
 
 impl Connection {
-    pub fn new(sock: UnixStream) -> Self {
-        Connection { sock }
+    pub fn new(sock: UnixStream) -> io::Result<Self> {
+        crate::sys::set_nonblocking(std::os::fd::AsRawFd::as_raw_fd(&sock))?;
+        Ok(Connection {
+            sock,
+            hdr: [0; HDR_SIZE],
+            hdr_len: 0,
+            body: Vec::new(),
+            body_len: 0,
+            files: Vec::new(),
+            started: None,
+            out: Vec::new(),
+            out_pos: 0,
+            out_since: None,
+        })
     }
 
     pub fn socket(&self) -> &UnixStream {
         &self.sock
     }
 
-    /// Receive one request; `Ok(None)` when the frontend closed the connection.
-    pub fn recv(&mut self) -> Result<Option<Request>, ProtocolError> {
-        let mut hdr = [0u8; HDR_SIZE];
-        let mut fds = [-1; MAX_ATTACHED_FD_ENTRIES];
-        let mut iov = [iovec {
-            iov_base: hdr.as_mut_ptr().cast(),
-            iov_len: HDR_SIZE,
-        }];
-        // SAFETY: the iovec points at `hdr`, which outlives the call and may take any bytes.
-        let (n, nfds) = unsafe { self.sock.recv_with_fds(&mut iov, &mut fds) }
-            .map_err(|e| io::Error::from_raw_os_error(e.errno()))?;
-        // SAFETY: recvmsg handed us these descriptors; wrapping them makes sure they get closed.
-        let files: Vec<File> = fds[..nfds]
-            .iter()
-            .map(|&fd| unsafe { File::from_raw_fd(fd) })
-            .collect();
-        if n == 0 {
-            return Ok(None);
+    /// When the connection must be given up if nothing changes: a message started and not
+    /// finished, or replies not taken, for `MESSAGE_DEADLINE`.
+    pub fn deadline(&self) -> Option<Instant> {
+        [self.started, self.out_since]
+            .into_iter()
+            .flatten()
+            .min()
+            .map(|t| t + MESSAGE_DEADLINE)
+    }
+
+    /// Whether replies wait for the frontend to read them (then no request is read: it would
+    /// only queue more).
+    pub fn wants_write(&self) -> bool {
+        self.out_pos < self.out.len()
+    }
+
+    /// Read what is there; a whole request when one is complete.
+    pub fn recv(&mut self) -> Result<Recv, ProtocolError> {
+        loop {
+            if self.hdr_len < HDR_SIZE {
+                let mut fds = [-1; MAX_ATTACHED_FD_ENTRIES];
+                let mut iov = [iovec {
+                    iov_base: self.hdr[self.hdr_len..].as_mut_ptr().cast(),
+                    iov_len: HDR_SIZE - self.hdr_len,
+                }];
+                // SAFETY: the iovec points at the rest of `self.hdr`, which outlives the call and
+                // may take any bytes.
+                let got = unsafe { self.sock.recv_with_fds(&mut iov, &mut fds) };
+                let (n, nfds) = match got {
+                    Ok(r) => r,
+                    Err(e) if e.errno() == libc::EAGAIN => return Ok(Recv::Pending),
+                    Err(e) if e.errno() == libc::EINTR => continue,
+                    Err(e) => return Err(io::Error::from_raw_os_error(e.errno()).into()),
+                };
+                // SAFETY: recvmsg handed us these descriptors; wrapping them closes them.
+                self.files.extend(
+                    fds[..nfds]
+                        .iter()
+                        .map(|&fd| unsafe { File::from_raw_fd(fd) }),
+                );
+                if n == 0 {
+                    return if self.started.is_none() {
+                        Ok(Recv::Closed)
+                    } else {
+                        Err(io::Error::from(io::ErrorKind::UnexpectedEof).into())
+                    };
+                }
+                self.started.get_or_insert_with(Instant::now);
+                self.hdr_len += n;
+                if self.hdr_len < HDR_SIZE {
+                    continue;
+                }
+                let word = |i: usize| u32::from_le_bytes(self.hdr[i..i + 4].try_into().expect("4"));
+                let (request, flags, size) = (word(0), word(4), word(8) as usize);
+                if flags & 0x3 != FLAG_VERSION_1 || flags & FLAG_REPLY != 0 {
+                    return Err(ProtocolError::BadHeader(format!(
+                        "request {request} flags {flags:#x}: not a version-1 request"
+                    )));
+                }
+                if size > MAX_MSG_SIZE {
+                    return Err(ProtocolError::BadHeader(format!(
+                        "request {request}: body size {size} exceeds {MAX_MSG_SIZE}"
+                    )));
+                }
+                self.body = vec![0u8; size];
+                self.body_len = 0;
+            }
+            if self.body_len < self.body.len() {
+                match self.sock.read(&mut self.body[self.body_len..]) {
+                    Ok(0) => return Err(io::Error::from(io::ErrorKind::UnexpectedEof).into()),
+                    Ok(n) => self.body_len += n,
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(Recv::Pending),
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                    Err(e) => return Err(e.into()),
+                }
+                continue;
+            }
+            let word = |i: usize| u32::from_le_bytes(self.hdr[i..i + 4].try_into().expect("4"));
+            let (request, flags) = (word(0), word(4));
+            self.hdr_len = 0;
+            self.started = None;
+            return Ok(Recv::Request(Request {
+                code: FrontendReq::try_from(request).map_err(|_| request),
+                flags,
+                body: std::mem::take(&mut self.body),
+                files: std::mem::take(&mut self.files),
+            }));
         }
-        if n < HDR_SIZE {
-            self.sock.read_exact(&mut hdr[n..])?;
+    }
+
+    /// Write what the frontend will take of the pending replies.
+    pub fn flush(&mut self) -> io::Result<()> {
+        while self.out_pos < self.out.len() {
+            match self.sock.write(&self.out[self.out_pos..]) {
+                Ok(n) => self.out_pos += n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
         }
-        let word = |i: usize| u32::from_le_bytes(hdr[i..i + 4].try_into().expect("4 bytes"));
-        let (request, flags, size) = (word(0), word(4), word(8) as usize);
-        if flags & 0x3 != FLAG_VERSION_1 || flags & FLAG_REPLY != 0 {
-            return Err(ProtocolError::BadHeader(format!(
-                "request {request} flags {flags:#x}: not a version-1 request"
-            )));
-        }
-        if size > MAX_MSG_SIZE {
-            return Err(ProtocolError::BadHeader(format!(
-                "request {request}: body size {size} exceeds {MAX_MSG_SIZE}"
-            )));
-        }
-        let mut body = vec![0u8; size];
-        self.sock.read_exact(&mut body)?;
-        Ok(Some(Request {
-            code: FrontendReq::try_from(request).map_err(|_| request),
-            flags,
-            body,
-            files,
-        }))
+        self.out.clear();
+        self.out_pos = 0;
+        self.out_since = None;
+        Ok(())
     }
 
     fn send_reply(&mut self, code: impl Into<u32>, payload: &[u8]) -> io::Result<()> {
-        let mut msg = Vec::with_capacity(HDR_SIZE + payload.len());
-        msg.extend_from_slice(&code.into().to_le_bytes());
-        msg.extend_from_slice(&(FLAG_VERSION_1 | FLAG_REPLY).to_le_bytes());
         let len = u32::try_from(payload.len()).map_err(|_| io::Error::other("reply too large"))?;
-        msg.extend_from_slice(&len.to_le_bytes());
-        msg.extend_from_slice(payload);
-        self.sock.write_all(&msg)
+        self.out.extend_from_slice(&code.into().to_le_bytes());
+        self.out
+            .extend_from_slice(&(FLAG_VERSION_1 | FLAG_REPLY).to_le_bytes());
+        self.out.extend_from_slice(&len.to_le_bytes());
+        self.out.extend_from_slice(payload);
+        self.out_since.get_or_insert_with(Instant::now);
+        self.flush()
     }
 
     fn reply_u64(&mut self, code: impl Into<u32>, v: u64) -> io::Result<()> {

@@ -117,8 +117,11 @@ mod sys_nr {
     }
     #[cfg(target_arch = "x86_64")]
     nrs! { epoll_wait => SYS_epoll_wait, unlink => SYS_unlink }
+    nrs! { newfstatat => SYS_newfstatat }
     #[cfg(not(target_arch = "x86_64"))]
     nrs! { epoll_pwait => SYS_epoll_pwait, unlinkat => SYS_unlinkat }
+    #[cfg(not(target_arch = "x86_64"))]
+    nrs! { newfstatat => SYS_newfstatat }
 }
 
 /// The allow-list. Every entry says why. Found by tracing the whole test suite (`strace -f`,
@@ -134,7 +137,8 @@ pub const ALLOWED: &[Allowed] = &[
     sys!(read,              Args::Any,          "message bodies, eventfds, signalfd, HTTP"),
     sys!(write,             Args::Any,          "replies, eventfds, log lines, HTTP, sd_notify"),
     sys!(close,             Args::Any,          "fds from the frontend, sockets, eventfds"),
-    sys!(fcntl,             Args::Any,          "eventfd clones (F_DUPFD_CLOEXEC), F_GETFD"),
+    sys!(fcntl,             Args::Any,          "eventfd clones, O_NONBLOCK on frontend fds"),
+    sys!(newfstatat,        Args::Any,          "frontend fds: eventfd? memory file size (fstat)"),
     // The tap.
     sys!(readv,             Args::Any,          "frames from the tap into guest buffers"),
     sys!(writev,            Args::Any,          "frames from guest buffers to the tap"),

@@ -47,6 +47,8 @@ pub enum SessionError {
     LogNotSupported(u32),
     #[error("vring {0}: polling mode (no kick eventfd) is not supported")]
     NoKickFd(u32),
+    #[error("vring {0}: the {1} fd is {2}")]
+    NotAnEventfd(u32, &'static str, String),
     #[error("memory table")]
     Memory(#[from] crate::memory::MemoryError),
     #[error("tap: {0}")]
@@ -60,6 +62,11 @@ pub enum SessionError {
 }
 
 type Result<T> = std::result::Result<T, SessionError>;
+
+/// A frontend fd where an eventfd belongs: checked and made non-blocking (`sys::frontend_eventfd`).
+fn eventfd(index: u32, what: &'static str, fd: &File) -> Result<()> {
+    crate::sys::frontend_eventfd(fd).map_err(|why| SessionError::NotAnEventfd(index, what, why))
+}
 
 struct Vring {
     queue: Queue,
@@ -301,6 +308,15 @@ impl<'d> Session<'d> {
     pub fn set_vring_kick(&mut self, index: u32, fd: Option<File>) -> Result<()> {
         let i = self.check_index(index)?;
         let fd = fd.ok_or(SessionError::NoKickFd(index))?;
+        if let Err(e) = eventfd(index, "kick", &fd) {
+            // Never run on a kick we cannot trust, nor on the one it replaces.
+            self.with_pair(i / 2, |s| {
+                let v = &mut s.vrings[i];
+                v.kick = None;
+                v.started = false;
+            });
+            return Err(e);
+        }
         let implicit_enable = self.features & virtio_net::bit(VHOST_USER_F_PROTOCOL_FEATURES) == 0;
         self.with_pair(i / 2, |s| {
             let v = &mut s.vrings[i];
@@ -316,14 +332,37 @@ impl<'d> Session<'d> {
 
     pub fn set_vring_call(&mut self, index: u32, fd: Option<File>) -> Result<()> {
         let i = self.check_index(index)?;
-        self.with_pair(i / 2, |s| s.vrings[i].call = fd.map(Arc::new));
-        Ok(())
+        match fd
+            .map(|f| eventfd(index, "call", &f).map(|()| f))
+            .transpose()
+        {
+            Ok(fd) => {
+                self.with_pair(i / 2, |s| s.vrings[i].call = fd.map(Arc::new));
+                Ok(())
+            }
+            Err(e) => {
+                // No interrupts rather than writes into something that may block.
+                self.with_pair(i / 2, |s| s.vrings[i].call = None);
+                Err(e)
+            }
+        }
     }
 
     pub fn set_vring_err(&mut self, index: u32, fd: Option<File>) -> Result<()> {
         let i = self.check_index(index)?;
-        self.with_pair(i / 2, |s| s.vrings[i].err = fd.map(Arc::new));
-        Ok(())
+        match fd
+            .map(|f| eventfd(index, "error", &f).map(|()| f))
+            .transpose()
+        {
+            Ok(fd) => {
+                self.with_pair(i / 2, |s| s.vrings[i].err = fd.map(Arc::new));
+                Ok(())
+            }
+            Err(e) => {
+                self.with_pair(i / 2, |s| s.vrings[i].err = None);
+                Err(e)
+            }
+        }
     }
 
     pub fn set_vring_enable(&mut self, index: u32, enable: bool) -> Result<()> {

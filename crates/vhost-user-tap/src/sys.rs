@@ -2,7 +2,7 @@
 //! the listening socket (created, or inherited and checked), and socket checks shared with
 //! socket activation.
 
-use std::fs;
+use std::fs::{self, File};
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::fs::FileTypeExt;
@@ -153,6 +153,48 @@ fn sockopt(fd: RawFd, opt: libc::c_int) -> io::Result<libc::c_int> {
     } else {
         Err(io::Error::last_os_error())
     }
+}
+
+/// O_NONBLOCK with fcntl: the seccomp filter allows no FIONBIO ioctl (what std's
+/// `set_nonblocking` uses).
+pub fn set_nonblocking(fd: RawFd) -> io::Result<()> {
+    // SAFETY: F_GETFL on an open fd reads its status flags.
+    let flags = unsafe { libc::fcntl(fd, libc::F_GETFL) };
+    if flags < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: F_SETFL on an open fd changes only its status flags.
+    if unsafe { libc::fcntl(fd, libc::F_SETFL, flags | libc::O_NONBLOCK) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Check that an fd the frontend sent where an eventfd belongs (kick, call, error) is one, and
+/// make it non-blocking: a frontend must not be able to block a worker with a full counter or a
+/// pipe nobody reads. What fstat can tell is the inode type: eventfds are anonymous inodes (no
+/// file type bits); pipes, sockets and files are refused here, and the kick's reads catch the
+/// other anonymous kinds (an epoll or timer fd does not read like an eventfd).
+pub fn frontend_eventfd(file: &File) -> Result<(), String> {
+    // SAFETY: `stat` is plain data written by fstat on a valid fd owned by `file`.
+    let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    // SAFETY: `st` is a valid stat buffer for the call; the fd is open.
+    if unsafe { libc::fstat(file.as_raw_fd(), &mut st) } != 0 {
+        return Err(format!("fstat: {}", io::Error::last_os_error()));
+    }
+    let kind = st.st_mode & libc::S_IFMT;
+    if kind != 0 {
+        let what = match kind {
+            libc::S_IFIFO => "a pipe",
+            libc::S_IFSOCK => "a socket",
+            libc::S_IFREG => "a regular file",
+            libc::S_IFCHR => "a character device",
+            _ => "not an anonymous inode",
+        };
+        return Err(format!("{what}, not an eventfd"));
+    }
+    set_nonblocking(file.as_raw_fd()).map_err(|e| format!("fcntl: {e}"))?;
+    Ok(())
 }
 
 /// Whether `fd` is a listening unix stream socket; `Err` says what it is instead.

@@ -56,9 +56,24 @@ impl Worker {
     }
 }
 
-fn drain(f: &File) {
+/// Consume a kick. An eventfd reads 8 bytes, or nothing yet (EAGAIN: another reader was first);
+/// anything else (a socket at EOF, a pipe whose writer left, a timer fd) is not a kick and would
+/// stay readable forever: the pair stops instead of spinning.
+fn drain(f: &File, rx: bool) -> Result<(), PairError> {
     let mut buf = [0u8; 8];
-    let _ = (&*f).read(&mut buf);
+    match (&*f).read(&mut buf) {
+        Ok(8) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::Interrupted => Ok(()),
+        Ok(n) => Err(PairError::Kick {
+            rx,
+            why: format!("read {n} bytes, not an eventfd's 8"),
+        }),
+        Err(e) => Err(PairError::Kick {
+            rx,
+            why: e.to_string(),
+        }),
+    }
 }
 
 /// The worker's epoll set and what the tap is registered for in it.
@@ -161,13 +176,13 @@ fn serve(pair: &mut Pair, stop: &EventFd) -> Result<(), PairError> {
                 STOP => return Ok(()),
                 RX_KICK => {
                     if let Some(k) = &rx_kick {
-                        drain(k);
+                        drain(k, true)?;
                     }
                     pair.rx_kicked()?;
                 }
                 TX_KICK => {
                     if let Some(k) = &tx_kick {
-                        drain(k);
+                        drain(k, false)?;
                     }
                     pair.tx_kicked();
                 }
