@@ -130,6 +130,7 @@ impl Daemon {
                     backpressure,
                     connected: connected.clone(),
                     kernel,
+                    frontend: device.frontend.clone(),
                 };
                 Some(MetricsServer::start(addr, Arc::new(source))?)
             }
@@ -334,7 +335,9 @@ impl Daemon {
                         while !conn.wants_write() {
                             match conn.recv() {
                                 Ok(Recv::Request(req)) => {
+                                    let code = req.raw();
                                     if let Err(e) = conn.dispatch(&mut session, req) {
+                                        session.rejected(code);
                                         error!(
                                             "frontend protocol error: {e}; closing the connection"
                                         );
@@ -349,6 +352,7 @@ impl Daemon {
                                 }
                                 Err(e) => {
                                     error!("frontend protocol error: {e}; closing the connection");
+                                    session.rejected(u32::MAX);
                                     return Ok(SessionEnd::Disconnected);
                                 }
                             }

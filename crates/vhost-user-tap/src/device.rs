@@ -14,7 +14,7 @@ use crate::backpressure;
 use crate::config::Config;
 use crate::kernel::{KernelSupport, TxPath};
 use crate::pair::PairRest;
-use crate::stats::PairStats;
+use crate::stats::{FrontendStats, PairStats};
 use crate::tap::Tap;
 use crate::uring::TxRing;
 use crate::virtio_net::{self, GUEST_OFFLOADS};
@@ -48,6 +48,8 @@ pub struct Device {
     pub offered: u64,
     /// Written by a worker whose tap failed: the daemon cannot go on.
     pub fatal: Arc<EventFd>,
+    /// What frontends sent that was refused.
+    pub frontend: Arc<FrontendStats>,
 }
 
 impl Device {
@@ -103,6 +105,7 @@ impl Device {
                 pairs,
                 offered,
                 fatal,
+                frontend: Arc::default(),
             },
             backpressure,
             kernel,

@@ -7,7 +7,7 @@ use std::fs::File;
 use std::mem::size_of;
 use std::sync::Arc;
 
-use log::info;
+use log::{info, warn};
 use thiserror::Error;
 use vhost::vhost_user::message::{VhostUserMemory, VhostUserMemoryRegion};
 use vm_memory::mmap::{MmapRegion, MmapRegionError};
@@ -30,7 +30,18 @@ pub enum MemoryError {
     BadRegion { gpa: u64, size: u64 },
     #[error("region at guest address {gpa:#x}: size {size:#x} does not fit this host's addresses")]
     TooLarge { gpa: u64, size: u64 },
-    #[error("mapping region at guest address {gpa:#x}")]
+    #[error(
+        "region at guest address {gpa:#x}: its file holds {have:#x} bytes, the region needs \
+         {need:#x} (offset + size): touching the rest would crash the daemon"
+    )]
+    ShortFile { gpa: u64, need: u64, have: u64 },
+    #[error("region at guest address {gpa:#x}: fstat of its file failed: {err}")]
+    Stat {
+        gpa: u64,
+        #[source]
+        err: std::io::Error,
+    },
+    #[error("mapping region at guest address {gpa:#x}: {err}")]
     Map {
         gpa: u64,
         #[source]
@@ -38,7 +49,7 @@ pub enum MemoryError {
     },
     #[error("region at guest address {gpa:#x} overflows the guest address space")]
     Overflow { gpa: u64 },
-    #[error("the regions do not form a guest memory map")]
+    #[error("the regions do not form a guest memory map: {0}")]
     Layout(#[source] GuestRegionCollectionError),
 }
 
@@ -88,6 +99,41 @@ pub fn parse_table(body: &[u8], fds: usize) -> Result<Vec<VhostUserMemoryRegion>
         .collect()
 }
 
+/// A region's file must hold the whole region: a mapping past its end raises SIGBUS on the
+/// first access, which would kill the daemon (and the kernel's accesses, readv into a guest
+/// buffer, would fail with EFAULT). So the file's size is checked before mapping, and a memfd is
+/// sealed against shrinking afterwards when the frontend has not done it itself (QEMU's
+/// `memory-backend-memfd` seals by default): a file that can still shrink is the one way left to
+/// crash the daemon from outside, and a log line says so.
+fn check_file(file: &File, gpa: u64, need: u64) -> Result<(), MemoryError> {
+    use std::os::fd::AsRawFd;
+    let st = crate::sys::fstat(file).map_err(|err| MemoryError::Stat { gpa, err })?;
+    if st.st_mode & libc::S_IFMT != libc::S_IFREG {
+        // Device memory (a character device): no size to check.
+        return Ok(());
+    }
+    let have = u64::try_from(st.st_size).unwrap_or(0);
+    if have < need {
+        return Err(MemoryError::ShortFile { gpa, need, have });
+    }
+    let fd = file.as_raw_fd();
+    // SAFETY: fcntl with F_GET_SEALS on an open fd only reads its seals.
+    let seals = unsafe { libc::fcntl(fd, libc::F_GET_SEALS) };
+    if seals >= 0 && seals & libc::F_SEAL_SHRINK == 0 {
+        // SAFETY: F_ADD_SEALS only restricts what can be done to the file later.
+        if unsafe { libc::fcntl(fd, libc::F_ADD_SEALS, libc::F_SEAL_SHRINK) } != 0 {
+            warn!(
+                "guest memory at {gpa:#x}: its memfd cannot be sealed against shrinking; a \
+                 frontend that shrank it would crash the daemon"
+            );
+        }
+    } else if seals < 0 {
+        // Not a memfd (a file on hugetlbfs or elsewhere): nothing prevents it from shrinking.
+        log::debug!("guest memory at {gpa:#x}: a file that cannot be sealed");
+    }
+    Ok(())
+}
+
 impl GuestMemory {
     /// Map every region's fd shared (the guest's RAM itself: frames are read and written in
     /// place).
@@ -97,6 +143,7 @@ impl GuestMemory {
         for (r, file) in regions.iter().zip(files) {
             let (gpa, size, uva) = (r.guest_phys_addr, r.memory_size, r.user_addr);
             let len = usize::try_from(size).map_err(|_| MemoryError::TooLarge { gpa, size })?;
+            check_file(&file, gpa, r.mmap_offset + size)?;
             let mmap = MmapRegion::from_file(FileOffset::new(file, r.mmap_offset), len)
                 .map_err(|err| MemoryError::Map { gpa, err })?;
             let region = GuestRegionMmap::new(mmap, GuestAddress(gpa))

@@ -63,6 +63,7 @@ pub struct Source {
     pub backpressure: bool,
     pub connected: Arc<AtomicBool>,
     pub kernel: crate::kernel::KernelSupport,
+    pub frontend: Arc<crate::stats::FrontendStats>,
 }
 
 #[derive(Debug)]
@@ -142,6 +143,29 @@ impl prometheus_client::collector::Collector for Collector {
                 .enumerate()
                 .map(|(i, s)| (q(i), i64::from(uring && s.tx_io_uring_fallbacks == 0)))
                 .collect::<Vec<_>>(),
+        )?;
+
+        // Every request the protocol knows, and the rest together as "other".
+        let mut rejected: Vec<(Vec<(&str, String)>, u64)> = Vec::new();
+        let mut other = 0;
+        for (code, n) in src.frontend.rejected() {
+            let known = u32::try_from(code)
+                .ok()
+                .and_then(|c| vhost::vhost_user::message::FrontendReq::try_from(c).ok());
+            match known {
+                Some(req) if code < crate::stats::REQUEST_SLOTS - 1 => {
+                    rejected.push((vec![("request", format!("{req:?}"))], n))
+                }
+                _ => other += n,
+            }
+        }
+        rejected.push((vec![("request", "other".to_string())], other));
+        counter(
+            &mut enc,
+            "frontend_rejected_requests",
+            "Requests from the frontend the daemon refused (failure reply, or the connection \
+             closed over a malformed one), by request.",
+            &rejected,
         )?;
 
         // One family per metric name, in declaration order; a series per pair and labels.
@@ -368,6 +392,7 @@ mod tests {
                 tun_offloads: libc::TUN_F_CSUM,
                 tx: crate::kernel::TxPath::TapRefuses("EOPNOTSUPP".into()),
             },
+            frontend: Arc::default(),
         }))));
         let mut out = String::new();
         prometheus_client::encoding::text::encode(&mut out, &registry).unwrap();

@@ -346,11 +346,11 @@ impl Pair {
             Side::Idle(_) => None,
         };
         match e {
-            PairError::Rx(RxError::Ring(_)) => {
+            PairError::Rx(RxError::Ring(_) | RxError::GuestMemory) => {
                 signal(rx_err);
                 stats::inc(&self.stats.ring_errors);
             }
-            PairError::Tx(TxError::Ring(_)) => {
+            PairError::Tx(TxError::Ring(_) | TxError::GuestMemory) => {
                 signal(tx_err);
                 stats::inc(&self.stats.ring_errors);
             }

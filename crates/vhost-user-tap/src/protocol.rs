@@ -24,6 +24,7 @@ use vhost::vhost_user::message::{
 use vm_memory::ByteValued;
 use vmm_sys_util::sock_ctrl_msg::ScmSocket;
 
+use crate::ratelog::{suppressed, RateLimited};
 use crate::session::{Session, SessionError};
 
 const HDR_SIZE: usize = 12;
@@ -61,7 +62,7 @@ fn name(code: u32) -> String {
 }
 
 impl Request {
-    fn raw(&self) -> u32 {
+    pub fn raw(&self) -> u32 {
         self.code.map_or_else(|raw| raw, u32::from)
     }
 
@@ -117,6 +118,8 @@ pub struct Connection {
     out: Vec<u8>,
     out_pos: usize,
     out_since: Option<Instant>,
+    /// Refusals are logged at most once a second: a frontend can send them in a loop.
+    reject_log: RateLimited,
 }
 
 impl Connection {
@@ -133,6 +136,7 @@ impl Connection {
             out: Vec::new(),
             out_pos: 0,
             out_since: None,
+            reject_log: RateLimited::default(),
         })
     }
 
@@ -268,7 +272,13 @@ impl Connection {
         let code = match req.code {
             Ok(c) => c,
             Err(raw) => {
-                warn!("frontend sent unknown request {raw}; rejected");
+                if let Some(n) = self.reject_log.allow() {
+                    warn!(
+                        "frontend sent unknown request {raw}; rejected{}",
+                        suppressed(n)
+                    );
+                }
+                s.rejected(raw);
                 return self.ack_raw(s, &req, raw, false);
             }
         };
@@ -286,7 +296,10 @@ impl Connection {
                 let (index, num) = match s.get_vring_base(m.index) {
                     Ok(base) => (m.index, base),
                     Err(e) => {
-                        warn!("GET_VRING_BASE rejected: {e}");
+                        if let Some(n) = self.reject_log.allow() {
+                            warn!("GET_VRING_BASE rejected: {e}{}", suppressed(n));
+                        }
+                        s.rejected(u32::from(code));
                         (m.index, 0)
                     }
                 };
@@ -334,12 +347,21 @@ impl Connection {
             }
             R::SET_CONFIG => Err(SessionError::ConfigReadOnly),
             other => {
-                warn!("frontend sent unsupported request {other:?}; rejected");
+                if let Some(n) = self.reject_log.allow() {
+                    warn!(
+                        "frontend sent unsupported request {other:?}; rejected{}",
+                        suppressed(n)
+                    );
+                }
+                s.rejected(u32::from(other));
                 return self.ack_raw(s, &req, u32::from(other), false);
             }
         };
         if let Err(e) = &result {
-            warn!("{code:?} rejected: {e}");
+            if let Some(n) = self.reject_log.allow() {
+                warn!("{code:?} rejected: {e}{}", suppressed(n));
+            }
+            s.rejected(u32::from(code));
         }
         self.ack_raw(s, &req, u32::from(code), result.is_ok())
     }

@@ -48,6 +48,8 @@ pub enum RxError {
     Ring(#[from] RingError),
     #[error("reading tap {0} failed: {1} (was the tap deleted?)")]
     Tap(String, io::Error),
+    #[error("the guest's buffers are not all backed by its memory file (EFAULT on read)")]
+    GuestMemory,
 }
 
 /// What RX keeps across worker restarts and sessions: a frame taken from the tap that is not yet
@@ -389,6 +391,8 @@ impl Rx {
             Ok(n) => n,
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(false),
             Err(e) if e.kind() == io::ErrorKind::Interrupted => return Ok(true),
+            // The kernel could not write into a guest buffer: the guest's memory, not the tap.
+            Err(e) if e.raw_os_error() == Some(libc::EFAULT) => return Err(RxError::GuestMemory),
             Err(e) => return Err(RxError::Tap(tap.name().to_string(), e)),
         };
         if n <= cap {

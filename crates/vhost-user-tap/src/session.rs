@@ -13,7 +13,7 @@
 use std::fs::File;
 use std::sync::Arc;
 
-use log::{debug, info, warn};
+use log::{debug, error, info, warn};
 use thiserror::Error;
 use vhost::vhost_user::message::{VhostUserMemoryRegion, VhostUserProtocolFeatures};
 use virtio_queue::{Queue, QueueT};
@@ -49,7 +49,7 @@ pub enum SessionError {
     NoKickFd(u32),
     #[error("vring {0}: the {1} fd is {2}")]
     NotAnEventfd(u32, &'static str, String),
-    #[error("memory table")]
+    #[error("memory table: {0}")]
     Memory(#[from] crate::memory::MemoryError),
     #[error("tap: {0}")]
     Tap(#[from] crate::tap::TapError),
@@ -128,6 +128,11 @@ impl<'d> Session<'d> {
         } else {
             Err(SessionError::BadIndex(index, self.vrings.len()))
         }
+    }
+
+    /// Count a refused request (see `FrontendStats`).
+    pub fn rejected(&self, code: u32) {
+        self.dev.frontend.reject(code);
     }
 
     pub fn reply_ack_enabled(&self) -> bool {
@@ -405,14 +410,23 @@ impl<'d> Session<'d> {
 
     fn stop_pair(&mut self, p: usize) {
         if let Some(w) = self.workers[p].take() {
-            let stopped = w.stop();
-            if let Some(q) = stopped.rx {
-                self.vrings[2 * p].queue = q;
+            match w.stop() {
+                Ok(stopped) => {
+                    if let Some(q) = stopped.rx {
+                        self.vrings[2 * p].queue = q;
+                    }
+                    if let Some(q) = stopped.tx {
+                        self.vrings[2 * p + 1].queue = q;
+                    }
+                    self.dev.pairs[p].rest = Some(stopped.rest);
+                }
+                Err(stuck) => {
+                    // A bug, never a guest's doing (batches are bounded): end the daemon so the
+                    // service manager starts it afresh, rather than serve without this pair.
+                    error!("{stuck}; the daemon exits");
+                    let _ = self.dev.fatal.write(1);
+                }
             }
-            if let Some(q) = stopped.tx {
-                self.vrings[2 * p + 1].queue = q;
-            }
-            self.dev.pairs[p].rest = Some(stopped.rest);
         }
     }
 
@@ -464,7 +478,11 @@ impl<'d> Session<'d> {
             mem,
             tap: slot.tap.clone(),
             stats: slot.stats.clone(),
-            rest: slot.rest.take().expect("a stopped pair keeps its rest"),
+            rest: match slot.rest.take() {
+                Some(rest) => rest,
+                // Its worker is stuck and the daemon is ending.
+                None => return Ok(()),
+            },
             rx,
             tx,
         };
@@ -473,8 +491,13 @@ impl<'d> Session<'d> {
             setup.rx.is_some(),
             setup.tx.is_some()
         );
-        self.workers[p] =
-            Some(Worker::spawn(setup, self.dev.fatal.clone()).map_err(SessionError::Spawn)?);
+        match Worker::spawn(setup, self.dev.fatal.clone()) {
+            Ok(w) => self.workers[p] = Some(w),
+            Err((e, setup)) => {
+                self.dev.pairs[p].rest = Some(setup.rest);
+                return Err(SessionError::Spawn(e));
+            }
+        }
         Ok(())
     }
 }

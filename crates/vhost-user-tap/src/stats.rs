@@ -119,8 +119,12 @@ counters! {
         /// Frames the tap refused (e.g. an invalid GSO header): completed and dropped.
         tx_dropped_tap_error => "daemon_dropped_frames" [direction = "tx", reason = "tap_error"]
             "Frames the daemon dropped after taking them from the tap or the guest.",
-        /// Fatal ring errors (corrupted indices) that stopped this pair's worker.
-        ring_errors => "ring_errors" "Fatal ring errors that stopped a queue pair.",
+        /// Times the guest's side of this pair stopped it: a corrupted ring index, a ring of
+        /// nothing but malformed chains (`GARBAGE_CHAINS` in a row), a kick fd that does not read
+        /// like an eventfd, buffers outside the guest's memory file.
+        ring_errors => "ring_errors"
+            "Times the guest's rings or eventfds stopped a queue pair (corrupted index, a ring of \
+             malformed chains, a broken kick, a guest memory fault).",
         /// Times TX left io_uring for writev because the tap refused io_uring's writes
         /// (EOPNOTSUPP); the refused frames were written again with writev, not dropped.
         tx_io_uring_fallbacks => "tx_io_uring_fallbacks"
@@ -131,6 +135,41 @@ counters! {
         /// the frames at all, which must not pass for a trickle of drops.
         tx_stops_tap_refusing => "tx_stops_tap_refusing"
             "Times this pair stopped because the tap refused every TX frame for a second.",
+    }
+}
+
+/// Requests a frontend sent that the daemon refused (a failure reply, or the connection closed
+/// over a malformed one), by request code: what a broken or hostile frontend tried.
+#[derive(Debug)]
+pub struct FrontendStats {
+    /// Indexed by request code; codes from `REQUEST_SLOTS - 1` on share the last slot.
+    rejected: [AtomicU64; REQUEST_SLOTS],
+}
+
+/// vhost-user request codes end well below this (QEMU 10 knows about 45).
+pub const REQUEST_SLOTS: usize = 64;
+
+impl Default for FrontendStats {
+    fn default() -> Self {
+        FrontendStats {
+            rejected: std::array::from_fn(|_| AtomicU64::new(0)),
+        }
+    }
+}
+
+impl FrontendStats {
+    pub fn reject(&self, code: u32) {
+        let slot = usize::try_from(code).map_or(REQUEST_SLOTS - 1, |c| c.min(REQUEST_SLOTS - 1));
+        inc(&self.rejected[slot]);
+    }
+
+    /// (request code, refusals), every slot.
+    pub fn rejected(&self) -> Vec<(usize, u64)> {
+        self.rejected
+            .iter()
+            .enumerate()
+            .map(|(code, n)| (code, n.load(Ordering::Relaxed)))
+            .collect()
     }
 }
 

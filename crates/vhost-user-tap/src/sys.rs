@@ -155,6 +155,18 @@ fn sockopt(fd: RawFd, opt: libc::c_int) -> io::Result<libc::c_int> {
     }
 }
 
+/// fstat(2) itself: std's metadata tries statx first, which the seccomp filter does not allow
+/// (glibc's fstat is newfstatat, which it does).
+pub fn fstat(file: &File) -> io::Result<libc::stat> {
+    // SAFETY: `stat` is plain data; fstat fills it.
+    let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    // SAFETY: `st` is a valid stat buffer for the call; the fd is open (owned by `file`).
+    if unsafe { libc::fstat(file.as_raw_fd(), &mut st) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(st)
+}
+
 /// O_NONBLOCK with fcntl: the seccomp filter allows no FIONBIO ioctl (what std's
 /// `set_nonblocking` uses).
 pub fn set_nonblocking(fd: RawFd) -> io::Result<()> {
@@ -176,12 +188,7 @@ pub fn set_nonblocking(fd: RawFd) -> io::Result<()> {
 /// file type bits); pipes, sockets and files are refused here, and the kick's reads catch the
 /// other anonymous kinds (an epoll or timer fd does not read like an eventfd).
 pub fn frontend_eventfd(file: &File) -> Result<(), String> {
-    // SAFETY: `stat` is plain data written by fstat on a valid fd owned by `file`.
-    let mut st: libc::stat = unsafe { std::mem::zeroed() };
-    // SAFETY: `st` is a valid stat buffer for the call; the fd is open.
-    if unsafe { libc::fstat(file.as_raw_fd(), &mut st) } != 0 {
-        return Err(format!("fstat: {}", io::Error::last_os_error()));
-    }
+    let st = fstat(file).map_err(|e| format!("fstat: {e}"))?;
     let kind = st.st_mode & libc::S_IFMT;
     if kind != 0 {
         let what = match kind {

@@ -44,6 +44,8 @@ pub enum TxError {
     Ring(#[from] RingError),
     #[error("tap {0} is gone: {1}")]
     TapGone(String, io::Error),
+    #[error("the guest's buffers are not all backed by its memory file (EFAULT on write)")]
+    GuestMemory,
     #[error(
         "tap {tap} refused every TX frame for {secs:.1} s ({frames} frames, none accepted): \
          {err}; stopping this queue pair"
@@ -349,6 +351,7 @@ impl Tx {
         }
         let end = if inverted { n } else { cut.unwrap_or(n) };
         let mut gone = false;
+        let mut fault = false;
         for i in 0..end {
             let Gathered { head, len, .. } = self.batch[i];
             match len {
@@ -357,6 +360,8 @@ impl Tx {
                     // Only reachable when inverted: the tap went away mid-batch. The frames
                     // after it may have been written, so nothing goes back to the ring.
                     gone |= r == -libc::EBADFD;
+                    // The kernel could not read a guest buffer: the guest's memory, not the tap.
+                    fault |= r == -libc::EFAULT;
                     if r >= 0 {
                         t.frames += 1;
                         t.bytes += u64::from(len) - self.hdr_len as u64;
@@ -403,6 +408,9 @@ impl Tx {
         };
         if gone {
             return tap_gone();
+        }
+        if fault {
+            return Ok(Some(Err(TxError::GuestMemory)));
         }
         if let Some(run) = self.refusing.as_ref().filter(|r| {
             r.errno != libc::EIO

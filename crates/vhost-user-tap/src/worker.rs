@@ -10,9 +10,9 @@
 use std::fs::File;
 use std::io::Read;
 use std::os::fd::AsRawFd;
-use std::sync::Arc;
+use std::sync::{mpsc, Arc};
 use std::thread::{self, JoinHandle};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use log::{debug, error};
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
@@ -25,33 +25,83 @@ const TAP: u64 = 1;
 const RX_KICK: u64 = 2;
 const TX_KICK: u64 = 3;
 
+/// How long `Worker::stop` waits. A worker's batches are bounded (README, "Hostile guests"), so
+/// it sees its stop eventfd within milliseconds; not seeing it within this is a bug.
+pub const STOP_DEADLINE: Duration = Duration::from_secs(1);
+
 pub struct Worker {
+    index: usize,
     stop: EventFd,
-    handle: JoinHandle<Stopped>,
+    stopped: mpsc::Receiver<Stopped>,
+    handle: JoinHandle<()>,
 }
+
+/// A worker that did not stop within `STOP_DEADLINE`: its pair's state is lost with it.
+#[derive(Debug, thiserror::Error)]
+#[error("queue pair {0}: the worker did not stop within {STOP_DEADLINE:?}")]
+pub struct Stuck(pub usize);
 
 impl Worker {
     /// Start the pair on a thread of its own (it is made there: its ring and buffer pointers
     /// never cross threads). `fatal` is written when the pair's tap failed: the daemon cannot go
-    /// on (the session watches it).
-    pub fn spawn(setup: PairSetup, fatal: Arc<EventFd>) -> std::io::Result<Worker> {
-        let stop = EventFd::new(EFD_NONBLOCK)?;
-        let stop_clone = stop.try_clone()?;
-        let handle = thread::Builder::new()
-            .name(format!("vut-pair{}", setup.index))
-            .spawn(move || run(Pair::start(setup), &stop_clone, &fatal))?;
-        Ok(Worker { stop, handle })
+    /// on (the session watches it). On failure (no descriptor or thread to be had) the setup
+    /// comes back, so nothing it carries (a staged frame) is lost.
+    pub fn spawn(
+        setup: PairSetup,
+        fatal: Arc<EventFd>,
+    ) -> Result<Worker, (std::io::Error, Box<PairSetup>)> {
+        let index = setup.index;
+        let fds = EventFd::new(EFD_NONBLOCK).and_then(|s| Ok((s.try_clone()?, s)));
+        let (stop, stop_clone) = match fds {
+            Ok(fds) => fds,
+            Err(e) => return Err((e, Box::new(setup))),
+        };
+        // The setup goes over once the thread exists: if it cannot be made, we still hold it.
+        let (give, take) = mpsc::channel::<PairSetup>();
+        let (done, stopped) = mpsc::channel();
+        let spawned = thread::Builder::new()
+            .name(format!("vut-pair{index}"))
+            .spawn(move || {
+                if let Ok(setup) = take.recv() {
+                    let _ = done.send(run(Pair::start(setup), &stop_clone, &fatal));
+                }
+            });
+        let handle = match spawned {
+            Ok(h) => h,
+            Err(e) => return Err((e, Box::new(setup))),
+        };
+        if let Err(mpsc::SendError(setup)) = give.send(setup) {
+            return Err((
+                std::io::Error::other("the worker thread ended at once"),
+                Box::new(setup),
+            ));
+        }
+        Ok(Worker {
+            index,
+            stop,
+            stopped,
+            handle,
+        })
     }
 
-    /// Stop the worker and take the pair's state back.
-    pub fn stop(self) -> Stopped {
+    /// Stop the worker and take the pair's state back, within `STOP_DEADLINE`.
+    pub fn stop(self) -> Result<Stopped, Stuck> {
         let _ = self.stop.write(1);
-        match self.handle.join() {
-            Ok(stopped) => stopped,
-            // A panic in a worker is a bug with no state left to recover (the pair's staged
-            // frame and ring positions went with the thread): it takes the daemon down with it,
-            // with the worker's panic message on stderr, and the service manager restarts it.
-            Err(panic) => std::panic::resume_unwind(panic),
+        match self.stopped.recv_timeout(STOP_DEADLINE) {
+            Ok(stopped) => {
+                let _ = self.handle.join();
+                Ok(stopped)
+            }
+            // Left to run detached; the session ends the daemon.
+            Err(mpsc::RecvTimeoutError::Timeout) => Err(Stuck(self.index)),
+            // The thread ended without handing the pair back: it panicked. A panic in a worker
+            // is a bug with no state left to recover (the pair's staged frame and ring positions
+            // went with the thread): it takes the daemon down with it, with the worker's panic
+            // message on stderr, and the service manager restarts it.
+            Err(mpsc::RecvTimeoutError::Disconnected) => match self.handle.join() {
+                Err(panic) => std::panic::resume_unwind(panic),
+                Ok(()) => Err(Stuck(self.index)),
+            },
         }
     }
 }
