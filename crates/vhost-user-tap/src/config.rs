@@ -81,8 +81,10 @@ pub struct Args {
     #[arg(long)]
     pub no_io_uring: bool,
 
-    /// Largest virtqueue size accepted from the frontend (power of two).
-    #[arg(long, value_name = "N", default_value_t = 1024)]
+    /// Largest virtqueue size accepted from the frontend (power of two; a split ring has at
+    /// most 32768 entries, which DPDK's virtio-user may ask for). A ring set to a larger size is
+    /// refused and does not run.
+    #[arg(long, value_name = "N", default_value_t = 32768)]
     pub queue_size: u16,
 
     /// IFF_BACKPRESSURE: with it (Linux 7.3+) a full tun ring stops the tap's queue and its qdisc
@@ -330,7 +332,7 @@ mod tests {
         let c = parse(&["--socket-path", "/tmp/s", "--tap", "vut0"]).unwrap();
         assert_eq!(c.listen, Listen::Path("/tmp/s".into()));
         assert_eq!(c.mtu, 1500);
-        assert_eq!(c.queue_size, 1024);
+        assert_eq!(c.queue_size, 32768);
         assert_eq!(c.mac, mac_for_tap("vut0"));
         assert_eq!(c.backpressure, Backpressure::Auto);
         assert_eq!(c.metrics, None);

@@ -127,13 +127,7 @@ impl Pair {
         let rx = match s.rx {
             Some(run) => {
                 let (q, kick, err) = queue(run);
-                let rx = Rx::new(
-                    q,
-                    s.rest.carry,
-                    f.hdr_len(),
-                    f.mrg_rxbuf(),
-                    f.max_rx_frame(s.mtu),
-                );
+                let rx = Rx::new(q, s.rest.carry, f, s.mtu);
                 Side::Running { dir: rx, kick, err }
             }
             None => Side::Idle(s.rest.carry),

@@ -359,7 +359,13 @@ impl Connection {
         };
         if let Err(e) = &result {
             if let Some(n) = self.reject_log.allow() {
-                warn!("{code:?} rejected: {e}{}", suppressed(n));
+                // A refused ring setup leaves that ring dead: say it loudly.
+                let level = if e.ring_setup() {
+                    log::Level::Error
+                } else {
+                    log::Level::Warn
+                };
+                log::log!(level, "{code:?} rejected: {e}{}", suppressed(n));
             }
             s.rejected(u32::from(code));
         }

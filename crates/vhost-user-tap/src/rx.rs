@@ -33,7 +33,12 @@ use crate::ring::{
 };
 use crate::stats::{self, PairStats};
 use crate::tap::Tap;
-use crate::virtio_net::{HDR_LEN, MAX_GSO_FRAME, NUM_BUFFERS_OFFSET};
+use crate::virtio_net::{NetFeatures, HDR_LEN, HDR_LEN_LEGACY, MAX_GSO_FRAME, NUM_BUFFERS_OFFSET};
+use virtio_bindings::virtio_net::{
+    VIRTIO_NET_HDR_F_NEEDS_CSUM, VIRTIO_NET_HDR_GSO_ECN, VIRTIO_NET_HDR_GSO_NONE,
+    VIRTIO_NET_HDR_GSO_TCPV4, VIRTIO_NET_HDR_GSO_TCPV6, VIRTIO_NET_HDR_GSO_UDP,
+    VIRTIO_NET_HDR_GSO_UDP_L4,
+};
 
 pub const FRAME_BUDGET: u64 = 256;
 pub const BYTE_BUDGET: u64 = 512 * 1024;
@@ -57,6 +62,8 @@ pub enum RxError {
 pub struct RxCarry {
     staging: Box<[u8]>,
     staged: usize,
+    /// The vnet header size the staged frame was read with.
+    hdr_len: usize,
 }
 
 impl Default for RxCarry {
@@ -64,7 +71,55 @@ impl Default for RxCarry {
         RxCarry {
             staging: vec![0u8; HDR_LEN + MAX_GSO_FRAME].into_boxed_slice(),
             staged: 0,
+            hdr_len: HDR_LEN,
         }
+    }
+}
+
+impl RxCarry {
+    /// Make a staged frame fit the features a (new) guest negotiated: the header resized to
+    /// theirs (`num_buffers` added or taken away), and a frame it cannot parse at all, one
+    /// checksum-partial or segmented under offloads it did not accept, dropped (the one other
+    /// drop RX ever makes; counted). Returns whether it dropped one.
+    fn adapt(&mut self, f: &NetFeatures) -> bool {
+        let want = f.hdr_len();
+        if self.staged == 0 {
+            self.hdr_len = want;
+            return false;
+        }
+        let (flags, gso) = (u32::from(self.staging[0]), u32::from(self.staging[1]));
+        let offloads = f.tun_offloads();
+        let has = |t: u32| offloads & t == t;
+        let csum_ok = flags & VIRTIO_NET_HDR_F_NEEDS_CSUM == 0 || has(libc::TUN_F_CSUM);
+        let gso_ok = (gso & VIRTIO_NET_HDR_GSO_ECN == 0 || has(libc::TUN_F_TSO_ECN))
+            && match gso & !VIRTIO_NET_HDR_GSO_ECN {
+                VIRTIO_NET_HDR_GSO_NONE => true,
+                VIRTIO_NET_HDR_GSO_TCPV4 => has(libc::TUN_F_TSO4),
+                VIRTIO_NET_HDR_GSO_TCPV6 => has(libc::TUN_F_TSO6),
+                VIRTIO_NET_HDR_GSO_UDP => has(libc::TUN_F_UFO),
+                VIRTIO_NET_HDR_GSO_UDP_L4 => has(libc::TUN_F_USO4 | libc::TUN_F_USO6),
+                _ => false,
+            };
+        if !(csum_ok && gso_ok) {
+            self.staged = 0;
+            self.hdr_len = want;
+            return true;
+        }
+        match (self.hdr_len, want) {
+            (HDR_LEN, HDR_LEN_LEGACY) => {
+                self.staging.copy_within(HDR_LEN..self.staged, HDR_LEN_LEGACY);
+                self.staged -= 2;
+            }
+            (HDR_LEN_LEGACY, HDR_LEN) => {
+                // Room: staging holds HDR_LEN + MAX_GSO_FRAME, a legacy frame at most 2 less.
+                self.staging.copy_within(HDR_LEN_LEGACY..self.staged, HDR_LEN);
+                self.staging[NUM_BUFFERS_OFFSET..HDR_LEN].fill(0);
+                self.staged += 2;
+            }
+            _ => {}
+        }
+        self.hdr_len = want;
+        false
     }
 }
 
@@ -126,6 +181,9 @@ pub struct Rx {
     oversize_log: RateLimited,
     /// Malformed chains popped in a row (see `GARBAGE_CHAINS`).
     garbage: u32,
+    /// A staged frame was dropped at the start for offloads the guest did not accept (counted
+    /// at the first batch).
+    unfit_staged: bool,
 }
 
 /// Totals of one batch, added to the shared counters once.
@@ -155,8 +213,12 @@ impl Tally {
 }
 
 impl Rx {
-    pub fn new(q: DeviceQueue, carry: RxCarry, hdr_len: usize, mrg: bool, target: usize) -> Self {
+    /// RX on `q` with the features the guest negotiated; a frame staged under other features
+    /// is adapted to them first (`RxCarry::adapt`).
+    pub fn new(q: DeviceQueue, mut carry: RxCarry, f: NetFeatures, mtu: u16) -> Self {
         let size = usize::from(q.size());
+        let unfit_staged = carry.adapt(&f);
+        let (hdr_len, mrg, target) = (f.hdr_len(), f.mrg_rxbuf(), f.max_rx_frame(mtu));
         Rx {
             win: Window {
                 chains: VecDeque::with_capacity(size),
@@ -176,6 +238,7 @@ impl Rx {
             bad_log: RateLimited::default(),
             oversize_log: RateLimited::default(),
             garbage: 0,
+            unfit_staged,
         }
     }
 
@@ -251,6 +314,9 @@ impl Rx {
         stats::add(&stats.rx_bytes, t.bytes);
         stats::add(&stats.rx_bad_desc, t.bad);
         stats::add(&stats.rx_dropped_oversize, t.oversize);
+        if std::mem::take(&mut self.unfit_staged) {
+            stats::inc(&stats.rx_dropped_unfit);
+        }
         stats::add(&stats.rx_staged, t.staged);
         stats::add(&stats.rx_notify_races, t.races);
         published?;
@@ -413,6 +479,7 @@ impl Rx {
                 off += len;
             }
             self.carry.staged = n;
+            self.carry.hdr_len = self.hdr_len;
             t.staged += 1;
         }
         Ok(true)

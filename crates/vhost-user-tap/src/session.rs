@@ -22,6 +22,7 @@ use vm_memory::{GuestAddress, GuestMemoryMmap};
 use crate::device::Device;
 use crate::memory::GuestMemory;
 use crate::pair::{PairSetup, QueueRun};
+use crate::ring::Notifier;
 use crate::virtio_net::{self, NetConfigSpace, NetFeatures, VHOST_USER_F_PROTOCOL_FEATURES};
 use crate::worker::Worker;
 
@@ -33,7 +34,10 @@ pub enum SessionError {
     UnofferedFeatures(u64),
     #[error("protocol features {0:#x} were not offered")]
     UnofferedProtocolFeatures(u64),
-    #[error("vring {0}: size {1} is not a power of two up to {2}")]
+    #[error(
+        "vring {0}: size {1} is not a power of two up to {2} (--queue-size): the ring does not \
+         run until the frontend sets a size it can have"
+    )]
     BadSize(u32, u32, u16),
     #[error("vring {0}: no guest memory table yet")]
     NoMemory(u32),
@@ -63,6 +67,22 @@ pub enum SessionError {
 
 type Result<T> = std::result::Result<T, SessionError>;
 
+impl SessionError {
+    /// Whether the refusal leaves a ring unable to run (its size, addresses, eventfds or the
+    /// memory they live in).
+    pub fn ring_setup(&self) -> bool {
+        matches!(
+            self,
+            SessionError::BadSize(..)
+                | SessionError::BadRingAddress(..)
+                | SessionError::Misaligned(..)
+                | SessionError::NotAnEventfd(..)
+                | SessionError::Memory(_)
+                | SessionError::NoMemory(_)
+        )
+    }
+}
+
 /// A frontend fd where an eventfd belongs: checked and made non-blocking (`sys::frontend_eventfd`).
 fn eventfd(index: u32, what: &'static str, fd: &File) -> Result<()> {
     crate::sys::frontend_eventfd(fd).map_err(|why| SessionError::NotAnEventfd(index, what, why))
@@ -75,6 +95,8 @@ struct Vring {
     err: Option<Arc<File>>,
     enabled: bool,
     started: bool,
+    /// The setup request that was refused, if any: the ring must not run until it is redone.
+    refused: Option<&'static str>,
 }
 
 impl Vring {
@@ -86,6 +108,7 @@ impl Vring {
             err: None,
             enabled: false,
             started: false,
+            refused: None,
         }
     }
 }
@@ -150,16 +173,26 @@ impl<'d> Session<'d> {
             ));
         }
         let nf = NetFeatures { acked: features };
-        let tap = &self.dev.pairs[0].tap;
-        if let Err(e) = tap
-            .set_vnet_hdr_len(nf.hdr_len())
-            .and_then(|_| tap.set_offload(nf.tun_offloads()))
-        {
-            if e.is_gone() {
-                let _ = self.dev.fatal.write(1);
+        // The tap's header size and offloads change while no worker reads the tap: frames read
+        // afterwards have the new layout, and a staged frame is converted when its pair starts.
+        self.with_all_pairs(|s| {
+            let tap = &s.dev.pairs[0].tap;
+            let set = tap
+                .set_vnet_hdr_len(nf.hdr_len())
+                .and_then(|_| tap.set_offload(nf.tun_offloads()));
+            match set {
+                Ok(()) => {
+                    s.features = features;
+                    Ok(())
+                }
+                Err(e) => {
+                    if e.is_gone() {
+                        let _ = s.dev.fatal.write(1);
+                    }
+                    Err(e)
+                }
             }
-            return Err(e.into());
-        }
+        })??;
         info!(
             "features acked {features:#x}: header {} bytes, mergeable RX buffers {}, event idx {}, \
              tap offloads {:#x}",
@@ -171,7 +204,7 @@ impl<'d> Session<'d> {
         if self.memory.is_none() {
             self.features_acked_at = Some(std::time::Instant::now());
         }
-        self.with_all_pairs(|s| s.features = features)
+        Ok(())
     }
 
     /// How long the frontend has been overdue with its memory table, if it is: QEMU sends
@@ -235,9 +268,24 @@ impl<'d> Session<'d> {
     pub fn set_vring_num(&mut self, index: u32, num: u32) -> Result<()> {
         let i = self.check_index(index)?;
         let max = self.dev.config.queue_size;
-        let size = u16::try_from(num).map_err(|_| SessionError::BadSize(index, num, max))?;
-        self.with_pair(i / 2, |s| s.vrings[i].queue.try_set_size(size))
-            .map_err(|_| SessionError::BadSize(index, num, max))
+        let refused = self.with_pair(i / 2, |s| {
+            let v = &mut s.vrings[i];
+            let ok = u16::try_from(num)
+                .ok()
+                .filter(|&n| n <= max && v.queue.try_set_size(n).is_ok());
+            // A frontend that does not wait for the reply (DPDK's virtio-user asks for none)
+            // goes on to start the ring: it must not run on a size the guest does not use.
+            v.refused = ok.is_none().then_some("SET_VRING_NUM");
+            if ok.is_none() {
+                v.queue.set_ready(false);
+                Notifier(v.err.clone()).signal();
+            }
+            ok.is_none()
+        });
+        if refused {
+            return Err(SessionError::BadSize(index, num, max));
+        }
+        Ok(())
     }
 
     pub fn set_vring_addr(
@@ -438,7 +486,7 @@ impl<'d> Session<'d> {
 
     fn runnable(&self, i: usize, mem: &GuestMemoryMmap) -> bool {
         let v = &self.vrings[i];
-        v.started && v.enabled && v.queue.ready() && v.queue.is_valid(mem)
+        v.started && v.enabled && v.refused.is_none() && v.queue.ready() && v.queue.is_valid(mem)
     }
 
     fn start_pair(&mut self, p: usize) -> Result<()> {

@@ -102,6 +102,10 @@ counters! {
         /// hold them: larger than the guest accepts.
         rx_dropped_oversize => "daemon_dropped_frames" [direction = "rx", reason = "oversize"]
             "Frames the daemon dropped after taking them from the tap or the guest.",
+        /// Staged frames dropped at a feature change: checksum-partial or segmented under
+        /// offloads the new guest did not accept, so it could not parse them.
+        rx_dropped_unfit => "daemon_dropped_frames" [direction = "rx", reason = "unfit_offload"]
+            "Frames the daemon dropped after taking them from the tap or the guest.",
         /// Frames sent to the tap from the guest.
         tx_frames => "tx_frames" "Frames sent from the guest to the tap.",
         /// Bytes of those frames, vnet header excluded.
@@ -176,7 +180,10 @@ impl FrontendStats {
 impl PairSnapshot {
     /// Frames the daemon dropped after taking them from a guest or a tap.
     pub fn daemon_drops(&self) -> u64 {
-        self.rx_dropped_oversize + self.tx_dropped_bad_desc + self.tx_dropped_tap_error
+        self.rx_dropped_oversize
+            + self.rx_dropped_unfit
+            + self.tx_dropped_bad_desc
+            + self.tx_dropped_tap_error
     }
 }
 
