@@ -77,6 +77,11 @@ pub struct GuestConfig {
     pub tx_layout: TxLayout,
     /// Message order.
     pub order: HandshakeOrder,
+    /// Ack VIRTIO_F_VERSION_1 (else a legacy device: a 10-byte header without MRG_RXBUF).
+    pub version_1: bool,
+    /// A hostile frontend's lie: announce the memory region this many bytes larger than the
+    /// memfd behind it. Default 0.
+    pub mem_table_overstate: u64,
 }
 
 impl GuestConfig {
@@ -101,6 +106,8 @@ impl GuestConfig {
             tx_max_frame: 1514,
             tx_layout: TxLayout::Single,
             order: HandshakeOrder::Spec,
+            version_1: true,
+            mem_table_overstate: 0,
         }
     }
 }
@@ -309,6 +316,9 @@ impl Guest {
         if self.cfg.mrg_rxbuf {
             want |= bit(VIRTIO_NET_F_MRG_RXBUF);
         }
+        if !self.cfg.version_1 {
+            want &= !bit(VIRTIO_F_VERSION_1);
+        }
         if self.cfg.event_idx {
             want |= bit(VIRTIO_RING_F_EVENT_IDX);
         }
@@ -444,7 +454,7 @@ impl Guest {
     fn set_mem_table(&mut self) -> Result<()> {
         let region = (
             self.ram.base().0,
-            self.ram.size(),
+            self.ram.size() + self.cfg.mem_table_overstate,
             self.ram.host_addr(),
             self.ram.mmap_offset(),
         );

@@ -75,9 +75,11 @@ impl GuestRam {
         {
             return Err(MemError::InvalidSize { size, base });
         }
+        // Sealable, as QEMU's memory-backend-memfd makes its memfds.
+        let flags = libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING;
         // SAFETY: the name is a valid NUL-terminated C string; memfd_create has no other
         // memory-safety preconditions. The returned fd is checked below.
-        let fd = unsafe { libc::memfd_create(c"vhost-user-tap-guest".as_ptr(), libc::MFD_CLOEXEC) };
+        let fd = unsafe { libc::memfd_create(c"vhost-user-tap-guest".as_ptr(), flags) };
         if fd < 0 {
             return Err(MemError::MemfdCreate(std::io::Error::last_os_error()));
         }

@@ -107,12 +107,14 @@ impl RxCarry {
         }
         match (self.hdr_len, want) {
             (HDR_LEN, HDR_LEN_LEGACY) => {
-                self.staging.copy_within(HDR_LEN..self.staged, HDR_LEN_LEGACY);
+                self.staging
+                    .copy_within(HDR_LEN..self.staged, HDR_LEN_LEGACY);
                 self.staged -= 2;
             }
             (HDR_LEN_LEGACY, HDR_LEN) => {
                 // Room: staging holds HDR_LEN + MAX_GSO_FRAME, a legacy frame at most 2 less.
-                self.staging.copy_within(HDR_LEN_LEGACY..self.staged, HDR_LEN);
+                self.staging
+                    .copy_within(HDR_LEN_LEGACY..self.staged, HDR_LEN);
                 self.staging[NUM_BUFFERS_OFFSET..HDR_LEN].fill(0);
                 self.staged += 2;
             }
