@@ -23,6 +23,8 @@ use prometheus_client::registry::Registry;
 use crate::netlink;
 use crate::stats::{PairStats, COUNTERS};
 
+pub mod http;
+
 /// Where the metrics endpoint listens.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum MetricsAddr {
