@@ -5,14 +5,23 @@
 //! qdisc's drops and backlog, read over netlink at scrape time. Names follow Prometheus
 //! conventions: prefix `vhost_user_tap_`, base units, counters ending in `_total`, low-cardinality
 //! labels (`queue="0"`, `tap`, `direction`, `reason`).
+//!
+//! The endpoint is served by [`http`], from one thread with bounded resources: at most 8
+//! connections at once, 2 s from accept to close, 8 KiB of request head, accept errors survived
+//! (see its Design section). Descriptors are budgeted so that metrics clients cannot take those
+//! the vhost-user side needs: at start the server counts the open descriptors against
+//! RLIMIT_NOFILE, keeps [`vhost_user_fd_reserve`] of them for the vhost-user side and allows only
+//! as many metrics connections as fit in the rest ([`FdBudget`]); if not even one fits, the
+//! daemon does not start.
 
 use std::fmt;
-use std::net::SocketAddr;
+use std::net::{SocketAddr, TcpListener};
+use std::os::unix::net::UnixListener;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::thread::JoinHandle;
 
+use anyhow::Context;
 use log::{info, warn};
 use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
 use prometheus_client::metrics::counter::ConstCounter;
@@ -22,6 +31,8 @@ use prometheus_client::registry::Registry;
 
 use crate::netlink;
 use crate::stats::{PairStats, COUNTERS};
+
+pub mod http;
 
 /// Where the metrics endpoint listens.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -283,39 +294,132 @@ impl prometheus_client::collector::Collector for Collector {
     }
 }
 
-/// The metrics endpoint's thread; stopped on drop.
+/// The OpenMetrics text format's content type.
+const OPENMETRICS: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+
+/// Descriptors the vhost-user side may need at once beyond those open when the metrics server
+/// starts (the tap's queues, the listener, io_uring rings and the signalfd are open by then):
+/// the frontend connection, the session's and the daemon's epoll sets, one message's worth of
+/// passed fds (vhost-user allows 32) on top of a memory table's 8 region fds kept while a new
+/// table arrives, netlink and sd_notify sockets for a moment (45 in all, rounded up to 48), and
+/// per queue pair the kick, call and error eventfds of both rings and the worker's epoll set,
+/// stop eventfd and its clone (9, rounded up to 12). Generous on purpose: a metrics connection
+/// refused is a retried scrape, a vhost-user fd refused is a dead NIC.
+pub fn vhost_user_fd_reserve(pairs: usize) -> u64 {
+    48 + 12 * u64::try_from(pairs).unwrap_or(u64::MAX / 24)
+}
+
+/// Descriptors a scrape opens for a moment (the netlink socket the kernel counters come from).
+const SCRAPE_FDS: u64 = 1;
+
+/// How many metrics connections fit beside everything else under the open-files limit.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FdBudget {
+    /// RLIMIT_NOFILE (soft).
+    pub limit: u64,
+    /// Descriptors open when the metrics server starts, its listener included.
+    pub open: u64,
+    /// Kept free for the vhost-user side ([`vhost_user_fd_reserve`]).
+    pub reserve: u64,
+}
+
+impl FdBudget {
+    /// The process's limit and open descriptors now.
+    fn measure(pairs: usize) -> anyhow::Result<FdBudget> {
+        let (soft, _) = nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE)
+            .context("getrlimit(RLIMIT_NOFILE)")?;
+        // The directory's own descriptor is listed too.
+        let open = std::fs::read_dir("/proc/self/fd")
+            .context("counting open descriptors in /proc/self/fd")?
+            .count()
+            .saturating_sub(1);
+        Ok(FdBudget {
+            limit: soft,
+            open: u64::try_from(open).unwrap_or(u64::MAX),
+            reserve: vhost_user_fd_reserve(pairs),
+        })
+    }
+
+    /// Metrics connections allowed at once: what is left under the limit after the open
+    /// descriptors, the server's own ([`http::OWN_FDS`]), a scrape's and the reserve, at most
+    /// [`http::MAX_CONNECTIONS`].
+    pub fn connections(&self) -> usize {
+        let own = u64::try_from(http::OWN_FDS).unwrap_or(u64::MAX);
+        let left = self
+            .limit
+            .saturating_sub(self.open)
+            .saturating_sub(own + SCRAPE_FDS)
+            .saturating_sub(self.reserve);
+        usize::try_from(left).map_or(http::MAX_CONNECTIONS, |l| l.min(http::MAX_CONNECTIONS))
+    }
+}
+
+/// The metrics endpoint: its server thread, stopped and joined on drop (the unix socket file
+/// is removed after).
 pub struct MetricsServer {
-    server: Arc<tiny_http::Server>,
-    thread: Option<JoinHandle<()>>,
+    server: Option<http::Server>,
     addr: MetricsAddr,
 }
 
 impl MetricsServer {
     pub fn start(addr: &MetricsAddr, source: Arc<Source>) -> anyhow::Result<MetricsServer> {
-        let server = match addr {
-            MetricsAddr::Tcp(a) => tiny_http::Server::http(a),
+        let (listener, bound) = match addr {
+            MetricsAddr::Tcp(a) => {
+                let l = TcpListener::bind(a).with_context(|| format!("--metrics {addr}"))?;
+                let bound = MetricsAddr::Tcp(l.local_addr()?);
+                (http::Listener::Tcp(l), bound)
+            }
             MetricsAddr::Unix(p) => {
                 let _ = std::fs::remove_file(p);
-                tiny_http::Server::http_unix(p)
+                let l = UnixListener::bind(p).with_context(|| format!("--metrics {addr}"))?;
+                (http::Listener::Unix(l), addr.clone())
             }
+        };
+        let budget = FdBudget::measure(source.pairs.len())?;
+        let max_connections = budget.connections();
+        if max_connections == 0 {
+            if let MetricsAddr::Unix(p) = addr {
+                let _ = std::fs::remove_file(p);
+            }
+            anyhow::bail!(
+                "--metrics: the open-files limit (RLIMIT_NOFILE {}) leaves no descriptor for a \
+                 metrics connection: {} are open, {} are kept for the vhost-user side and {} \
+                 for the metrics server itself; raise it (systemd: LimitNOFILE=, shell: \
+                 ulimit -n) to at least {}",
+                budget.limit,
+                budget.open,
+                budget.reserve,
+                http::OWN_FDS as u64 + SCRAPE_FDS,
+                budget.open + budget.reserve + http::OWN_FDS as u64 + SCRAPE_FDS + 1
+            );
         }
-        .map_err(|e| anyhow::anyhow!("--metrics {addr}: {e}"))?;
-        let server = Arc::new(server);
+        let limits = http::Limits {
+            max_connections,
+            ..http::Limits::default()
+        };
         let mut registry = Registry::with_prefix("vhost_user_tap");
         registry.register_collector(Box::new(Collector(source)));
-        let srv = server.clone();
-        let thread = std::thread::Builder::new()
-            .name("vut-metrics".into())
-            .spawn(move || serve(&srv, &registry))?;
-        let addr = match server.server_addr() {
-            tiny_http::ListenAddr::IP(a) => MetricsAddr::Tcp(a),
-            _ => addr.clone(),
+        let resource = http::Resource {
+            path: "/metrics",
+            content_type: OPENMETRICS,
+            body: Box::new(move || {
+                let mut body = String::new();
+                prometheus_client::encoding::text::encode(&mut body, &registry)
+                    .map_err(|e| format!("encoding the metrics failed: {e}"))?;
+                Ok(body)
+            }),
         };
-        info!("metrics on {addr}");
+        let server = http::Server::spawn("vut-metrics", listener, limits, resource)
+            .with_context(|| format!("--metrics {addr}: starting the server"))?;
+        info!(
+            "metrics on {bound}: at most {max_connections} connections at once, {:?} each, \
+             request heads up to {} bytes (RLIMIT_NOFILE {}: {} fds open, {} kept for the \
+             vhost-user side)",
+            limits.deadline, limits.max_head, budget.limit, budget.open, budget.reserve
+        );
         Ok(MetricsServer {
-            server,
-            thread: Some(thread),
-            addr,
+            server: Some(server),
+            addr: bound,
         })
     }
 
@@ -324,33 +428,9 @@ impl MetricsServer {
     }
 }
 
-fn serve(server: &tiny_http::Server, registry: &Registry) {
-    for req in server.incoming_requests() {
-        let resp = if req.method() == &tiny_http::Method::Get && req.url() == "/metrics" {
-            let mut body = String::new();
-            match prometheus_client::encoding::text::encode(&mut body, registry) {
-                Ok(()) => tiny_http::Response::from_string(body).with_header(
-                    tiny_http::Header::from_bytes(
-                        "Content-Type",
-                        "application/openmetrics-text; version=1.0.0; charset=utf-8",
-                    )
-                    .expect("static header"),
-                ),
-                Err(_) => tiny_http::Response::from_string("encoding failed").with_status_code(500),
-            }
-        } else {
-            tiny_http::Response::from_string("GET /metrics\n").with_status_code(404)
-        };
-        let _ = req.respond(resp);
-    }
-}
-
 impl Drop for MetricsServer {
     fn drop(&mut self) {
-        self.server.unblock();
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
+        self.server.take();
         if let MetricsAddr::Unix(p) = &self.addr {
             let _ = std::fs::remove_file(p);
         }
@@ -360,6 +440,24 @@ impl Drop for MetricsServer {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn metrics_connections_fit_under_the_open_files_limit_beside_the_reserve() {
+        let b = |limit, open| FdBudget {
+            limit,
+            open,
+            reserve: vhost_user_fd_reserve(1),
+        };
+        assert_eq!(vhost_user_fd_reserve(1), 60);
+        assert_eq!(vhost_user_fd_reserve(4), 96);
+        assert_eq!(b(1024, 20).connections(), http::MAX_CONNECTIONS);
+        assert_eq!(b(u64::MAX, 20).connections(), http::MAX_CONNECTIONS);
+        // 20 open + 60 reserve + 3 own + 1 scrape = 84.
+        assert_eq!(b(86, 20).connections(), 2);
+        assert_eq!(b(85, 20).connections(), 1);
+        assert_eq!(b(84, 20).connections(), 0);
+        assert_eq!(b(10, 20).connections(), 0);
+    }
 
     #[test]
     fn metrics_addresses_parse() {

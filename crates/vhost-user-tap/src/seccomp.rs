@@ -39,8 +39,6 @@
 //!   and is untested.
 //! - A syscall added by a future libc or std for an existing operation is refused until it is
 //!   listed here; the test suite runs with the filter on to catch that.
-//! - With metrics over TCP, tiny_http's shutdown wakes its accept thread by connecting to itself,
-//!   which needs `socket(AF_INET)`: refused, harmlessly, as the process exits right after.
 
 use std::collections::BTreeMap;
 
@@ -102,7 +100,7 @@ mod sys_nr {
         close => SYS_close, connect => SYS_connect, epoll_create1 => SYS_epoll_create1,
         epoll_ctl => SYS_epoll_ctl, eventfd2 => SYS_eventfd2, exit => SYS_exit,
         exit_group => SYS_exit_group, fcntl => SYS_fcntl, futex => SYS_futex,
-        getpeername => SYS_getpeername, getrandom => SYS_getrandom,
+        getrandom => SYS_getrandom,
         getsockname => SYS_getsockname, gettid => SYS_gettid, ioctl => SYS_ioctl,
         madvise => SYS_madvise, mmap => SYS_mmap, mprotect => SYS_mprotect, mremap => SYS_mremap,
         munmap => SYS_munmap, prctl => SYS_prctl, read => SYS_read, readv => SYS_readv,
@@ -137,7 +135,7 @@ pub const ALLOWED: &[Allowed] = &[
     sys!(read,              Args::Any,          "message bodies, eventfds, signalfd, HTTP"),
     sys!(write,             Args::Any,          "replies, eventfds, log lines, HTTP, sd_notify"),
     sys!(close,             Args::Any,          "fds from the frontend, sockets, eventfds"),
-    sys!(fcntl,             Args::Any,          "eventfd clones, O_NONBLOCK on frontend fds"),
+    sys!(fcntl,             Args::Any,          "eventfd clones, O_NONBLOCK on frontend fds/metrics"),
     sys!(newfstatat,        Args::Any,          "frontend fds: eventfd? memory file size (fstat)"),
     // The tap.
     sys!(readv,             Args::Any,          "frames from the tap into guest buffers"),
@@ -147,7 +145,7 @@ pub const ALLOWED: &[Allowed] = &[
     sys!(ioctl,             Args::Ioctl,        "only the requests in IOCTLS"),
     // Event loops and notifications.
     sys!(epoll_create1,     Args::Any,          "one epoll per session and per worker"),
-    sys!(epoll_ctl,         Args::Any,          "register tap, kick, call and stop fds"),
+    sys!(epoll_ctl,         Args::Any,          "tap, kick, call, stop fds; metrics sockets"),
     #[cfg(target_arch = "x86_64")]
     sys!(epoll_wait,        Args::Any,          "every event loop"),
     #[cfg(not(target_arch = "x86_64"))]
@@ -158,10 +156,9 @@ pub const ALLOWED: &[Allowed] = &[
     sys!(bind,              Args::Any,          "netlink socket port"),
     sys!(getsockname,       Args::Any,          "netlink port id"),
     sys!(connect,           Args::Any,          "netlink kernel address, NOTIFY_SOCKET"),
-    sys!(sendto,            Args::Any,          "netlink requests, sd_notify datagrams"),
-    sys!(recvfrom,          Args::Any,          "netlink replies"),
-    sys!(getpeername,       Args::Any,          "metrics clients over TCP (tiny_http)"),
-    sys!(shutdown,          Args::Any,          "metrics connections (tiny_http)"),
+    sys!(sendto,            Args::Any,          "netlink requests, sd_notify, metrics replies"),
+    sys!(recvfrom,          Args::Any,          "netlink replies, metrics requests"),
+    sys!(shutdown,          Args::Any,          "metrics connections: end of the reply"),
     // Guest memory and the allocator.
     sys!(mmap,              Args::NoExec,       "guest memory (SET_MEM_TABLE), allocator, stacks"),
     sys!(munmap,            Args::Any,          "guest memory, allocator, thread stacks"),
@@ -169,7 +166,7 @@ pub const ALLOWED: &[Allowed] = &[
     sys!(madvise,           Args::Any,          "releasing an exited thread's stack (glibc)"),
     sys!(mremap,            Args::Any,          "growing a large allocation (glibc realloc)"),
     sys!(brk,               Args::Any,          "allocator (main arena)"),
-    // Threads: per-queue-pair workers, tiny_http's connection threads.
+    // Threads: per-queue-pair workers (the metrics thread is started before the filter).
     sys!(clone,             Args::CloneThread,  "thread creation (glibc's fallback from clone3)"),
     sys!(clone3,            Args::Any,          "answered ENOSYS by the clone3 filter"),
     sys!(set_robust_list,   Args::Any,          "thread start (glibc)"),
