@@ -359,7 +359,7 @@ impl Guest {
                     .map_err(step("GET_FEATURES (second)"))?;
                 for q in 0..self.nvrings() {
                     self.send_vring_fd(req::SET_VRING_CALL, q)?;
-                    let efd = EventFd::new(EFD_NONBLOCK).map_err(|e| {
+                    let efd = EventFd::new(EFD_NONBLOCK | libc::EFD_CLOEXEC).map_err(|e| {
                         GuestError::Config(format!("creating an error eventfd: {e}"))
                     })?;
                     let fd = efd.as_raw_fd();

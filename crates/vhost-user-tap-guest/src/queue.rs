@@ -351,7 +351,7 @@ impl QueuePair {
             source,
         })?;
         let efd = |what| {
-            EventFd::new(EFD_NONBLOCK).map_err(|source| QueueError::EventFd {
+            EventFd::new(EFD_NONBLOCK | libc::EFD_CLOEXEC).map_err(|source| QueueError::EventFd {
                 what,
                 pair: index,
                 source,
