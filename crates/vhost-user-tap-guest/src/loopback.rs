@@ -90,6 +90,7 @@ fn queue_run(
         kick: dup_file(kick)?,
         call: Some(dup_file(call)?),
         err: None,
+        used_log_gpa: l.used_ring.0,
     })
 }
 
@@ -195,6 +196,7 @@ impl Loopback {
             rest,
             rx: Some(rx),
             tx: Some(tx),
+            log: None,
         }));
     }
 
@@ -214,8 +216,10 @@ impl Loopback {
         let stopped = self.stop();
         self.tap = Arc::new(tap);
         let run = |q: Option<Queue>, kick, call| -> Result<QueueRun, LoopbackError> {
+            let queue = q.expect("the direction ran");
             Ok(QueueRun {
-                queue: q.expect("the direction ran"),
+                used_log_gpa: queue.used_ring(),
+                queue,
                 kick: dup_file(kick)?,
                 call: Some(dup_file(call)?),
                 err: None,

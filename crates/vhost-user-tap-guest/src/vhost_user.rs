@@ -24,6 +24,10 @@ pub mod req {
     pub const SET_OWNER: u32 = 3;
     /// SET_MEM_TABLE.
     pub const SET_MEM_TABLE: u32 = 5;
+    /// SET_LOG_BASE.
+    pub const SET_LOG_BASE: u32 = 6;
+    /// SET_LOG_FD.
+    pub const SET_LOG_FD: u32 = 7;
     /// SET_VRING_NUM.
     pub const SET_VRING_NUM: u32 = 8;
     /// SET_VRING_ADDR.
@@ -46,6 +50,8 @@ pub mod req {
     pub const GET_QUEUE_NUM: u32 = 17;
     /// SET_VRING_ENABLE.
     pub const SET_VRING_ENABLE: u32 = 18;
+    /// SEND_RARP.
+    pub const SEND_RARP: u32 = 19;
     /// GET_CONFIG.
     pub const GET_CONFIG: u32 = 24;
 
@@ -56,6 +62,9 @@ pub mod req {
             SET_FEATURES => "SET_FEATURES",
             SET_OWNER => "SET_OWNER",
             SET_MEM_TABLE => "SET_MEM_TABLE",
+            SET_LOG_BASE => "SET_LOG_BASE",
+            SET_LOG_FD => "SET_LOG_FD",
+            SEND_RARP => "SEND_RARP",
             SET_VRING_NUM => "SET_VRING_NUM",
             SET_VRING_ADDR => "SET_VRING_ADDR",
             SET_VRING_BASE => "SET_VRING_BASE",
@@ -77,6 +86,10 @@ pub mod req {
 pub mod proto {
     /// VHOST_USER_PROTOCOL_F_MQ.
     pub const MQ: u64 = 1 << 0;
+    /// VHOST_USER_PROTOCOL_F_LOG_SHMFD: the migration dirty log in a shared memfd.
+    pub const LOG_SHMFD: u64 = 1 << 1;
+    /// VHOST_USER_PROTOCOL_F_RARP: SEND_RARP after a migration.
+    pub const RARP: u64 = 1 << 2;
     /// VHOST_USER_PROTOCOL_F_REPLY_ACK.
     pub const REPLY_ACK: u64 = 1 << 3;
     /// VHOST_USER_PROTOCOL_F_CONFIG.
@@ -408,13 +421,57 @@ impl Connection {
 
     /// SET_VRING_ADDR with frontend userspace addresses (flags 0, no log).
     pub fn set_vring_addr(&mut self, index: u32, desc: u64, used: u64, avail: u64) -> Result<()> {
+        self.set_vring_addr_logged(index, desc, used, avail, None)
+    }
+
+    /// SET_VRING_ADDR; with `log` set, VHOST_VRING_F_LOG and the used ring's `log_guest_addr`.
+    pub fn set_vring_addr_logged(
+        &mut self,
+        index: u32,
+        desc: u64,
+        used: u64,
+        avail: u64,
+        log: Option<u64>,
+    ) -> Result<()> {
         let mut b = Vec::with_capacity(40);
         b.extend_from_slice(&index.to_ne_bytes());
-        b.extend_from_slice(&0u32.to_ne_bytes());
-        for v in [desc, used, avail, 0u64] {
+        b.extend_from_slice(&u32::from(log.is_some()).to_ne_bytes());
+        for v in [desc, used, avail, log.unwrap_or(0)] {
             b.extend_from_slice(&v.to_ne_bytes());
         }
         self.set(req::SET_VRING_ADDR, &b, &[])
+    }
+
+    /// SET_LOG_BASE as QEMU sends it: no NEED_REPLY, yet the backend replies. Returns the
+    /// reply's u64 (0 from this daemon on success; QEMU does not look at it).
+    pub fn set_log_base(&mut self, size: u64, offset: u64, fd: RawFd) -> Result<u64> {
+        let mut b = [0u8; 16];
+        b[..8].copy_from_slice(&size.to_ne_bytes());
+        b[8..].copy_from_slice(&offset.to_ne_bytes());
+        self.send(req::SET_LOG_BASE, 0, &b, &[fd])?;
+        let body = self.recv_reply(req::SET_LOG_BASE)?;
+        Ok(match body.len() {
+            0 => 0,
+            8 => u64::from_ne_bytes(body[..8].try_into().expect("8 bytes")),
+            n => {
+                return Err(ProtoError::BadReply {
+                    req: "SET_LOG_BASE",
+                    detail: format!("payload of {n} bytes"),
+                })
+            }
+        })
+    }
+
+    /// SET_LOG_FD with an eventfd the backend signals after writing the log.
+    pub fn set_log_fd(&mut self, fd: RawFd) -> Result<()> {
+        self.set(req::SET_LOG_FD, &[], &[fd])
+    }
+
+    /// SEND_RARP for `mac` (the MAC in the first 6 bytes of a u64, as QEMU sends it).
+    pub fn send_rarp(&mut self, mac: [u8; 6]) -> Result<()> {
+        let mut b = [0u8; 8];
+        b[..6].copy_from_slice(&mac);
+        self.set(req::SEND_RARP, &b, &[])
     }
 
     /// SET_VRING_KICK / SET_VRING_CALL / SET_VRING_ERR with an fd (or the NOFD flag).

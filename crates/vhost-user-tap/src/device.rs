@@ -132,9 +132,13 @@ impl Device {
     }
 
     pub fn protocol_features(&self) -> VhostUserProtocolFeatures {
+        // LOG_SHMFD and RARP: live migration (the dirty log in a shared memfd, the announce of
+        // the guest's new port).
         let base = VhostUserProtocolFeatures::MQ
             | VhostUserProtocolFeatures::REPLY_ACK
-            | VhostUserProtocolFeatures::RESET_DEVICE;
+            | VhostUserProtocolFeatures::RESET_DEVICE
+            | VhostUserProtocolFeatures::LOG_SHMFD
+            | VhostUserProtocolFeatures::RARP;
         // QEMU keeps virtio-net's config space itself (MAC from `-device mac=`) and warns at every
         // start when a net backend offers CONFIG, so it is offered only to serve an explicit
         // --mac to frontends that read it.

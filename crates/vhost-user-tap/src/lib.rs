@@ -9,6 +9,8 @@
 //! - [`kernel`]: what the running kernel offers, probed at start; the oldest kernel accepted.
 //! - [`virtio_net`]: feature bits, header sizes, config space.
 //! - [`memory`]: guest memory from SET_MEM_TABLE: checked, mapped, addresses translated.
+//! - [`dirty_log`]: the migration dirty log (SET_LOG_BASE) and page marking.
+//! - [`announce`]: the RARP a migrated guest is announced with (SEND_RARP).
 //! - [`ring`]: device side of a split virtqueue on top of `virtio_queue::Queue`.
 //! - [`pair`]: one queue pair's data path (RX, TX, tap queue, staging, TX ring, counters).
 //! - [`rx`]: tap → guest, the stop/wake heart of the daemon.
@@ -31,10 +33,12 @@
     clippy::cast_possible_wrap
 )]
 
+pub mod announce;
 pub mod backpressure;
 pub mod config;
 pub mod daemon;
 pub mod device;
+pub mod dirty_log;
 pub mod kernel;
 pub mod memory;
 pub mod metrics;

@@ -166,6 +166,11 @@ impl GuestMemory {
         &self.mapped
     }
 
+    /// The first guest-physical address past every region.
+    pub fn end(&self) -> u64 {
+        self.table.iter().map(|r| r.gpa + r.size).max().unwrap_or(0)
+    }
+
     /// The guest physical address of a frontend virtual address.
     pub fn uva_to_gpa(&self, uva: u64) -> Option<u64> {
         self.table

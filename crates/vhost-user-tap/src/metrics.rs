@@ -179,6 +179,13 @@ impl prometheus_client::collector::Collector for Collector {
             &rejected,
         )?;
 
+        counter(
+            &mut enc,
+            "rarp_announces",
+            "RARP broadcasts written into the tap to announce a migrated guest (SEND_RARP).",
+            &[(vec![], src.frontend.announces())],
+        )?;
+
         // One family per metric name, in declaration order; a series per pair and labels.
         let values: Vec<Vec<u64>> = snaps.iter().map(|s| s.values()).collect();
         let mut done: Vec<&str> = Vec::new();

@@ -13,8 +13,8 @@
 //! this pair ([`PairError::ends_daemon`]).
 //!
 //! The tap and bounded work: the per-batch budgets live in `rx`/`tx`. Writes into guest memory
-//! all go through `ring` (used entries) and `rx` (frame data, the header's `num_buffers`):
-//! the two places dirty-page logging for migration will hook.
+//! all go through `ring` (used entries) and `rx` (frame data, the header's `num_buffers`), and
+//! while the frontend migrates the guest both log them (`PairSetup::log`, `ring::QueueLog`).
 
 use std::fs::File;
 use std::sync::Arc;
@@ -24,7 +24,8 @@ use thiserror::Error;
 use virtio_queue::Queue;
 use vm_memory::GuestMemoryMmap;
 
-use crate::ring::{DeviceQueue, Notifier};
+use crate::dirty_log::DirtyLog;
+use crate::ring::{DeviceQueue, Notifier, QueueLog};
 use crate::rx::{Rx, RxCarry, RxError, RxState};
 use crate::stats::{self, PairStats};
 use crate::tap::Tap;
@@ -43,6 +44,17 @@ pub struct QueueRun {
     pub kick: Arc<File>,
     pub call: Option<Arc<File>>,
     pub err: Option<Arc<File>>,
+    /// Where the used ring is logged while migrating (`log_guest_addr`, or the ring's own guest
+    /// address when the frontend gave none).
+    pub used_log_gpa: u64,
+}
+
+/// Dirty logging while the frontend migrates the guest: the log and the eventfd to signal
+/// after writing it (SET_LOG_FD; none from QEMU).
+#[derive(Clone)]
+pub struct PairLog {
+    pub log: Arc<DirtyLog>,
+    pub signal: Notifier,
 }
 
 /// What a stopped pair keeps for its next start: a frame taken from the tap and not delivered
@@ -65,6 +77,8 @@ pub struct PairSetup {
     pub rest: PairRest,
     pub rx: Option<QueueRun>,
     pub tx: Option<QueueRun>,
+    /// Set while the frontend migrates the guest: every write into guest memory is logged.
+    pub log: Option<PairLog>,
 }
 
 /// What a stopped pair hands back: where its rings stand and what the next start takes.
@@ -119,9 +133,13 @@ impl Pair {
     pub fn start(s: PairSetup) -> Pair {
         let f = s.features;
         let event_idx = f.event_idx();
+        let log = s.log;
         let queue = |run: QueueRun| {
             let call = Notifier(run.call);
-            let q = DeviceQueue::new(run.queue, event_idx, &s.mem, call);
+            let mut q = DeviceQueue::new(run.queue, event_idx, &s.mem, call);
+            if let Some(l) = &log {
+                q.set_log(QueueLog::new(l.log.clone(), run.used_log_gpa, l.signal.clone()));
+            }
             (q, run.kick, Notifier(run.err))
         };
         let rx = match s.rx {

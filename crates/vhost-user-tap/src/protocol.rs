@@ -18,7 +18,8 @@ use libc::iovec;
 use log::{debug, warn};
 use thiserror::Error;
 use vhost::vhost_user::message::{
-    FrontendReq, VhostUserConfig, VhostUserU64, VhostUserVringAddr, VhostUserVringState,
+    FrontendReq, VhostUserConfig, VhostUserLog, VhostUserU64, VhostUserVringAddr,
+    VhostUserVringState,
     MAX_ATTACHED_FD_ENTRIES, MAX_MSG_SIZE,
 };
 use vm_memory::ByteValued;
@@ -307,6 +308,22 @@ impl Connection {
                 return Ok(self.send_reply(code, reply.as_slice())?);
             }
             R::GET_CONFIG => return self.get_config(s, &req),
+            R::SET_LOG_BASE => {
+                // QEMU waits for this reply whether or not it asked for one, and reads no status
+                // from it: a failure shows in our log, the counter, and queues that stop while
+                // logging is on (`Session::log_blocks`).
+                let m: VhostUserLog = req.parse()?;
+                let result = s.set_log_base(m.mmap_size, m.mmap_offset, req.take_file());
+                if let Err(e) = &result {
+                    self.refused(s, code, e);
+                }
+                return Ok(self.reply_u64(code, u64::from(result.is_err()))?);
+            }
+            R::SET_LOG_FD => s.set_log_fd(req.take_file()),
+            R::SEND_RARP => {
+                let v = req.parse::<VhostUserU64>()?.value.to_le_bytes();
+                s.send_rarp(v[..6].try_into().expect("6 of 8 bytes"))
+            }
             R::SET_FEATURES => s.set_features(req.parse::<VhostUserU64>()?.value),
             R::SET_PROTOCOL_FEATURES => s.set_protocol_features(req.parse::<VhostUserU64>()?.value),
             R::SET_OWNER => Ok(()),
@@ -321,7 +338,14 @@ impl Connection {
             }
             R::SET_VRING_ADDR => {
                 let m: VhostUserVringAddr = req.parse()?;
-                s.set_vring_addr(m.index, m.flags, m.descriptor, m.used, m.available)
+                s.set_vring_addr(
+                    m.index,
+                    m.flags,
+                    m.descriptor,
+                    m.used,
+                    m.available,
+                    m.log,
+                )
             }
             R::SET_VRING_BASE => {
                 let m: VhostUserVringState = req.parse()?;
@@ -358,18 +382,23 @@ impl Connection {
             }
         };
         if let Err(e) = &result {
-            if let Some(n) = self.reject_log.allow() {
-                // A refused ring setup leaves that ring dead: say it loudly.
-                let level = if e.ring_setup() {
-                    log::Level::Error
-                } else {
-                    log::Level::Warn
-                };
-                log::log!(level, "{code:?} rejected: {e}{}", suppressed(n));
-            }
-            s.rejected(u32::from(code));
+            self.refused(s, code, e);
         }
         self.ack_raw(s, &req, u32::from(code), result.is_ok())
+    }
+
+    /// Log (rate-limited) and count a request the session refused.
+    fn refused(&mut self, s: &Session, code: FrontendReq, e: &SessionError) {
+        if let Some(n) = self.reject_log.allow() {
+            // A refused ring setup leaves that ring dead: say it loudly.
+            let level = if e.ring_setup() {
+                log::Level::Error
+            } else {
+                log::Level::Warn
+            };
+            log::log!(level, "{code:?} rejected: {e}{}", suppressed(n));
+        }
+        s.rejected(u32::from(code));
     }
 
     fn ack_raw(

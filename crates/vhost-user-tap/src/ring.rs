@@ -33,6 +33,8 @@ use virtio_bindings::virtio_ring::{
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
 use vm_memory::{Address, GuestAddress, GuestMemory, GuestMemoryBackend, GuestMemoryMmap};
 
+use crate::dirty_log::DirtyLog;
+
 // The ring flags are single low bits (virtio 1.2, 2.7.5-2.7.8): exact in the rings' u16 fields.
 #[allow(clippy::cast_possible_truncation)]
 const NO_INTERRUPT: u16 = VRING_AVAIL_F_NO_INTERRUPT as u16;
@@ -217,7 +219,38 @@ pub struct DeviceQueue {
     signalled_used: Wrapping<u16>,
     /// Descriptors visited since the last `take_visited`: the work the guest made us do.
     visited: u64,
+    /// Where this queue's writes are logged while the frontend migrates the guest.
+    log: Option<QueueLog>,
+    /// Pages marked since the last `take_logged`.
+    logged: u64,
 }
+
+/// Dirty logging of one queue: the log, the guest-physical address its used ring is logged at
+/// (`log_guest_addr`), and the eventfd that tells the frontend the log changed (SET_LOG_FD).
+pub struct QueueLog {
+    pub log: Arc<DirtyLog>,
+    pub used_gpa: u64,
+    pub signal: Notifier,
+    /// `next_used` when the used ring was last logged: elements written from here on are not.
+    logged_used: Wrapping<u16>,
+}
+
+impl QueueLog {
+    pub fn new(log: Arc<DirtyLog>, used_gpa: u64, signal: Notifier) -> QueueLog {
+        QueueLog {
+            log,
+            used_gpa,
+            signal,
+            logged_used: Wrapping(0),
+        }
+    }
+}
+
+/// Byte offsets into a split used ring (virtio 1.2, 2.7.8).
+const USED_FLAGS: u64 = 0;
+const USED_IDX: u64 = 2;
+const USED_RING: u64 = 4;
+const USED_ELEM: u64 = 8;
 
 // SAFETY: a Segment is an address into a guest memory mapping; it is only dereferenced (by
 // readv/writev) on the worker thread that owns the mapping and keeps it alive while segments exist.
@@ -237,6 +270,64 @@ impl DeviceQueue {
             next_used,
             signalled_used: next_used,
             visited: 0,
+            log: None,
+            logged: 0,
+        }
+    }
+
+    /// Log every write into guest memory from now on (the frontend is migrating the guest).
+    pub fn set_log(&mut self, mut log: QueueLog) {
+        log.logged_used = self.next_used;
+        self.log = Some(log);
+    }
+
+    /// Bytes of the used ring, flags to `avail_event`: what the log must cover at `used_gpa`.
+    pub fn used_ring_len(size: u16) -> u64 {
+        USED_RING + USED_ELEM * u64::from(size) + 2
+    }
+
+    /// Whether writes into guest memory are logged.
+    pub fn logging(&self) -> bool {
+        self.log.is_some()
+    }
+
+    /// Pages marked in the dirty log since the last call.
+    pub fn take_logged(&mut self) -> u64 {
+        std::mem::take(&mut self.logged)
+    }
+
+    /// Log a write of `len` bytes into guest memory at `gpa` (nothing unless logging).
+    pub fn log_write(&mut self, gpa: u64, len: u64) {
+        if let Some(l) = &self.log {
+            self.logged += l.log.mark(gpa, len);
+        }
+    }
+
+    /// Log the used-ring bytes `[off, off + len)`.
+    fn log_used(&mut self, off: u64, len: u64) {
+        if let Some(l) = &self.log {
+            self.logged += l.log.mark(l.used_gpa + off, len);
+        }
+    }
+
+    /// Log the used elements written since the last call (at most a ring's worth, in one or two
+    /// runs when they wrap).
+    fn log_used_elements(&mut self) {
+        let Some(l) = &mut self.log else {
+            return;
+        };
+        let (from, to) = (l.logged_used, self.next_used);
+        l.logged_used = to;
+        let n = u64::from((to - from).0).min(u64::from(self.queue.size()));
+        if n == 0 {
+            return;
+        }
+        let size = u64::from(self.queue.size());
+        let first = u64::from(from.0) % size;
+        let run = n.min(size - first);
+        self.log_used(USED_RING + USED_ELEM * first, USED_ELEM * run);
+        if n > run {
+            self.log_used(USED_RING, USED_ELEM * (n - run));
         }
     }
 
@@ -247,6 +338,7 @@ impl DeviceQueue {
     /// Hand the queue back with `next_used` folded in; `rewind` chains popped but not used are
     /// returned to the avail ring (so GET_VRING_BASE reports them as not consumed).
     pub fn into_queue(mut self, rewind: u16) -> Queue {
+        self.log_used_elements();
         self.queue.set_next_used(self.next_used.0);
         let next_avail = Wrapping(self.queue.next_avail()) - Wrapping(rewind);
         self.queue.set_next_avail(next_avail.0);
@@ -355,6 +447,16 @@ impl DeviceQueue {
         self.host()?
             .word(true, 2)
             .store(self.next_used.0.to_le(), Ordering::Release);
+        if self.log.is_some() {
+            let before = self.logged;
+            self.log_used_elements();
+            self.log_used(USED_IDX, 2);
+            if self.logged != before {
+                if let Some(l) = &self.log {
+                    l.signal.signal();
+                }
+            }
+        }
         Ok(())
     }
 
@@ -392,13 +494,14 @@ impl DeviceQueue {
 
     /// Ask the guest not to kick (only meaningful without EVENT_IDX; with it, a stale
     /// `avail_event` already suppresses kicks).
-    pub fn suppress_kicks(&self) -> Result<(), RingError> {
+    pub fn suppress_kicks(&mut self) -> Result<(), RingError> {
         if self.event_idx {
             return Ok(());
         }
         self.host()?
             .word(true, 0)
             .store(NO_NOTIFY.to_le(), Ordering::Relaxed);
+        self.log_used(USED_FLAGS, 2);
         Ok(())
     }
 
@@ -418,18 +521,22 @@ impl DeviceQueue {
     /// `avail.idx` would cover it up and the driver, having read the old event, would not kick.
     /// This is sound because RX never rolls popped chains back while running (they wait in its
     /// window), so `next_avail` is never behind an index the driver has been told about.
-    pub fn arm_kick(&self) -> Result<bool, RingError> {
+    pub fn arm_kick(&mut self) -> Result<bool, RingError> {
         let host = self.host()?;
         let consumed = self.queue.next_avail();
-        if self.event_idx {
+        let off = if self.event_idx {
             let off = 4 + 8 * usize::from(host.size);
             host.word(true, off)
                 .store(consumed.to_le(), Ordering::Relaxed);
+            off
         } else {
             host.word(true, 0).store(0, Ordering::Relaxed);
-        }
+            0
+        };
         fence(Ordering::SeqCst);
-        Ok(host.avail_idx() != consumed)
+        let posted = host.avail_idx() != consumed;
+        self.log_used(off as u64, 2);
+        Ok(posted)
     }
 }
 

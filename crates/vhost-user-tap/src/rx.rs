@@ -321,6 +321,7 @@ impl Rx {
         }
         stats::add(&stats.rx_staged, t.staged);
         stats::add(&stats.rx_notify_races, t.races);
+        stats::add(&stats.dirty_pages_logged, self.q.take_logged());
         published?;
         let state = result?;
         log::trace!(
@@ -490,6 +491,19 @@ impl Rx {
     /// A frame of `n` bytes (header included) fills the front of the window: set num_buffers and
     /// write the used entries (published later, once per batch).
     fn complete_frame(&mut self, n: usize, t: &mut Tally) -> Result<(), RxError> {
+        if self.q.logging() {
+            // The frame's bytes, header (with `num_buffers`, written below) included.
+            let mut left = n;
+            for i in 0..self.win.segs.len() {
+                if left == 0 {
+                    break;
+                }
+                let s = self.win.segs[i];
+                let len = (s.len as usize).min(left);
+                self.q.log_write(s.addr.0, len as u64);
+                left -= len;
+            }
+        }
         let mut chains = 0usize;
         let mut left = n;
         for c in self.win.chains.iter() {

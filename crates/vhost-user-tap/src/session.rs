@@ -21,8 +21,9 @@ use vm_memory::{GuestAddress, GuestMemoryMmap};
 
 use crate::device::Device;
 use crate::memory::GuestMemory;
-use crate::pair::{PairSetup, QueueRun};
-use crate::ring::Notifier;
+use crate::dirty_log::DirtyLog;
+use crate::pair::{PairLog, PairSetup, QueueRun};
+use crate::ring::{DeviceQueue, Notifier};
 use crate::virtio_net::{self, NetConfigSpace, NetFeatures, VHOST_USER_F_PROTOCOL_FEATURES};
 use crate::worker::Worker;
 
@@ -47,8 +48,24 @@ pub enum SessionError {
     BadBase(u32, u32),
     #[error("vring {0}: {1} at guest address {2:#x} is misaligned")]
     Misaligned(u32, &'static str, u64),
-    #[error("vring {0}: dirty logging is not supported")]
-    LogNotSupported(u32),
+    #[error(
+        "dirty logging (VHOST_F_LOG_ALL) asked for without a usable log (SET_LOG_BASE): \
+         guest memory written now would not reach the destination"
+    )]
+    NoLog,
+    #[error("dirty log: {0}")]
+    Log(#[from] crate::dirty_log::LogError),
+    #[error(
+        "dirty log of {len} bytes covers guest addresses up to {covers:#x}, guest memory ends \
+         at {end:#x}"
+    )]
+    LogTooSmall { len: usize, covers: u64, end: u64 },
+    #[error("SET_LOG_BASE without the log's fd")]
+    NoLogFd,
+    #[error("the dirty log's eventfd (SET_LOG_FD) is {0}")]
+    LogFd(String),
+    #[error("announce: writing the RARP into the tap failed: {0}")]
+    Announce(#[source] std::io::Error),
     #[error("vring {0}: polling mode (no kick eventfd) is not supported")]
     NoKickFd(u32),
     #[error("vring {0}: the {1} fd is {2}")]
@@ -67,6 +84,10 @@ pub enum SessionError {
 
 type Result<T> = std::result::Result<T, SessionError>;
 
+/// `VHOST_VRING_F_LOG`: SET_VRING_ADDR asks for the used ring's writes to be logged at
+/// `log_guest_addr`.
+const VHOST_VRING_F_LOG: u32 = 1;
+
 impl SessionError {
     /// Whether the refusal leaves a ring unable to run (its size, addresses, eventfds or the
     /// memory they live in).
@@ -79,6 +100,10 @@ impl SessionError {
                 | SessionError::NotAnEventfd(..)
                 | SessionError::Memory(_)
                 | SessionError::NoMemory(_)
+                | SessionError::NoLog
+                | SessionError::NoLogFd
+                | SessionError::Log(_)
+                | SessionError::LogTooSmall { .. }
         )
     }
 }
@@ -97,6 +122,12 @@ struct Vring {
     started: bool,
     /// The setup request that was refused, if any: the ring must not run until it is redone.
     refused: Option<&'static str>,
+    /// The used ring's guest address, and where its writes are logged (`log_guest_addr` when
+    /// the frontend set VHOST_VRING_F_LOG).
+    used_gpa: u64,
+    log_gpa: Option<u64>,
+    /// SET_VRING_BASE came: at the next start, the used index is taken from guest memory.
+    resync: bool,
 }
 
 impl Vring {
@@ -109,7 +140,15 @@ impl Vring {
             enabled: false,
             started: false,
             refused: None,
+            used_gpa: 0,
+            log_gpa: None,
+            resync: false,
         }
+    }
+
+    /// Where the used ring's writes are logged.
+    fn used_log_gpa(&self) -> u64 {
+        self.log_gpa.unwrap_or(self.used_gpa)
     }
 }
 
@@ -120,6 +159,10 @@ pub struct Session<'d> {
     features_acked_at: Option<std::time::Instant>,
     protocol: u64,
     memory: Option<GuestMemory>,
+    /// The migration dirty log (SET_LOG_BASE) and the eventfd to signal after writing it
+    /// (SET_LOG_FD).
+    log: Option<Arc<DirtyLog>>,
+    log_signal: Option<Arc<File>>,
     vrings: Vec<Vring>,
     workers: Vec<Option<Worker>>,
 }
@@ -135,6 +178,8 @@ impl<'d> Session<'d> {
             features_acked_at: None,
             protocol: 0,
             memory: None,
+            log: None,
+            log_signal: None,
             vrings: (0..n).map(|_| Vring::new(max)).collect(),
             workers: (0..pairs).map(|_| None).collect(),
         }
@@ -173,6 +218,12 @@ impl<'d> Session<'d> {
             ));
         }
         let nf = NetFeatures { acked: features };
+        if nf.log_all() && self.log.is_none() {
+            // Refused, so the frontend's migration fails (QEMU waits for this reply when it turns
+            // logging on) rather than copying memory we write without telling it.
+            return Err(SessionError::NoLog);
+        }
+        let was_logging = self.logging();
         // The tap's header size and offloads change while no worker reads the tap: frames read
         // afterwards have the new layout, and a staged frame is converted when its pair starts.
         self.with_all_pairs(|s| {
@@ -204,6 +255,97 @@ impl<'d> Session<'d> {
         if self.memory.is_none() {
             self.features_acked_at = Some(std::time::Instant::now());
         }
+        if was_logging != self.logging() {
+            info!(
+                "dirty logging {}",
+                if self.logging() {
+                    "on: the frontend is migrating the guest"
+                } else {
+                    "off"
+                }
+            );
+        }
+        Ok(())
+    }
+
+    /// Whether writes into guest memory are logged: the frontend turned VHOST_F_LOG_ALL on.
+    pub fn logging(&self) -> bool {
+        NetFeatures {
+            acked: self.features,
+        }
+        .log_all()
+    }
+
+    /// SET_LOG_BASE: the log to mark from now on, replacing any earlier one. On failure the old
+    /// log is dropped too: pairs do not run while logging is on without a log (`log_blocks`).
+    pub fn set_log_base(&mut self, size: u64, offset: u64, file: Option<File>) -> Result<()> {
+        let mapped = file
+            .ok_or(SessionError::NoLogFd)
+            .and_then(|f| Ok(DirtyLog::map(f, size, offset)?))
+            .and_then(|log| {
+                if let Some(end) = self.memory.as_ref().map(GuestMemory::end) {
+                    if !log.covers_range(0, end) {
+                        return Err(SessionError::LogTooSmall {
+                            len: log.len(),
+                            covers: log.covers(),
+                            end,
+                        });
+                    }
+                }
+                Ok(log)
+            });
+        let (log, result) = match mapped {
+            Ok(log) => {
+                debug!("dirty log: {size} bytes at offset {offset}");
+                (Some(Arc::new(log)), Ok(()))
+            }
+            Err(e) => (None, Err(e)),
+        };
+        self.with_all_pairs(|s| s.log = log)?;
+        result
+    }
+
+    /// SET_LOG_FD: an eventfd to signal after marking the log.
+    pub fn set_log_fd(&mut self, fd: Option<File>) -> Result<()> {
+        let fd = fd
+            .map(|f| crate::sys::frontend_eventfd(&f).map(|()| Arc::new(f)))
+            .transpose()
+            .map_err(SessionError::LogFd);
+        let (fd, result) = match fd {
+            Ok(fd) => (fd, Ok(())),
+            Err(e) => (None, Err(e)),
+        };
+        self.with_all_pairs(|s| s.log_signal = fd)?;
+        result
+    }
+
+    /// SEND_RARP: announce the guest at `mac` through the tap, as if it had sent a RARP itself.
+    pub fn send_rarp(&mut self, mac: [u8; 6]) -> Result<()> {
+        let frame = crate::announce::rarp_frame(mac);
+        let hdr = [0u8; virtio_net::HDR_LEN];
+        let hdr_len = NetFeatures {
+            acked: self.features,
+        }
+        .hdr_len();
+        let iov = [
+            libc::iovec {
+                iov_base: hdr.as_ptr().cast_mut().cast(),
+                iov_len: hdr_len,
+            },
+            libc::iovec {
+                iov_base: frame.as_ptr().cast_mut().cast(),
+                iov_len: frame.len(),
+            },
+        ];
+        self.dev.pairs[0]
+            .tap
+            .writev(&iov)
+            .map_err(SessionError::Announce)?;
+        self.dev.frontend.announced();
+        info!(
+            "announced {} on the tap (RARP)",
+            mac.map(|b| format!("{b:02x}")).join(":")
+        );
         Ok(())
     }
 
@@ -262,7 +404,18 @@ impl<'d> Session<'d> {
         files: Vec<File>,
     ) -> Result<()> {
         let memory = GuestMemory::map(regions, files)?;
-        self.with_all_pairs(|s| s.memory = Some(memory))
+        self.with_all_pairs(|s| s.memory = Some(memory))?;
+        if let (true, Some(log), Some(m)) = (self.logging(), &self.log, &self.memory) {
+            if !log.covers_range(0, m.end()) {
+                error!(
+                    "the dirty log covers guest addresses up to {:#x}, the new memory table \
+                     ends at {:#x}: the queues stop until a log that covers it comes",
+                    log.covers(),
+                    m.end()
+                );
+            }
+        }
+        Ok(())
     }
 
     pub fn set_vring_num(&mut self, index: u32, num: u32) -> Result<()> {
@@ -295,11 +448,9 @@ impl<'d> Session<'d> {
         desc: u64,
         used: u64,
         avail: u64,
+        log_addr: u64,
     ) -> Result<()> {
         let i = self.check_index(index)?;
-        if flags & 1 != 0 {
-            return Err(SessionError::LogNotSupported(index));
-        }
         let Some(memory) = &self.memory else {
             return Err(SessionError::NoMemory(index));
         };
@@ -329,6 +480,9 @@ impl<'d> Session<'d> {
                 });
             // A ring whose addresses were refused must not run on the ones it had.
             q.set_ready(set.is_ok());
+            let v = &mut s.vrings[i];
+            v.used_gpa = u;
+            v.log_gpa = (flags & VHOST_VRING_F_LOG != 0).then_some(log_addr);
             set
         })
     }
@@ -338,9 +492,10 @@ impl<'d> Session<'d> {
         // A split ring's index is 16 bits; more is a packed ring's wrap counter, not offered.
         let base = u16::try_from(base).map_err(|_| SessionError::BadBase(index, base))?;
         self.with_pair(i / 2, |s| {
-            let q = &mut s.vrings[i].queue;
-            q.set_next_avail(base);
-            q.set_next_used(base);
+            let v = &mut s.vrings[i];
+            v.queue.set_next_avail(base);
+            v.queue.set_next_used(base);
+            v.resync = true;
         });
         Ok(())
     }
@@ -436,6 +591,8 @@ impl<'d> Session<'d> {
         self.features = 0;
         self.features_acked_at = None;
         self.memory = None;
+        self.log = None;
+        self.log_signal = None;
     }
 
     fn with_all_pairs<R>(&mut self, f: impl FnOnce(&mut Self) -> R) -> Result<R> {
@@ -489,10 +646,74 @@ impl<'d> Session<'d> {
         v.started && v.enabled && v.refused.is_none() && v.queue.ready() && v.queue.is_valid(mem)
     }
 
+    /// Resume a ring whose base the frontend set where the guest's used ring says it stands
+    /// (vhost-user.rst: the used index is read from guest memory). Our own stops leave
+    /// `used.idx` at the base; a difference means chains another backend took and never
+    /// completed (a crashed one, or the source of a migration): like DPDK's backend, both
+    /// indexes go back to `used.idx`, so those chains are done again (a TX frame sent twice, an
+    /// RX buffer filled again) instead of being lost to the guest for good.
+    fn resync_used(&mut self, i: usize, mem: &GuestMemoryMmap) {
+        let v = &mut self.vrings[i];
+        if !std::mem::take(&mut v.resync) {
+            return;
+        }
+        let Ok(used) = v.queue.used_idx(mem, std::sync::atomic::Ordering::Acquire) else {
+            return;
+        };
+        let base = v.queue.next_avail();
+        if used.0 != base {
+            warn!(
+                "vring {i}: base {base} but the guest's used index is {}: resuming from the used \
+                 index ({} chains taken before and never completed are done again)",
+                used.0,
+                base.wrapping_sub(used.0)
+            );
+            v.queue.set_next_avail(used.0);
+        }
+        v.queue.set_next_used(used.0);
+    }
+
+    /// Why pairs cannot run now with logging on, if they cannot: writing guest memory that is
+    /// not logged would corrupt the migration silently, so nothing is written instead.
+    fn log_blocks(&self, mem_end: u64) -> Option<String> {
+        if !self.logging() {
+            return None;
+        }
+        let Some(log) = &self.log else {
+            return Some("no usable dirty log (SET_LOG_BASE failed)".into());
+        };
+        if !log.covers_range(0, mem_end) {
+            return Some(format!(
+                "the dirty log covers up to {:#x}, guest memory ends at {mem_end:#x}",
+                log.covers()
+            ));
+        }
+        self.vrings.iter().enumerate().find_map(|(i, v)| {
+            let len = DeviceQueue::used_ring_len(v.queue.size());
+            (v.started && !log.covers_range(v.used_log_gpa(), len)).then(|| {
+                format!(
+                    "vring {i}: its used ring's log address {:#x} is outside the dirty log",
+                    v.used_log_gpa()
+                )
+            })
+        })
+    }
+
     fn start_pair(&mut self, p: usize) -> Result<()> {
-        let Some(mem) = self.memory.as_ref().map(|m| m.mapped().clone()) else {
+        let Some((mem, mem_end)) = self.memory.as_ref().map(|m| (m.mapped().clone(), m.end()))
+        else {
             return Ok(());
         };
+        if let Some(why) = self.log_blocks(mem_end) {
+            error!("queue pair {p} not started while the guest migrates: {why}");
+            self.dev.sync_attach(p, false);
+            return Ok(());
+        }
+        for i in [2 * p, 2 * p + 1] {
+            if self.runnable(i, &mem) {
+                self.resync_used(i, &mem);
+            }
+        }
         let run = |s: &Self, i: usize| {
             s.runnable(i, &mem).then(|| {
                 let v = &s.vrings[i];
@@ -501,6 +722,7 @@ impl<'d> Session<'d> {
                     kick: v.kick.clone().expect("started rings have a kick fd"),
                     call: v.call.clone(),
                     err: v.err.clone(),
+                    used_log_gpa: v.used_log_gpa(),
                 }
             })
         };
@@ -533,6 +755,13 @@ impl<'d> Session<'d> {
             },
             rx,
             tx,
+            log: match (&self.log, self.logging()) {
+                (Some(log), true) => Some(PairLog {
+                    log: log.clone(),
+                    signal: Notifier(self.log_signal.clone()),
+                }),
+                _ => None,
+            },
         };
         debug!(
             "queue pair {p}: worker starting (rx {}, tx {})",

@@ -139,6 +139,10 @@ counters! {
         /// the frames at all, which must not pass for a trickle of drops.
         tx_stops_tap_refusing => "tx_stops_tap_refusing"
             "Times this pair stopped because the tap refused every TX frame for a second.",
+        /// Guest pages marked in the migration dirty log by this pair (RX frame data, both used
+        /// rings): nonzero only while a frontend migrates the guest.
+        dirty_pages_logged => "dirty_log_marks"
+            "Guest pages marked dirty in the migration log (RX frame data and used rings).",
     }
 }
 
@@ -148,6 +152,8 @@ counters! {
 pub struct FrontendStats {
     /// Indexed by request code; codes from `REQUEST_SLOTS - 1` on share the last slot.
     rejected: [AtomicU64; REQUEST_SLOTS],
+    /// RARP announces written into the tap (SEND_RARP, after a migration).
+    announces: AtomicU64,
 }
 
 /// vhost-user request codes end well below this (QEMU 10 knows about 45).
@@ -157,6 +163,7 @@ impl Default for FrontendStats {
     fn default() -> Self {
         FrontendStats {
             rejected: std::array::from_fn(|_| AtomicU64::new(0)),
+            announces: AtomicU64::new(0),
         }
     }
 }
@@ -165,6 +172,14 @@ impl FrontendStats {
     pub fn reject(&self, code: u32) {
         let slot = usize::try_from(code).map_or(REQUEST_SLOTS - 1, |c| c.min(REQUEST_SLOTS - 1));
         inc(&self.rejected[slot]);
+    }
+
+    pub fn announced(&self) {
+        inc(&self.announces);
+    }
+
+    pub fn announces(&self) -> u64 {
+        self.announces.load(Ordering::Relaxed)
     }
 
     /// (request code, refusals), every slot.

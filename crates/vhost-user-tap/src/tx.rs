@@ -177,6 +177,7 @@ impl Tx {
         if let Ok(true) = published {
             stats::inc(&stats.tx_interrupts);
         }
+        stats::add(&stats.dirty_pages_logged, self.q.take_logged());
         published?;
         let state = result?;
         self.state = state;

@@ -9,6 +9,8 @@ use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRE
 
 /// `VHOST_USER_F_PROTOCOL_FEATURES`: a vhost-user bit, not a virtio one.
 pub const VHOST_USER_F_PROTOCOL_FEATURES: u32 = 30;
+/// `VHOST_F_LOG_ALL`: the backend logs its writes into guest memory (migration); a vhost bit.
+pub const VHOST_F_LOG_ALL: u32 = 26;
 
 /// Size of `virtio_net_hdr` without `num_buffers` (legacy, no MRG_RXBUF).
 pub const HDR_LEN_LEGACY: usize = 10;
@@ -63,6 +65,8 @@ pub fn base_features() -> u64 {
         | bit(VIRTIO_NET_F_MTU)
         | bit(VIRTIO_NET_F_STATUS)
         | bit(VIRTIO_NET_F_MQ)
+        | bit(VIRTIO_NET_F_GUEST_ANNOUNCE)
+        | bit(VHOST_F_LOG_ALL)
         | bit(VHOST_USER_F_PROTOCOL_FEATURES)
 }
 
@@ -106,6 +110,11 @@ impl NetFeatures {
 
     pub fn event_idx(&self) -> bool {
         self.has(VIRTIO_RING_F_EVENT_IDX)
+    }
+
+    /// The frontend is migrating the guest: log every write into its memory.
+    pub fn log_all(&self) -> bool {
+        self.has(VHOST_F_LOG_ALL)
     }
 
     /// `TUN_F_*` flags matching the guest offloads the guest acked. The kernel takes USO only
