@@ -3,6 +3,7 @@
 //!
 //! Queue layout: pair `p` is RX vring `2p` and TX vring `2p + 1`.
 
+use std::collections::BTreeSet;
 use std::os::fd::{AsRawFd, RawFd};
 use std::path::PathBuf;
 use std::time::Duration;
@@ -11,14 +12,15 @@ use vm_memory::{GuestAddress, GuestMemoryMmap};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::mem::{GuestRam, MemError};
+use super::migration::DirtyLog;
 use super::net::{
-    bit, vnet_hdr_len, NetConfig, VirtioNetHdr, VHOST_USER_F_PROTOCOL_FEATURES, VIRTIO_F_VERSION_1,
-    VIRTIO_NET_CONFIG_SIZE, VIRTIO_NET_F_GUEST_CSUM, VIRTIO_NET_F_GUEST_TSO4, VIRTIO_NET_F_MAC,
-    VIRTIO_NET_F_MRG_RXBUF, VIRTIO_NET_F_MTU, VIRTIO_NET_F_STATUS, VIRTIO_RING_F_EVENT_IDX,
-    VIRTIO_RING_F_INDIRECT_DESC,
+    bit, vnet_hdr_len, NetConfig, VirtioNetHdr, VHOST_F_LOG_ALL, VHOST_USER_F_PROTOCOL_FEATURES,
+    VIRTIO_F_VERSION_1, VIRTIO_NET_CONFIG_SIZE, VIRTIO_NET_F_GUEST_CSUM, VIRTIO_NET_F_GUEST_TSO4,
+    VIRTIO_NET_F_MAC, VIRTIO_NET_F_MRG_RXBUF, VIRTIO_NET_F_MTU, VIRTIO_NET_F_STATUS,
+    VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC,
 };
 use super::queue::{PairConfig, QueueError, QueuePair, QueueStats, RawCompletion, TxLayout};
-use super::ring::{write_desc_table, RawDesc, RingError};
+use super::ring::{write_desc_table, RawDesc, RingError, RingLayout};
 use super::vhost_user::{proto, req, ConnectError, Connection, ProtoError};
 
 /// In which order the handshake messages are sent.
@@ -204,6 +206,10 @@ pub struct Guest {
     protocol: u64,
     queue_num: Option<u64>,
     net_config: Option<NetConfig>,
+    /// The migration dirty log while logging (SET_LOG_BASE sent, LOG_ALL on).
+    log: Option<DirtyLog>,
+    /// The eventfd sent in SET_LOG_FD, which the backend signals after marking the log.
+    log_signal: Option<EventFd>,
     cfg: GuestConfig,
 }
 
@@ -252,6 +258,8 @@ impl Guest {
             protocol: 0,
             queue_num: None,
             net_config: None,
+            log: None,
+            log_signal: None,
             cfg,
         };
         g.handshake()?;
@@ -272,7 +280,8 @@ impl Guest {
         self.offered_features = offered;
         let has_proto = offered & bit(VHOST_USER_F_PROTOCOL_FEATURES) != 0;
         if has_proto {
-            let mut want = proto::MQ | proto::CONFIG;
+            // LOG_SHMFD and RARP as QEMU acks them for a migratable vhost-user NIC.
+            let mut want = proto::MQ | proto::CONFIG | proto::LOG_SHMFD | proto::RARP;
             if self.cfg.reply_ack {
                 want |= proto::REPLY_ACK;
             }
@@ -473,14 +482,7 @@ impl Guest {
                 *pair.tx_ring().layout()
             }
         };
-        let uva = |gpa: GuestAddress, ram: &GuestRam| {
-            ram.gpa_to_uva(gpa).ok_or_else(|| {
-                GuestError::Config(format!("ring address {:#x} outside guest memory", gpa.0))
-            })
-        };
-        let desc = uva(layout.desc_table, &self.ram)?;
-        let avail = uva(layout.avail_ring, &self.ram)?;
-        let used = uva(layout.used_ring, &self.ram)?;
+        let (desc, used, avail) = self.vring_uvas(&layout)?;
         let c = self.conn()?;
         c.set_vring_num(q, u32::from(layout.size))
             .map_err(step(format!("SET_VRING_NUM for vring {q}")))?;
@@ -496,6 +498,29 @@ impl Guest {
                 .map_err(step(format!("SET_VRING_BASE for vring {q}")))?;
         }
         Ok(())
+    }
+
+    fn vring_layout(&self, q: u32) -> RingLayout {
+        let pair = &self.pairs[(q / 2) as usize];
+        if q % 2 == 0 {
+            *pair.rx_ring().layout()
+        } else {
+            *pair.tx_ring().layout()
+        }
+    }
+
+    /// The frontend addresses (desc, used, avail) of a ring, as SET_VRING_ADDR carries them.
+    fn vring_uvas(&self, layout: &RingLayout) -> Result<(u64, u64, u64)> {
+        let uva = |gpa: GuestAddress| {
+            self.ram.gpa_to_uva(gpa).ok_or_else(|| {
+                GuestError::Config(format!("ring address {:#x} outside guest memory", gpa.0))
+            })
+        };
+        Ok((
+            uva(layout.desc_table)?,
+            uva(layout.used_ring)?,
+            uva(layout.avail_ring)?,
+        ))
     }
 
     fn vring_fd(&self, code: u32, q: u32) -> RawFd {
@@ -756,6 +781,96 @@ impl Guest {
             Some(e) => Err(e),
             None => Ok(bases),
         }
+    }
+
+    // ------------------------------------------------------------ migration
+
+    /// Start a migration's dirty logging as QEMU does: SET_LOG_BASE with a log covering guest
+    /// memory (the backend must answer; a non-zero answer is an error), SET_LOG_FD, SET_FEATURES
+    /// with VHOST_F_LOG_ALL added, then SET_VRING_ADDR with VHOST_VRING_F_LOG and the used
+    /// ring's guest address for every ring, all while the rings run. Calling it again replaces
+    /// the log (QEMU resizes it so when memory grows).
+    pub fn start_migration_log(&mut self) -> Result<()> {
+        let end = self.ram.base().0 + self.ram.size();
+        let log = DirtyLog::new(end).map_err(|e| GuestError::Config(e.to_string()))?;
+        let reply = self
+            .conn()?
+            .set_log_base(log.size(), 0, log.fd())
+            .map_err(step("SET_LOG_BASE"))?;
+        if reply != 0 {
+            return Err(GuestError::Config(format!(
+                "the backend refused the log (SET_LOG_BASE answered {reply})"
+            )));
+        }
+        let signal = EventFd::new(EFD_NONBLOCK | libc::EFD_CLOEXEC)
+            .map_err(|e| GuestError::Config(format!("creating the log eventfd: {e}")))?;
+        self.conn()?
+            .set_log_fd(signal.as_raw_fd())
+            .map_err(step("SET_LOG_FD"))?;
+        self.log = Some(log);
+        self.log_signal = Some(signal);
+        self.set_logging(true)
+    }
+
+    /// End dirty logging: SET_FEATURES without VHOST_F_LOG_ALL, the rings' addresses without
+    /// VHOST_VRING_F_LOG. The log stays readable.
+    pub fn stop_migration_log(&mut self) -> Result<()> {
+        self.set_logging(false)
+    }
+
+    fn set_logging(&mut self, on: bool) -> Result<()> {
+        let log_all = if on { bit(VHOST_F_LOG_ALL) } else { 0 };
+        let features = self.features | log_all;
+        self.conn()?
+            .set_features(features)
+            .map_err(step("SET_FEATURES (LOG_ALL)"))?;
+        for q in 0..self.nvrings() {
+            let layout = self.vring_layout(q);
+            let (desc, used, avail) = self.vring_uvas(&layout)?;
+            let log = on.then_some(layout.used_ring.0);
+            self.conn()?
+                .set_vring_addr_logged(q, desc, used, avail, log)
+                .map_err(step(format!("SET_VRING_ADDR (log) for vring {q}")))?;
+        }
+        Ok(())
+    }
+
+    /// The guest pages the backend marked dirty since the last call (cleared as read), by
+    /// guest-physical page number. Empty before [`Guest::start_migration_log`].
+    pub fn take_dirty_pages(&self) -> BTreeSet<u64> {
+        self.log
+            .as_ref()
+            .map(DirtyLog::take_dirty)
+            .unwrap_or_default()
+    }
+
+    /// How often the backend signalled the log eventfd since the last call (0 if it did not).
+    pub fn take_log_signals(&self) -> u64 {
+        self.log_signal
+            .as_ref()
+            .and_then(|e| e.read().ok())
+            .unwrap_or(0)
+    }
+
+    /// SET_FEATURES with exactly `features` (e.g. VHOST_F_LOG_ALL without a log, which a
+    /// backend must refuse). With REPLY_ACK, a refusal is an error.
+    pub fn set_features_raw(&mut self, features: u64) -> Result<()> {
+        self.conn()?
+            .set_features(features)
+            .map_err(step("SET_FEATURES (raw)"))
+    }
+
+    /// SET_LOG_BASE with any size, offset and fd; returns the backend's answer (0: accepted).
+    pub fn set_log_base_raw(&mut self, size: u64, offset: u64, fd: &impl AsRawFd) -> Result<u64> {
+        self.conn()?
+            .set_log_base(size, offset, fd.as_raw_fd())
+            .map_err(step("SET_LOG_BASE (raw)"))
+    }
+
+    /// SEND_RARP for `mac`, as QEMU sends it after a migration when the guest cannot announce
+    /// itself.
+    pub fn send_rarp(&mut self, mac: [u8; 6]) -> Result<()> {
+        self.conn()?.send_rarp(mac).map_err(step("SEND_RARP"))
     }
 
     /// True until [`Guest::disconnect`].

@@ -9,6 +9,7 @@
 //! - [`queue`]: one RX/TX queue pair (mergeable RX reassembly, TX layouts, interrupts).
 //! - [`vhost_user`]: the frontend's vhost-user messages.
 //! - [`frontend`]: [`Guest`], the handshake and the public API.
+//! - [`migration`]: the frontend's side of a migration's dirty log.
 //! - [`net`]: vnet header, feature bits, test frames.
 //! - [`run`]: the binary's traffic mode.
 //! - [`bridge`]: forwarding between the rings and a second tap (TCP through a backend).
@@ -35,6 +36,7 @@ pub mod kit;
 pub mod labs;
 pub mod loopback;
 pub mod mem;
+pub mod migration;
 pub mod net;
 pub mod queue;
 pub mod ring;

@@ -19,6 +19,10 @@ pub const VIRTIO_NET_F_MRG_RXBUF: u32 = 15;
 pub const VIRTIO_NET_F_STATUS: u32 = 16;
 /// `VIRTIO_NET_F_MQ` (needs a control queue; never acked by this guest).
 pub const VIRTIO_NET_F_MQ: u32 = 22;
+/// VIRTIO_NET_F_GUEST_ANNOUNCE: the guest announces itself after a migration.
+pub const VIRTIO_NET_F_GUEST_ANNOUNCE: u32 = 21;
+/// VHOST_F_LOG_ALL: the backend logs its guest-memory writes (during a migration).
+pub const VHOST_F_LOG_ALL: u32 = 26;
 /// `VIRTIO_RING_F_INDIRECT_DESC`.
 pub const VIRTIO_RING_F_INDIRECT_DESC: u32 = 28;
 /// `VIRTIO_RING_F_EVENT_IDX`.

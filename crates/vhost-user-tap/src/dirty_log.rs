@@ -57,18 +57,19 @@ impl DirtyLog {
                 return Err(LogError::ShortFile { need, have });
             }
         }
-        let map = MmapRegion::from_file(FileOffset::new(file, offset), len).map_err(LogError::Map)?;
+        let map =
+            MmapRegion::from_file(FileOffset::new(file, offset), len).map_err(LogError::Map)?;
         Ok(DirtyLog { map })
     }
 
     /// Bytes of bitmap.
-    pub fn len(&self) -> usize {
+    pub fn bytes(&self) -> usize {
         self.map.size()
     }
 
     /// Guest-physical addresses the log covers: `[0, covers())`.
     pub fn covers(&self) -> u64 {
-        (self.len() as u64).saturating_mul(8 * LOG_PAGE)
+        (self.bytes() as u64).saturating_mul(8 * LOG_PAGE)
     }
 
     /// Whether `[gpa, gpa + len)` lies inside what the log covers.
@@ -84,7 +85,7 @@ impl DirtyLog {
         let first = gpa / LOG_PAGE;
         let last = gpa.saturating_add(len - 1) / LOG_PAGE;
         let base = self.map.as_ptr();
-        let bytes = self.len() as u64;
+        let bytes = self.bytes() as u64;
         let mut marked = 0;
         for page in first..=last {
             let byte = page / 8;
@@ -119,7 +120,7 @@ mod tests {
 
     fn bits(log: &DirtyLog) -> Vec<u64> {
         let base = log.map.as_ptr();
-        (0..log.len() as u64 * 8)
+        (0..log.bytes() as u64 * 8)
             .filter(|p| {
                 // SAFETY: inside the mapping.
                 let b = unsafe { *base.add(usize::try_from(p / 8).unwrap()) };

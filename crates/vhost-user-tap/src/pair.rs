@@ -138,7 +138,11 @@ impl Pair {
             let call = Notifier(run.call);
             let mut q = DeviceQueue::new(run.queue, event_idx, &s.mem, call);
             if let Some(l) = &log {
-                q.set_log(QueueLog::new(l.log.clone(), run.used_log_gpa, l.signal.clone()));
+                q.set_log(QueueLog::new(
+                    l.log.clone(),
+                    run.used_log_gpa,
+                    l.signal.clone(),
+                ));
             }
             (q, run.kick, Notifier(run.err))
         };

@@ -19,8 +19,7 @@ use log::{debug, warn};
 use thiserror::Error;
 use vhost::vhost_user::message::{
     FrontendReq, VhostUserConfig, VhostUserLog, VhostUserU64, VhostUserVringAddr,
-    VhostUserVringState,
-    MAX_ATTACHED_FD_ENTRIES, MAX_MSG_SIZE,
+    VhostUserVringState, MAX_ATTACHED_FD_ENTRIES, MAX_MSG_SIZE,
 };
 use vm_memory::ByteValued;
 use vmm_sys_util::sock_ctrl_msg::ScmSocket;
@@ -338,14 +337,7 @@ impl Connection {
             }
             R::SET_VRING_ADDR => {
                 let m: VhostUserVringAddr = req.parse()?;
-                s.set_vring_addr(
-                    m.index,
-                    m.flags,
-                    m.descriptor,
-                    m.used,
-                    m.available,
-                    m.log,
-                )
+                s.set_vring_addr(m.index, m.flags, m.descriptor, m.used, m.available, m.log)
             }
             R::SET_VRING_BASE => {
                 let m: VhostUserVringState = req.parse()?;

@@ -20,8 +20,8 @@ use virtio_queue::{Queue, QueueT};
 use vm_memory::{GuestAddress, GuestMemoryMmap};
 
 use crate::device::Device;
-use crate::memory::GuestMemory;
 use crate::dirty_log::DirtyLog;
+use crate::memory::GuestMemory;
 use crate::pair::{PairLog, PairSetup, QueueRun};
 use crate::ring::{DeviceQueue, Notifier};
 use crate::virtio_net::{self, NetConfigSpace, NetFeatures, VHOST_USER_F_PROTOCOL_FEATURES};
@@ -286,7 +286,7 @@ impl<'d> Session<'d> {
                 if let Some(end) = self.memory.as_ref().map(GuestMemory::end) {
                     if !log.covers_range(0, end) {
                         return Err(SessionError::LogTooSmall {
-                            len: log.len(),
+                            len: log.bytes(),
                             covers: log.covers(),
                             end,
                         });

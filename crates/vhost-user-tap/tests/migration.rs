@@ -1,0 +1,304 @@
+//! Migration with the synthetic guest as the source frontend: the dirty log the daemon keeps
+//! while VHOST_F_LOG_ALL is on, checked page by page; the refusals that keep a log from being
+//! half set up; SEND_RARP's announce on the tap. The QEMU migrations are in `qemu_migration.rs`.
+//!
+//! Needs root (a namespace and a tap); VUT_SKIP_ROOT=1 skips (prints SKIPPED).
+
+use std::collections::BTreeSet;
+use std::fs::File;
+use std::os::fd::FromRawFd;
+use std::time::{Duration, Instant};
+
+use vhost_user_tap_guest::kit::*;
+use vhost_user_tap_guest::net::VHOST_F_LOG_ALL;
+use vhost_user_tap_guest::ring::{RawDesc, RawNext, VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
+use vhost_user_tap_guest::vhost_user::proto;
+use vhost_user_tap_guest::{Guest, RawCompletion};
+
+const PAGE: u64 = 4096;
+
+fn pages(gpa: u64, len: u64) -> impl Iterator<Item = u64> {
+    let last = if len == 0 { gpa } else { gpa + len - 1 };
+    (gpa / PAGE)..=(last / PAGE).max(gpa / PAGE)
+}
+
+/// Used ring bytes of a ring of `size` entries (flags, idx, elements, avail_event).
+fn used_ring_pages(g: &Guest, rx: bool) -> BTreeSet<u64> {
+    let p = g.pair(0).unwrap();
+    let l = if rx {
+        *p.rx_ring().layout()
+    } else {
+        *p.tx_ring().layout()
+    };
+    pages(l.used_ring.0, 6 + 8 * u64::from(l.size)).collect()
+}
+
+fn setup(test: &str) -> Option<(Netns, Daemon, Guest, std::net::UdpSocket)> {
+    if !root_or_skip(test) {
+        return None;
+    }
+    let ns = Netns::new(test);
+    let mut d = Daemon::start(&ns, TAP, &[]);
+    ns.configure_tap(TAP);
+    let g = d.connect(guest_config(&d.socket));
+    let host = ns.udp_socket(&format!("{HOST_IP}:{HOST_PORT}"));
+    Some((ns, d, g, host))
+}
+
+/// Poll pair 0's RX until `n` raw chains came back.
+fn raw_completions(g: &mut Guest, n: usize) -> Vec<RawCompletion> {
+    let deadline = Instant::now() + WAIT;
+    let mut done = Vec::new();
+    while done.len() < n {
+        assert!(
+            Instant::now() < deadline,
+            "only {} of {n} RX chains came back: {done:?}",
+            done.len()
+        );
+        g.wait_interrupt(0, Duration::from_millis(100)).unwrap();
+        g.poll_rx(|_, _| {}).unwrap();
+        done.extend(g.take_raw_completions());
+    }
+    done
+}
+
+/// What the issue asks of the dirty log: while LOG_ALL is on, every page the daemon wrote (RX
+/// frame bytes, vnet header included, and the used rings) is marked, and nothing else is; once
+/// it is off, nothing is marked. The RX buffers are placed so that frames cross page boundaries
+/// and chains have segments on pages apart from each other.
+#[test]
+fn dirty_log_marks_exactly_the_pages_written() {
+    let Some((ns, d, mut g, host)) = setup("mig-log") else {
+        return;
+    };
+    assert!(
+        g.offered_features() & (1 << VHOST_F_LOG_ALL) != 0,
+        "VHOST_F_LOG_ALL offered"
+    );
+    let pf = g.protocol_features();
+    assert_eq!(
+        pf & (proto::LOG_SHMFD | proto::RARP),
+        proto::LOG_SHMFD | proto::RARP,
+        "LOG_SHMFD and RARP negotiated"
+    );
+    // Traffic before logging: its pages must not show up in the log.
+    // (Exactly as many buffers as datagrams: none may be left for the chains below.)
+    g.post_rx_buffers(8).unwrap();
+    send_to_guest(&host, 0..8);
+    let (got, _) = receive(&mut g, 8, false);
+    assert_in_order(&got, 0);
+
+    g.start_migration_log().unwrap();
+    // Restarting the rings with their log addresses re-arms kicks: at most the used rings'
+    // `avail_event` is written so far.
+    let (rx_used, tx_used) = (used_ring_pages(&g, true), used_ring_pages(&g, false));
+    let first = g.take_dirty_pages();
+    assert!(
+        first
+            .iter()
+            .all(|p| rx_used.contains(p) || tx_used.contains(p)),
+        "at the start of logging only used rings marked: {first:?}"
+    );
+
+    // Eight chains, each a single 2 KiB buffer starting 1000 bytes before a page end (every
+    // frame of more than 1000 bytes crosses into the next page), and four chains of two
+    // segments on pages four apart: 200 bytes, then the rest.
+    let hdr = g.hdr_len() as u64;
+    let area = g.alloc_scratch(64 * PAGE, PAGE).unwrap().0;
+    let mut chains: Vec<(u16, Vec<(u64, u64)>)> = Vec::new();
+    let one = |addr: u64, len: u64, next: RawNext, more: bool| RawDesc {
+        addr,
+        len: len as u32,
+        flags: VRING_DESC_F_WRITE | if more { VRING_DESC_F_NEXT } else { 0 },
+        next,
+    };
+    for i in 0..8u64 {
+        let a = area + (2 * i + 1) * PAGE - 1000;
+        let head = g
+            .post_raw_rx_chain(&[one(a, 2048, RawNext::Follow, false)])
+            .unwrap();
+        chains.push((head, vec![(a, 2048)]));
+    }
+    for i in 0..4u64 {
+        let (a, b) = (area + (32 + 8 * i) * PAGE, area + (36 + 8 * i) * PAGE);
+        let head = g
+            .post_raw_rx_chain(&[
+                one(a, 200, RawNext::Follow, true),
+                one(b, 2048, RawNext::Follow, false),
+            ])
+            .unwrap();
+        chains.push((head, vec![(a, 200), (b, 2048)]));
+    }
+    // Datagrams 30..38 and 68..72 carry 1126 to 1385 bytes of payload: they cross a page in
+    // the single-buffer chains and fill both segments of the others. The kernel may add a frame
+    // of its own (IPv6 neighbour discovery), which lands in a chain like any other and is
+    // accounted the same way.
+    send_to_guest(&host, 30..38);
+    send_to_guest(&host, 68..72);
+    let done = raw_completions(&mut g, chains.len());
+    let mut written = BTreeSet::new();
+    let mut bytes = 0;
+    for c in &done {
+        let (_, segs) = chains
+            .iter()
+            .find(|(h, _)| *h == c.head)
+            .expect("our chain");
+        assert!(u64::from(c.len) > hdr, "a frame in chain {}", c.head);
+        let mut left = u64::from(c.len);
+        bytes += left;
+        for &(addr, len) in segs {
+            let n = left.min(len);
+            if n > 0 {
+                written.extend(pages(addr, n));
+            }
+            left -= n;
+        }
+        assert_eq!(left, 0, "chain {} holds its frame", c.head);
+    }
+    // And TX: the daemon writes only the TX used ring.
+    let spec = guest_to_host_spec(&ns);
+    let mut frame = Vec::new();
+    for seq in 0..4 {
+        spec.build(100 + seq * 300, 0, seq as u64, &mut frame)
+            .unwrap();
+        assert!(g.send_frame(&frame).unwrap());
+    }
+    let deadline = Instant::now() + WAIT;
+    while d.counters(0)["tx_frames"] < 4 {
+        assert!(Instant::now() < deadline, "TX frames never sent");
+        g.wait_interrupt(1, Duration::from_millis(100)).unwrap();
+    }
+    let marked = g.take_dirty_pages();
+    let missing: Vec<_> = written.difference(&marked).collect();
+    assert!(
+        missing.is_empty(),
+        "pages written with RX frame data ({bytes} bytes) but not marked: {missing:?} (marked {marked:?})"
+    );
+    assert!(
+        !marked.is_disjoint(&rx_used),
+        "the RX used ring's pages {rx_used:?} marked: {marked:?}"
+    );
+    assert!(
+        !marked.is_disjoint(&tx_used),
+        "the TX used ring's pages {tx_used:?} marked: {marked:?}"
+    );
+    let allowed: BTreeSet<u64> = written.union(&rx_used).chain(&tx_used).copied().collect();
+    let extra: Vec<_> = marked.difference(&allowed).collect();
+    assert!(
+        extra.is_empty(),
+        "pages marked that the daemon never wrote: {extra:?}"
+    );
+    assert!(g.take_log_signals() > 0, "the log fd signalled");
+    let logged = d.counters(0)["dirty_pages_logged"];
+    assert!(
+        logged >= marked.len() as u64,
+        "dirty_log_marks counts every page marked: {logged} < {}",
+        marked.len()
+    );
+
+    // Logging off: traffic both ways marks nothing and the counter stands still.
+    g.stop_migration_log().unwrap();
+    g.post_rx_buffers(usize::MAX).unwrap();
+    host_to_guest(&host, &mut g, 100..140);
+    for seq in 10..14 {
+        spec.build(200, 0, seq, &mut frame).unwrap();
+        assert!(g.send_frame(&frame).unwrap());
+    }
+    let deadline = Instant::now() + WAIT;
+    while d.counters(0)["tx_frames"] < 8 {
+        assert!(Instant::now() < deadline, "TX frames never sent");
+        g.wait_interrupt(1, Duration::from_millis(100)).unwrap();
+    }
+    assert_eq!(
+        g.take_dirty_pages(),
+        BTreeSet::new(),
+        "no marks without LOG_ALL"
+    );
+    assert_eq!(d.counters(0)["dirty_pages_logged"], logged);
+    drop(ns);
+}
+
+/// LOG_ALL is refused while no log covers guest memory (a backend that accepted it would write
+/// unlogged pages), and a log too small for guest memory is refused at SET_LOG_BASE; the pair
+/// keeps running through both.
+#[test]
+fn log_all_needs_a_log_that_covers_memory() {
+    let Some((_ns, _d, mut g, host)) = setup("mig-nolog") else {
+        return;
+    };
+    g.post_rx_buffers(usize::MAX).unwrap();
+    let err = g
+        .set_features_raw(g.features() | (1 << VHOST_F_LOG_ALL))
+        .expect_err("LOG_ALL without a log refused");
+    println!("LOG_ALL without a log: {err}");
+    let size = g.ram().size();
+    // SAFETY: memfd_create with a valid name; the fd is checked and then owned by `f`.
+    let fd = unsafe { libc::memfd_create(c"short-log".as_ptr(), libc::MFD_CLOEXEC) };
+    assert!(fd >= 0);
+    // SAFETY: `fd` was just created and is owned by nobody else.
+    let f = unsafe { File::from_raw_fd(fd) };
+    f.set_len(8).unwrap();
+    let need = size / PAGE / 8;
+    assert!(need > 8, "guest memory larger than one log word covers");
+    assert_eq!(
+        g.set_log_base_raw(8, 0, &f).unwrap(),
+        1,
+        "a log of 8 bytes for {size} bytes of memory refused"
+    );
+    g.set_features_raw(g.features() | (1 << VHOST_F_LOG_ALL))
+        .expect_err("LOG_ALL with a refused log refused");
+    host_to_guest(&host, &mut g, 0..16);
+}
+
+/// SEND_RARP writes one RARP broadcast for the given MAC into the tap: a bridge learns the
+/// guest's new port from it. Counted in `rarp_announces`.
+#[test]
+fn send_rarp_announces_on_the_tap() {
+    let Some((ns, d, mut g, _host)) = setup("mig-rarp") else {
+        return;
+    };
+    let sniffer = ns.within(|| {
+        // SAFETY: plain socket(2); the fd is checked and then owned by the File.
+        let fd = unsafe {
+            libc::socket(
+                libc::AF_PACKET,
+                libc::SOCK_RAW | libc::SOCK_CLOEXEC,
+                i32::from(0x8035u16.to_be()),
+            )
+        };
+        assert!(fd >= 0, "AF_PACKET: {}", std::io::Error::last_os_error());
+        // SAFETY: `fd` is a fresh socket owned by nobody else.
+        unsafe { File::from_raw_fd(fd) }
+    });
+    let mac = [0x52, 0x54, 0x00, 0x11, 0x22, 0x33];
+    g.send_rarp(mac).unwrap();
+    let frame = recv_timeout(&sniffer, WAIT).expect("a RARP frame on the tap");
+    assert_eq!(frame.len(), 60, "a minimum-size Ethernet frame");
+    assert_eq!(&frame[..6], &[0xff; 6], "broadcast");
+    assert_eq!(&frame[6..12], &mac, "from the guest's MAC");
+    assert_eq!(&frame[12..14], &[0x80, 0x35], "ethertype RARP");
+    // Reverse request (opcode 3), sender and target hardware addresses the guest's.
+    assert_eq!(&frame[20..22], &[0, 3]);
+    assert_eq!(&frame[22..28], &mac);
+    assert_eq!(&frame[32..38], &mac);
+    let m = scrape(d.metrics_path());
+    assert_eq!(m.get("vhost_user_tap_rarp_announces_total"), Some(&1.0));
+}
+
+fn recv_timeout(sock: &File, timeout: Duration) -> Option<Vec<u8>> {
+    use std::os::fd::AsRawFd;
+    let mut pfd = libc::pollfd {
+        fd: sock.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: one valid pollfd.
+    let r = unsafe { libc::poll(&mut pfd, 1, timeout.as_millis() as i32) };
+    if r <= 0 {
+        return None;
+    }
+    let mut buf = [0u8; 2048];
+    // SAFETY: `buf` is writable for its length.
+    let n = unsafe { libc::recv(sock.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
+    (n > 0).then(|| buf[..n as usize].to_vec())
+}
