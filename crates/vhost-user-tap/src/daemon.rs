@@ -26,7 +26,7 @@ use crate::metrics::{self, MetricsServer};
 use crate::protocol::{Connection, ProtocolError, Recv, MESSAGE_DEADLINE};
 use crate::ratelog::{self, RateLimited};
 use crate::session::Session;
-use crate::stats::PairStats;
+use crate::stats::{self, PairStats};
 use crate::sys::{Listener, SignalFd};
 use crate::systemd::{self, Watchdog};
 
@@ -244,8 +244,20 @@ impl Daemon {
                 Err(e) => break Err(e),
             }
         };
+        self.count_staged_at_exit();
         self.log_stats();
         result
+    }
+
+    /// A pair's staged frame outlives its frontend (the next one gets it), not the daemon: say
+    /// which pairs lose one now. After a migration this is where the source's frame ends.
+    fn count_staged_at_exit(&self) {
+        for (p, slot) in self.dev.pairs.iter().enumerate() {
+            if slot.rest.as_ref().is_some_and(|r| r.carry.holds_frame()) {
+                stats::inc(&slot.stats.rx_dropped_at_exit);
+                warn!("queue pair {p}: exiting with a staged RX frame no guest took; dropped");
+            }
+        }
     }
 
     fn serve(&mut self, stream: UnixStream, ep: &SessionEpoll) -> anyhow::Result<SessionEnd> {

@@ -66,6 +66,13 @@ pub struct RxCarry {
     hdr_len: usize,
 }
 
+impl RxCarry {
+    /// Whether a frame waits here for room in the guest's RX ring.
+    pub fn holds_frame(&self) -> bool {
+        self.staged > 0
+    }
+}
+
 impl Default for RxCarry {
     fn default() -> Self {
         RxCarry {

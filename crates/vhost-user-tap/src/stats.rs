@@ -106,6 +106,11 @@ counters! {
         /// offloads the new guest did not accept, so it could not parse them.
         rx_dropped_unfit => "daemon_dropped_frames" [direction = "rx", reason = "unfit_offload"]
             "Frames the daemon dropped after taking them from the tap or the guest.",
+        /// A staged frame the daemon still held when it exited: taken from the tap while the
+        /// guest's RX ring was full, and no frontend came back to take it (after a migration, the
+        /// source daemon's frame; the destination's guest never had it).
+        rx_dropped_at_exit => "daemon_dropped_frames" [direction = "rx", reason = "staged_at_exit"]
+            "Frames the daemon dropped after taking them from the tap or the guest.",
         /// Frames sent to the tap from the guest.
         tx_frames => "tx_frames" "Frames sent from the guest to the tap.",
         /// Bytes of those frames, vnet header excluded.
@@ -197,6 +202,7 @@ impl PairSnapshot {
     pub fn daemon_drops(&self) -> u64 {
         self.rx_dropped_oversize
             + self.rx_dropped_unfit
+            + self.rx_dropped_at_exit
             + self.tx_dropped_bad_desc
             + self.tx_dropped_tap_error
     }

@@ -302,3 +302,49 @@ fn recv_timeout(sock: &File, timeout: Duration) -> Option<Vec<u8>> {
     let n = unsafe { libc::recv(sock.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
     (n > 0).then(|| buf[..n as usize].to_vec())
 }
+
+/// After a migration the source daemon may still hold one frame per pair: taken from the tap
+/// while the guest's RX ring was full, staged, and never delivered because the guest now runs
+/// elsewhere. It stays staged across the frontend's departure (should the migration fail, the
+/// VM resumes here and gets it) and is counted as dropped when the daemon exits: the exit
+/// report, the daemon's last word, says so (`rx_dropped_at_exit`).
+#[test]
+fn a_frame_staged_on_the_source_is_counted_when_the_daemon_exits() {
+    if !root_or_skip("mig-staged") {
+        return;
+    }
+    let ns = Netns::new("mig-staged");
+    let mut d = Daemon::start(&ns, TAP, &[]);
+    ns.configure_tap(TAP);
+    let mut cfg = guest_config(&d.socket);
+    // 256-byte buffers: a 1400-byte datagram does not fit in two.
+    cfg.rx_buf_len = 256;
+    let mut g = d.connect(cfg);
+    let host = ns.udp_socket(&format!("{HOST_IP}:{HOST_PORT}"));
+    let i = (0..).find(|i| payload(*i).len() > 1300).unwrap();
+    g.post_rx_buffers(2).unwrap();
+    send_to_guest(&host, i..i + 1);
+    // The kernel's counter is the only witness of the daemon's read; poll it with a deadline.
+    let deadline = Instant::now() + WAIT;
+    while ns.link_stats(TAP).tx_packets == 0 {
+        assert!(Instant::now() < deadline, "the daemon never read the frame");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    g.disconnect().unwrap();
+    let c = d.counters_when_idle(0);
+    assert_eq!(c["rx_frames"], 0, "nothing delivered: {c:?}");
+    assert_eq!(c["rx_dropped_at_exit"], 0, "{c:?}");
+    assert!(d.terminate().success(), "clean exit");
+    let log = d.log();
+    let report = log
+        .lines()
+        .rev()
+        .find(|l| l.contains("queue pair 0: "))
+        .unwrap_or_else(|| panic!("no exit report for pair 0:\n{log}"));
+    assert!(
+        report
+            .split_whitespace()
+            .any(|kv| kv == "rx_dropped_at_exit=1"),
+        "the staged frame counted at exit: {report}"
+    );
+}
