@@ -8,7 +8,7 @@ use std::os::fd::{AsRawFd, RawFd};
 use std::path::PathBuf;
 use std::time::Duration;
 
-use vm_memory::{GuestAddress, GuestMemoryMmap};
+use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryMmap};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::mem::{GuestRam, MemError};
@@ -865,6 +865,106 @@ impl Guest {
         self.conn()?
             .set_log_base(size, offset, fd.as_raw_fd())
             .map_err(step("SET_LOG_BASE (raw)"))
+    }
+
+    /// Move this guest to the backend at `socket` the way a migration moves a VM's NIC: stop
+    /// every ring on the current backend (GET_VRING_BASE) and close it, then set the rings up on
+    /// the new backend at the same guest addresses with SET_VRING_BASE = the bases the old one
+    /// returned, and the same features and memory. Posted buffers and in-flight TX stay where
+    /// they are in guest memory: the new backend must continue from the indices alone (the
+    /// used index it finds in memory). Returns the bases. A migration's dirty log ends with the
+    /// old backend.
+    pub fn migrate_to(&mut self, socket: &std::path::Path) -> Result<Vec<u32>> {
+        let bases = self.disconnect()?;
+        self.log = None;
+        self.log_signal = None;
+        let conn =
+            match Connection::connect(socket, self.cfg.connect_timeout, self.cfg.reply_timeout) {
+                Ok(c) => c,
+                Err(ConnectError::Failed(source)) => {
+                    return Err(GuestError::Connect {
+                        path: socket.to_path_buf(),
+                        source,
+                    })
+                }
+                Err(ConnectError::TimedOut(last)) => {
+                    return Err(GuestError::ConnectTimeout {
+                        path: socket.to_path_buf(),
+                        waited: self.cfg.connect_timeout,
+                        last,
+                    })
+                }
+            };
+        self.conn = Some(conn);
+        self.resume(&bases)?;
+        Ok(bases)
+    }
+
+    /// The destination's handshake: what was negotiated before, rings resumed at `bases`.
+    fn resume(&mut self, bases: &[u32]) -> Result<()> {
+        let offered = self.conn()?.get_features().map_err(step("GET_FEATURES"))?;
+        if offered & self.features != self.features {
+            return Err(GuestError::Config(format!(
+                "the destination offers {offered:#x}, the guest runs with {:#x}",
+                self.features
+            )));
+        }
+        if self.features & bit(VHOST_USER_F_PROTOCOL_FEATURES) != 0 {
+            let protocol = self.protocol;
+            let c = self.conn()?;
+            let pofs = c
+                .get_protocol_features()
+                .map_err(step("GET_PROTOCOL_FEATURES"))?;
+            let ack = pofs & protocol;
+            c.set_protocol_features(ack)
+                .map_err(step("SET_PROTOCOL_FEATURES"))?;
+            c.set_reply_ack(ack & proto::REPLY_ACK != 0);
+            self.offered_protocol = Some(pofs);
+            self.protocol = ack;
+            if ack & proto::MQ != 0 {
+                self.conn()?
+                    .get_queue_num()
+                    .map_err(step("GET_QUEUE_NUM"))?;
+            }
+        }
+        let features = self.features;
+        let c = self.conn()?;
+        c.set_owner().map_err(step("SET_OWNER"))?;
+        c.set_features(features).map_err(step("SET_FEATURES"))?;
+        self.set_mem_table()?;
+        for q in 0..self.nvrings() {
+            let layout = self.vring_layout(q);
+            let (desc, used, avail) = self.vring_uvas(&layout)?;
+            let base = bases[q as usize];
+            let c = self.conn()?;
+            c.set_vring_num(q, u32::from(layout.size))
+                .map_err(step(format!("SET_VRING_NUM for vring {q}")))?;
+            c.set_vring_base(q, base)
+                .map_err(step(format!("SET_VRING_BASE for vring {q}")))?;
+            c.set_vring_addr(q, desc, used, avail)
+                .map_err(step(format!("SET_VRING_ADDR for vring {q}")))?;
+            self.send_vring_fd(req::SET_VRING_KICK, q)?;
+            self.send_vring_fd(req::SET_VRING_CALL, q)?;
+            if features & bit(VHOST_USER_F_PROTOCOL_FEATURES) != 0 {
+                self.enable_vring(q, true)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// The used index the backend last published on vring `queue`, read from guest memory.
+    pub fn used_index(&self, queue: u32) -> Result<u16> {
+        if queue >= self.nvrings() {
+            return Err(GuestError::BadIndex {
+                index: queue as usize,
+                count: self.nvrings() as usize,
+            });
+        }
+        let layout = self.vring_layout(queue);
+        self.ram
+            .memory()
+            .read_obj(layout.used_ring.unchecked_add(2))
+            .map_err(|e| GuestError::Config(format!("reading vring {queue}'s used index: {e}")))
     }
 
     /// SEND_RARP for `mac`, as QEMU sends it after a migration when the guest cannot announce
