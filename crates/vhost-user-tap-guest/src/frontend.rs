@@ -6,6 +6,7 @@
 use std::collections::BTreeSet;
 use std::os::fd::{AsRawFd, RawFd};
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryMmap};
@@ -207,7 +208,7 @@ pub struct Guest {
     queue_num: Option<u64>,
     net_config: Option<NetConfig>,
     /// The migration dirty log while logging (SET_LOG_BASE sent, LOG_ALL on).
-    log: Option<DirtyLog>,
+    log: Option<Arc<DirtyLog>>,
     /// The eventfd sent in SET_LOG_FD, which the backend signals after marking the log.
     log_signal: Option<EventFd>,
     cfg: GuestConfig,
@@ -807,7 +808,7 @@ impl Guest {
         self.conn()?
             .set_log_fd(signal.as_raw_fd())
             .map_err(step("SET_LOG_FD"))?;
-        self.log = Some(log);
+        self.log = Some(Arc::new(log));
         self.log_signal = Some(signal);
         self.set_logging(true)
     }
@@ -840,8 +841,14 @@ impl Guest {
     pub fn take_dirty_pages(&self) -> BTreeSet<u64> {
         self.log
             .as_ref()
-            .map(DirtyLog::take_dirty)
+            .map(|l| l.take_dirty())
             .unwrap_or_default()
+    }
+
+    /// The dirty log, to read from another thread while the rings run (as QEMU's migration
+    /// thread does). None before [`Guest::start_migration_log`].
+    pub fn dirty_log(&self) -> Option<Arc<DirtyLog>> {
+        self.log.clone()
     }
 
     /// How often the backend signalled the log eventfd since the last call (0 if it did not).

@@ -110,12 +110,18 @@ struct Args {
     /// Seconds to keep retrying while the socket is missing or refuses connections.
     #[arg(long, default_value_t = 10.0)]
     connect_timeout: f64,
+    /// Run with a migration's dirty logging on (SET_LOG_BASE, VHOST_F_LOG_ALL), the log read
+    /// and cleared every 100 ms as QEMU's migration thread does: the cost of logging.
+    #[arg(long)]
+    migration_log: bool,
     /// Print exactly one JSON line with the results.
     #[arg(long)]
     json: bool,
 }
 
 static STOP: AtomicBool = AtomicBool::new(false);
+/// The run is over: the dirty-log reader stops.
+static LOG_DONE: AtomicBool = AtomicBool::new(false);
 
 extern "C" fn on_signal(_sig: libc::c_int) {
     STOP.store(true, Ordering::SeqCst);
@@ -258,6 +264,23 @@ fn main() -> ExitCode {
         Ok(g) => g,
         Err(e) => return fail(e.to_string(), a.json),
     };
+    let log_reader = if a.migration_log {
+        if let Err(e) = guest.start_migration_log() {
+            return fail(e.to_string(), a.json);
+        }
+        guest.dirty_log().map(|log| {
+            std::thread::spawn(move || {
+                let mut pages = 0;
+                while !LOG_DONE.load(Ordering::Relaxed) {
+                    std::thread::sleep(Duration::from_millis(100));
+                    pages += log.take_dirty().len();
+                }
+                pages
+            })
+        })
+    } else {
+        None
+    };
     let src_mac = src_mac
         .or_else(|| guest.mac())
         .unwrap_or([0x52, 0x54, 0x00, 0x12, 0x34, 0x56]);
@@ -300,6 +323,13 @@ fn main() -> ExitCode {
             (r, false)
         }
     };
+    LOG_DONE.store(true, Ordering::Relaxed);
+    if let Some(reader) = log_reader {
+        match reader.join() {
+            Ok(pages) => eprintln!("vhost-user-tap-guest: migration log: {pages} dirty pages read"),
+            Err(_) => eprintln!("vhost-user-tap-guest: the dirty-log reader panicked"),
+        }
+    }
     match guest.disconnect() {
         Ok(bases) => report.vring_bases = Some(bases),
         Err(e) => log::warn!("disconnect: {e}"),

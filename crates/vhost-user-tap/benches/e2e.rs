@@ -19,7 +19,8 @@
 //! `sudo cargo bench --bench e2e` (root: taps and namespaces). VUT_BENCH_SECS (default 5) and
 //! VUT_BENCH_RUNS (default 3) set the length; the median run is reported, with the spread of the
 //! daemon/floor ratios of each interleaved pair of runs; VUT_BENCH_DAEMON_ARGS
-//! passes options to the daemon (e.g. "--busy-poll-us 50"); VUT_BENCH_TCP_MB sizes the TCP runs. Results also go to
+//! passes options to the daemon (e.g. "--busy-poll-us 50"), VUT_BENCH_GUEST_ARGS to the synthetic
+//! guest (e.g. "--migration-log": dirty logging on, as during a migration); VUT_BENCH_TCP_MB sizes the TCP runs. Results also go to
 //! target/vut-bench/e2e.json. VUT_BENCH_CASES picks cases (default "rx,tx,tcp");
 //! VUT_BENCH_VERBOSE=1 prints the daemon's final counters of every run.
 
@@ -298,6 +299,15 @@ fn daemon_args() -> Vec<&'static str> {
         .collect()
 }
 
+/// Extra options for the synthetic guest, e.g. VUT_BENCH_GUEST_ARGS="--migration-log" (the
+/// datapath's cost while a migration logs dirty pages).
+fn guest_extra_args() -> Vec<&'static str> {
+    let args = std::env::var("VUT_BENCH_GUEST_ARGS").unwrap_or_default();
+    args.split_whitespace()
+        .map(|a| &*Box::leak(a.to_string().into_boxed_str()))
+        .collect()
+}
+
 /// The sum of the daemon's drop counters, read from its metrics once the guest has gone.
 fn stop_daemon(mut d: Daemon) -> u64 {
     let c = d.counters_when_idle(0);
@@ -341,6 +351,7 @@ fn through_daemon<T>(
     let duration = secs.to_string();
     let mut args = vec!["--socket-path", &sock, "--duration", &duration, "--json"];
     args.extend_from_slice(guest_args);
+    args.extend(guest_extra_args());
     let before = during();
     let cpu0 = cpu_ticks(d.pid());
     let guest0 = children_cpu_ns();
