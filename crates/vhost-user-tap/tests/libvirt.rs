@@ -29,6 +29,8 @@
 //! reads and writes. Assertions: QEMU runs as libvirt-qemu; the guest pings the host and the host
 //! pings the guest; then the daemon is SIGKILLed and started again on the same socket, QEMU
 //! reconnects (reconnect timeout 1 s) and both pings succeed again within RECOVERY_DEADLINE.
+//! Then `virsh save` to a file (a migration through the daemon's dirty log; QEMU exits) and
+//! `virsh restore` (a new QEMU on the same daemon): both pings succeed again.
 //!
 //! Prerequisites (a missing one fails the test with the fix; `VUT_SKIP_LIBVIRT=1` or
 //! `VUT_SKIP_QEMU=1` prints `SKIPPED: ...` and passes instead): root, PID 1 not systemd (with
@@ -72,6 +74,8 @@ const GUEST_PING_SECS: u32 = 20;
 /// From the restarted daemon listening to the host's first answered ping.
 const RECOVERY_DEADLINE: Duration = Duration::from_secs(30);
 const WAIT: Duration = Duration::from_secs(15);
+/// `virsh save` of a 256 MiB guest to a file (a couple of seconds here).
+const SAVE_DEADLINE: Duration = Duration::from_secs(60);
 
 /// The guest image, or what is missing and how to fix it.
 fn prerequisites() -> Result<GuestImage, String> {
@@ -280,6 +284,24 @@ impl Libvirtd {
             .unwrap_or_default()
     }
 
+    /// `virsh restore` of a domain saved as `name`.
+    fn restore(&mut self, name: &str, file: &Path) -> Result<(), String> {
+        self.domain = Some(name.to_string());
+        let r = self.virsh(&["restore", &file.display().to_string()], CREATE_DEADLINE);
+        let pid_file = self.root.path().join(format!("run/qemu/{name}.pid"));
+        self.qemu_pid = fs::read_to_string(pid_file)
+            .ok()
+            .and_then(|p| p.trim().parse().ok());
+        r.map(drop).map_err(|e| {
+            format!(
+                "{e}
+QEMU's log:
+{}",
+                self.qemu_log(name)
+            )
+        })
+    }
+
     /// `virsh create`; on failure or a hang, the error with the end of QEMU's log.
     fn create(&mut self, name: &str, xml: &Path) -> Result<(), String> {
         self.domain = Some(name.to_string());
@@ -472,7 +494,7 @@ fn process_ids(pid: libc::pid_t) -> (u32, u32) {
 }
 
 #[test]
-fn libvirt_guest_reaches_the_host_both_ways_and_again_after_the_daemon_is_killed_and_restarted() {
+fn libvirt_guest_reaches_the_host_both_ways_after_a_daemon_restart_and_a_save_and_restore() {
     let Some(image) = prerequisite(
         "libvirt",
         &["VUT_SKIP_LIBVIRT", "VUT_SKIP_QEMU"],
@@ -590,6 +612,54 @@ fn libvirt_guest_reaches_the_host_both_ways_and_again_after_the_daemon_is_killed
     let got = guest_ping(rig.console.as_mut().unwrap(), 2, 3);
     assert_eq!(got, 3, "guest -> host ping after the restart: {got} of 3");
     log("after the restart: host -> guest 3/3, guest -> host 3/3");
+
+    // virsh save / restore: libvirt pauses the guest and has QEMU migrate it into a file, which
+    // goes through the daemon's migration support (QEMU refuses to migrate a vhost-user NIC
+    // without LOG_SHMFD); QEMU exits. The restore starts a new QEMU on the same daemon, which
+    // resumes the rings from the saved indices and the used indices in guest memory.
+    let save = rig.work.path().join("vm1.save");
+    let save_arg = save.display().to_string();
+    let saved = Instant::now();
+    let libvirt = rig.libvirt.as_mut().unwrap();
+    libvirt
+        .virsh(&["save", &domain, &save_arg], SAVE_DEADLINE)
+        .unwrap_or_else(|e| {
+            panic!(
+                "virsh save: {e}
+QEMU's log:
+{}",
+                libvirt.qemu_log(&domain)
+            )
+        });
+    libvirt.wait_gone(WAIT);
+    rig.console = None;
+    let daemon = rig.daemon.as_mut().unwrap();
+    daemon.wait_for_log("frontend disconnected", WAIT);
+    log(&format!(
+        "virsh save: {:.1} MiB in {:.1}s, domain gone, daemon waiting",
+        fs::metadata(&save).map(|m| m.len()).unwrap_or(0) as f64 / (1 << 20) as f64,
+        saved.elapsed().as_secs_f64()
+    ));
+    let restored = Instant::now();
+    let libvirt = rig.libvirt.as_mut().unwrap();
+    libvirt
+        .restore(&domain, &save)
+        .unwrap_or_else(|e| panic!("virsh restore: {e}"));
+    let daemon = rig.daemon.as_mut().unwrap();
+    daemon.wait_for_log("frontend connected", WAIT);
+    let console = rig.console.insert(Console::connect(
+        &rig.work.path().join("console.sock"),
+        "libvirt",
+        start,
+    ));
+    let got = guest_ping(console, 3, 3);
+    assert_eq!(got, 3, "guest -> host ping after the restore: {got} of 3");
+    let got = rig.ns.ping(GUEST_IP, 3, 10).received;
+    assert_eq!(got, 3, "host -> guest ping after the restore: {got} of 3");
+    log(&format!(
+        "virsh restore: both ways 3/3, {:.1}s after the restore began",
+        restored.elapsed().as_secs_f64()
+    ));
 
     // Orderly end: the guest powers off (on_poweroff destroy), QEMU exits and libvirt drops the
     // transient domain; then the daemon exits 0 on SIGTERM.
