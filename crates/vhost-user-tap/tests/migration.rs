@@ -473,3 +473,27 @@ fn guest_to_host_spec_for(_ns: &Netns) -> vhost_user_tap_guest::FrameSpec {
         }),
     }
 }
+
+/// QEMU sends a new SET_LOG_BASE whenever guest memory changes during a migration: the new log
+/// replaces the old one at once, while the rings run, and the old one is no longer written.
+#[test]
+fn a_new_log_base_replaces_the_old_one() {
+    let Some((_ns, _d, mut g, host)) = setup("mig-relog") else {
+        return;
+    };
+    g.post_rx_buffers(usize::MAX).unwrap();
+    g.start_migration_log().unwrap();
+    let old = g.dirty_log().unwrap();
+    host_to_guest(&host, &mut g, 0..20);
+    assert!(!old.take_dirty().is_empty(), "the first log is written");
+    g.start_migration_log().unwrap();
+    host_to_guest(&host, &mut g, 20..40);
+    assert!(
+        old.take_dirty().is_empty(),
+        "the replaced log is not written any more"
+    );
+    assert!(!g.take_dirty_pages().is_empty(), "the new log is written");
+    g.stop_migration_log().unwrap();
+    host_to_guest(&host, &mut g, 40..60);
+    assert!(g.take_dirty_pages().is_empty());
+}
