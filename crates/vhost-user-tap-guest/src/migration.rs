@@ -38,8 +38,10 @@ impl DirtyLog {
     pub fn new(mem_end: u64) -> Result<DirtyLog, LogError> {
         let pages = mem_end.div_ceil(PAGE_SIZE);
         let words = pages.div_ceil(64).max(1) as usize;
+        // Sealable, as QEMU makes its logs (the daemon refuses a log that could shrink).
+        let flags = libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING;
         // SAFETY: the name is a valid NUL-terminated C string; the fd is checked below.
-        let fd = unsafe { libc::memfd_create(c"vhost-user-tap-log".as_ptr(), libc::MFD_CLOEXEC) };
+        let fd = unsafe { libc::memfd_create(c"vhost-user-tap-log".as_ptr(), flags) };
         if fd < 0 {
             return Err(LogError::Memfd(std::io::Error::last_os_error()));
         }

@@ -29,6 +29,11 @@ pub enum LogError {
     Stat(#[source] std::io::Error),
     #[error("mapping it failed: {0}")]
     Map(#[source] MmapRegionError),
+    #[error(
+        "its file can shrink (not a memfd, or one that cannot be sealed with F_SEAL_SHRINK): \
+         shrunk while mapped, it would crash the daemon; QEMU's logs are sealable memfds"
+    )]
+    CanShrink,
 }
 
 /// The mapped log.
@@ -51,11 +56,17 @@ impl DirtyLog {
             .ok_or(LogError::BadSize(size))?;
         let need = offset.checked_add(size).ok_or(LogError::BadSize(size))?;
         let st = crate::sys::fstat(&file).map_err(LogError::Stat)?;
-        if st.st_mode & libc::S_IFMT == libc::S_IFREG {
-            let have = u64::try_from(st.st_size).unwrap_or(0);
-            if have < need {
-                return Err(LogError::ShortFile { need, have });
-            }
+        if st.st_mode & libc::S_IFMT != libc::S_IFREG {
+            return Err(LogError::CanShrink);
+        }
+        let have = u64::try_from(st.st_size).unwrap_or(0);
+        if have < need {
+            return Err(LogError::ShortFile { need, have });
+        }
+        // Unlike guest memory (which may be a hugetlbfs file), a log is always a memfd in QEMU:
+        // one that could still shrink under the mapping is refused rather than trusted.
+        if crate::sys::seal_against_shrinking(&file) != crate::sys::Shrink::Sealed {
+            return Err(LogError::CanShrink);
         }
         let map =
             MmapRegion::from_file(FileOffset::new(file, offset), len).map_err(LogError::Map)?;
@@ -111,9 +122,17 @@ mod tests {
     use super::*;
     use std::io::Write;
 
+    fn memfd(flags: libc::c_uint) -> File {
+        use std::os::fd::FromRawFd;
+        // SAFETY: a valid name; the fd is checked and then owned by the File.
+        let fd = unsafe { libc::memfd_create(c"test-log".as_ptr(), flags) };
+        assert!(fd >= 0);
+        // SAFETY: `fd` was just created and is owned by nobody else.
+        unsafe { File::from_raw_fd(fd) }
+    }
+
     fn log_file(size: usize) -> File {
-        let t = vmm_sys_util::tempfile::TempFile::new().unwrap();
-        let mut f = t.as_file().try_clone().unwrap();
+        let mut f = memfd(libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING);
         f.write_all(&vec![0u8; size]).unwrap();
         f
     }
@@ -146,6 +165,27 @@ mod tests {
         assert_eq!(log.mark(u64::MAX - 10, 100), 0);
         assert!(!log.covers_range(7 * LOG_PAGE, LOG_PAGE + 1));
         assert_eq!(bits(&log), vec![7]);
+    }
+
+    #[test]
+    fn a_log_that_could_shrink_is_refused_and_an_accepted_one_cannot() {
+        let f = log_file(16);
+        let keep = f.try_clone().unwrap();
+        let _log = DirtyLog::map(f, 16, 0).unwrap();
+        assert!(keep.set_len(8).is_err(), "sealed against shrinking");
+        let mut unsealable = memfd(libc::MFD_CLOEXEC);
+        unsealable.write_all(&[0; 16]).unwrap();
+        assert!(matches!(
+            DirtyLog::map(unsealable, 16, 0),
+            Err(LogError::CanShrink)
+        ));
+        let t = vmm_sys_util::tempfile::TempFile::new().unwrap();
+        let mut plain = t.as_file().try_clone().unwrap();
+        plain.write_all(&[0; 16]).unwrap();
+        assert!(matches!(
+            DirtyLog::map(plain, 16, 0),
+            Err(LogError::CanShrink)
+        ));
     }
 
     #[test]

@@ -106,7 +106,7 @@ pub fn parse_table(body: &[u8], fds: usize) -> Result<Vec<VhostUserMemoryRegion>
 /// `memory-backend-memfd` seals by default): a file that can still shrink is the one way left to
 /// crash the daemon from outside, and a log line says so.
 fn check_file(file: &File, gpa: u64, need: u64) -> Result<(), MemoryError> {
-    use std::os::fd::AsRawFd;
+    use crate::sys::Shrink;
     let st = crate::sys::fstat(file).map_err(|err| MemoryError::Stat { gpa, err })?;
     if st.st_mode & libc::S_IFMT != libc::S_IFREG {
         // Device memory (a character device): no size to check.
@@ -116,20 +116,14 @@ fn check_file(file: &File, gpa: u64, need: u64) -> Result<(), MemoryError> {
     if have < need {
         return Err(MemoryError::ShortFile { gpa, need, have });
     }
-    let fd = file.as_raw_fd();
-    // SAFETY: fcntl with F_GET_SEALS on an open fd only reads its seals.
-    let seals = unsafe { libc::fcntl(fd, libc::F_GET_SEALS) };
-    if seals >= 0 && seals & libc::F_SEAL_SHRINK == 0 {
-        // SAFETY: F_ADD_SEALS only restricts what can be done to the file later.
-        if unsafe { libc::fcntl(fd, libc::F_ADD_SEALS, libc::F_SEAL_SHRINK) } != 0 {
-            warn!(
-                "guest memory at {gpa:#x}: its memfd cannot be sealed against shrinking; a \
-                 frontend that shrank it would crash the daemon"
-            );
-        }
-    } else if seals < 0 {
-        // Not a memfd (a file on hugetlbfs or elsewhere): nothing prevents it from shrinking.
-        log::debug!("guest memory at {gpa:#x}: a file that cannot be sealed");
+    match crate::sys::seal_against_shrinking(file) {
+        Shrink::Sealed => {}
+        Shrink::Unsealable => warn!(
+            "guest memory at {gpa:#x}: its memfd cannot be sealed against shrinking; a frontend \
+             that shrank it would crash the daemon"
+        ),
+        // A file on hugetlbfs or elsewhere: nothing prevents it from shrinking.
+        Shrink::NotMemfd => log::debug!("guest memory at {gpa:#x}: a file that cannot be sealed"),
     }
     Ok(())
 }

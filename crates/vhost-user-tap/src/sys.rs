@@ -167,6 +167,37 @@ pub fn fstat(file: &File) -> io::Result<libc::stat> {
     Ok(st)
 }
 
+/// Whether a file can no longer shrink, after trying to make it so.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Shrink {
+    /// A memfd sealed with F_SEAL_SHRINK (by its maker, or now by us).
+    Sealed,
+    /// A memfd that cannot be sealed (made without MFD_ALLOW_SEALING, or F_SEAL_SEAL set).
+    Unsealable,
+    /// Not a memfd: nothing prevents its size from changing.
+    NotMemfd,
+}
+
+/// Seal a memfd against shrinking: a file mapped by the daemon that shrinks makes the next
+/// access to the lost part a SIGBUS, which would kill the daemon.
+pub fn seal_against_shrinking(file: &File) -> Shrink {
+    let fd = file.as_raw_fd();
+    // SAFETY: fcntl with F_GET_SEALS on an open fd only reads its seals.
+    let seals = unsafe { libc::fcntl(fd, libc::F_GET_SEALS) };
+    if seals < 0 {
+        return Shrink::NotMemfd;
+    }
+    if seals & libc::F_SEAL_SHRINK != 0 {
+        return Shrink::Sealed;
+    }
+    // SAFETY: F_ADD_SEALS only restricts what can be done to the file later.
+    if unsafe { libc::fcntl(fd, libc::F_ADD_SEALS, libc::F_SEAL_SHRINK) } == 0 {
+        Shrink::Sealed
+    } else {
+        Shrink::Unsealable
+    }
+}
+
 /// O_NONBLOCK with fcntl: the seccomp filter allows no FIONBIO ioctl (what std's
 /// `set_nonblocking` uses).
 pub fn set_nonblocking(fd: RawFd) -> io::Result<()> {

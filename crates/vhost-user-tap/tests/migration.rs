@@ -219,8 +219,8 @@ fn dirty_log_marks_exactly_the_pages_written() {
 }
 
 /// LOG_ALL is refused while no log covers guest memory (a backend that accepted it would write
-/// unlogged pages), and a log too small for guest memory is refused at SET_LOG_BASE; the pair
-/// keeps running through both.
+/// unlogged pages); a log too small for guest memory, or one whose file could shrink under the
+/// daemon's mapping, is refused at SET_LOG_BASE; the pair keeps running through all of it.
 #[test]
 fn log_all_needs_a_log_that_covers_memory() {
     let Some((_ns, _d, mut g, host)) = setup("mig-nolog") else {
@@ -245,9 +245,24 @@ fn log_all_needs_a_log_that_covers_memory() {
         1,
         "a log of 8 bytes for {size} bytes of memory refused"
     );
+    // Big enough, but a memfd that cannot be sealed: the frontend could shrink it under the
+    // daemon's mapping (a SIGBUS at the next mark), so it is refused too.
+    f.set_len(need.next_multiple_of(8)).unwrap();
+    assert_eq!(
+        g.set_log_base_raw(need.next_multiple_of(8), 0, &f).unwrap(),
+        1,
+        "an unsealable log refused"
+    );
     g.set_features_raw(g.features() | (1 << VHOST_F_LOG_ALL))
         .expect_err("LOG_ALL with a refused log refused");
     host_to_guest(&host, &mut g, 0..16);
+    // A sealable one is accepted, and sealed: it cannot shrink any more.
+    g.start_migration_log().unwrap();
+    let log = g.dirty_log().unwrap();
+    // SAFETY: the log's fd is open for as long as `log` lives; the duplicate is owned by `dup`.
+    let dup = unsafe { File::from_raw_fd(libc::dup(log.fd())) };
+    assert!(dup.set_len(0).is_err(), "the daemon sealed the log");
+    host_to_guest(&host, &mut g, 16..32);
 }
 
 /// SEND_RARP writes one RARP broadcast for the given MAC into the tap: a bridge learns the
