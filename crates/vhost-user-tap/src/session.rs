@@ -66,6 +66,12 @@ pub enum SessionError {
     LogFd(String),
     #[error("announce: writing the RARP into the tap failed: {0}")]
     Announce(#[source] std::io::Error),
+    #[error(
+        "announce: more than {} RARPs in a burst (one more per {:?} allowed); not sent",
+        crate::announce::BURST,
+        crate::announce::REFILL
+    )]
+    AnnounceRate,
     #[error("vring {0}: polling mode (no kick eventfd) is not supported")]
     NoKickFd(u32),
     #[error("vring {0}: the {1} fd is {2}")]
@@ -163,6 +169,9 @@ pub struct Session<'d> {
     /// (SET_LOG_FD).
     log: Option<Arc<DirtyLog>>,
     log_signal: Option<Arc<File>>,
+    /// SEND_RARP's allowance (`announce::Budget`).
+    announces: crate::announce::Budget,
+    announce_log: crate::ratelog::RateLimited,
     vrings: Vec<Vring>,
     workers: Vec<Option<Worker>>,
 }
@@ -180,6 +189,8 @@ impl<'d> Session<'d> {
             memory: None,
             log: None,
             log_signal: None,
+            announces: Default::default(),
+            announce_log: Default::default(),
             vrings: (0..n).map(|_| Vring::new(max)).collect(),
             workers: (0..pairs).map(|_| None).collect(),
         }
@@ -321,6 +332,9 @@ impl<'d> Session<'d> {
 
     /// SEND_RARP: announce the guest at `mac` through the tap, as if it had sent a RARP itself.
     pub fn send_rarp(&mut self, mac: [u8; 6]) -> Result<()> {
+        if !self.announces.take(std::time::Instant::now()) {
+            return Err(SessionError::AnnounceRate);
+        }
         let frame = crate::announce::rarp_frame(mac);
         let hdr = [0u8; virtio_net::HDR_LEN];
         let hdr_len = NetFeatures {
@@ -342,10 +356,13 @@ impl<'d> Session<'d> {
             .writev(&iov)
             .map_err(SessionError::Announce)?;
         self.dev.frontend.announced();
-        info!(
-            "announced {} on the tap (RARP)",
-            mac.map(|b| format!("{b:02x}")).join(":")
-        );
+        if let Some(n) = self.announce_log.allow() {
+            info!(
+                "announced {} on the tap (RARP){}",
+                mac.map(|b| format!("{b:02x}")).join(":"),
+                crate::ratelog::suppressed(n)
+            );
+        }
         Ok(())
     }
 

@@ -512,3 +512,34 @@ fn a_new_log_base_replaces_the_old_one() {
     host_to_guest(&host, &mut g, 40..60);
     assert!(g.take_dirty_pages().is_empty());
 }
+
+/// SEND_RARP from a frontend that asks in a loop: a burst goes out, the rest is refused and
+/// counted instead of flooding the host's bridge with broadcasts.
+#[test]
+fn send_rarp_in_a_loop_is_held_to_a_burst() {
+    let Some((ns, d, mut g, _host)) = setup("mig-rarp-flood") else {
+        return;
+    };
+    let before = ns.link_stats(TAP).rx_packets;
+    let t = Instant::now();
+    let mut refused = 0;
+    for _ in 0..100 {
+        if g.send_rarp(GUEST_MAC).is_err() {
+            refused += 1;
+        }
+    }
+    let elapsed = t.elapsed();
+    let sent = ns.link_stats(TAP).rx_packets - before;
+    let m = scrape(d.metrics_path());
+    let announced = m["vhost_user_tap_rarp_announces_total"] as u64;
+    assert_eq!(announced, sent, "every announce counted is on the tap");
+    assert_eq!(announced + refused, 100);
+    // 10 at once and one per 100 ms after that.
+    let allowed = 10 + (elapsed.as_millis() / 100) as u64;
+    assert!(
+        (10..=allowed).contains(&announced),
+        "{announced} announces in {elapsed:?} (at most {allowed})"
+    );
+    let key = "vhost_user_tap_frontend_rejected_requests_total{request=\"SEND_RARP\"}";
+    assert_eq!(m.get(key).map(|v| *v as u64), Some(refused), "{m:?}");
+}
