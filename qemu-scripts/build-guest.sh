@@ -28,6 +28,7 @@
 #   vut.mode=e2e                 what the guest does (see below)
 #   vut.xdp_secs=60              xdp mode: seconds to count (0: until powered off)
 #   vut.xdp_interval_ms=1000     xdp mode: report interval
+#   vut.tcp_port=5001            migrate mode: TCP port of the stream sink
 # Modes:
 #   e2e    (default) the end-to-end test: configure eth0, ping the peer, count
 #          UDP datagrams (the parameters above), power off.
@@ -38,6 +39,14 @@
 #   shell  configure eth0 like e2e, then give a shell on the console.
 #   probe  print VUT-PROBE-OK as soon as userspace runs and power off (the
 #          KVM probe of lib-qemu.sh: proves a kernel really boots).
+#   migrate  the live-migration test (tests/qemu_migration.rs): configure eth0
+#          like e2e and stay up (the kernel answers pings) while a sink takes
+#          one TCP stream after another on vut.tcp_port and reports each
+#          one's length and SHA-256: the guest checks every byte it received,
+#          across a migration or a save/restore, without storing the stream.
+#          Boot it with init_on_alloc=0: Debian's kernel otherwise zeroes
+#          every page it allocates, which makes QEMU copy the NIC's receive
+#          buffers again and hides a backend that does not log its writes.
 # Markers (one per line, always at the start of a write):
 #   VUT-BOOT, VUT-NET mac=.. ip=.., VUT-UDP-LISTENING <port>, VUT-READY,
 #   VUT-PING-OK | VUT-PING-FAIL, VUT-UDP-COUNT <n> (every second and at the
@@ -46,7 +55,10 @@
 #   xdp mode: VUT-XDP-READY mode=native|generic prog_id=<id>,
 #   VUT-XDP <seconds> <frames> <pps> (every interval, frames cumulative),
 #   VUT-XDP-RESULT seconds=.. frames=.. bytes=.. mode=.., VUT-NIC ...;
-#   probe mode: VUT-PROBE-OK.
+#   probe mode: VUT-PROBE-OK;
+#   migrate mode: VUT-STREAM-LISTENING n=<k> port=<p> (ready for stream k),
+#   VUT-STREAM n=<k> bytes=<n> sha256=<hex> (stream k ended: the sender
+#   closed its side).
 set -euo pipefail
 
 SCRIPT_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -352,6 +364,7 @@ udp_timeout=90
 mode=e2e
 xdp_secs=60
 xdp_interval_ms=1000
+tcp_port=5001
 for arg in $(cat /proc/cmdline); do
     case "$arg" in
     vut.ip=*) ip_cidr=${arg#*=} ;;
@@ -365,17 +378,18 @@ for arg in $(cat /proc/cmdline); do
     vut.mode=*) mode=${arg#*=} ;;
     vut.xdp_secs=*) xdp_secs=${arg#*=} ;;
     vut.xdp_interval_ms=*) xdp_interval_ms=${arg#*=} ;;
+    vut.tcp_port=*) tcp_port=${arg#*=} ;;
     esac
 done
 echo "VUT-BOOT kernel=$(uname -r)"
 case "$mode" in
-e2e | xdp | shell) ;;
+e2e | xdp | shell | migrate) ;;
 probe)
     # Userspace runs: the kernel booted. Nothing else to prove.
     echo VUT-PROBE-OK
     finish
     ;;
-*) fail "unknown vut.mode=$mode (e2e, xdp, shell, probe)" ;;
+*) fail "unknown vut.mode=$mode (e2e, xdp, shell, probe, migrate)" ;;
 esac
 
 for m in $(cat /etc/vut-modules); do
@@ -417,6 +431,34 @@ if [ "$mode" = shell ]; then
     echo VUT-READY
     shell=1
     finish
+fi
+if [ "$mode" = migrate ]; then
+    echo VUT-READY
+    # busybox sh has no process substitution: tee feeds a fifo that wc counts,
+    # so the stream is hashed and counted as it passes and never stored.
+    n=0
+    while :; do
+        n=$((n + 1))
+        mkfifo "/tmp/stream.$n"
+        wc -c <"/tmp/stream.$n" >"/tmp/bytes.$n" &
+        counter=$!
+        nc -l -p "$tcp_port" | tee "/tmp/stream.$n" | sha256sum >"/tmp/sum.$n" &
+        sink=$!
+        # The marker promises a listening socket, and nc says nothing when it
+        # has one: the kernel's socket table does (state 0A, LISTEN; busybox
+        # nc listens on IPv6's any address, which takes IPv4 too).
+        port_hex=$(printf %04X "$tcp_port")
+        while ! cat /proc/net/tcp /proc/net/tcp6 2>/dev/null |
+            grep -q ":$port_hex [0-9A-F]*:0000 0A"; do
+            sleep 0.05
+        done
+        echo "VUT-STREAM-LISTENING n=$n port=$tcp_port"
+        wait "$sink"
+        wait "$counter"
+        sum=$(cat "/tmp/sum.$n")
+        echo "VUT-STREAM n=$n bytes=$(cat "/tmp/bytes.$n") sha256=${sum%% *}"
+        rm -f "/tmp/stream.$n" "/tmp/bytes.$n" "/tmp/sum.$n"
+    done
 fi
 
 counter=

@@ -15,6 +15,7 @@
 //! - [`tcp`]: [`tcp_through_daemon`], TCP between two real stacks through the daemon.
 //! - [`qemu`]: QEMU's binaries, the test guest's image, one VM at a time.
 //! - [`console`]: [`Console`], a guest's serial console: lines and markers with deadlines.
+//! - [`qmp`]: [`Qmp`], QEMU's machine protocol: commands and events (migration).
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -28,6 +29,7 @@ pub mod metrics;
 pub mod netns;
 pub mod process;
 pub mod qemu;
+pub mod qmp;
 pub mod tcp;
 pub mod tempdir;
 pub mod traffic;
@@ -40,6 +42,7 @@ pub use process::{output_within, proc_status_field, run_within, Proc};
 pub use qemu::{
     guest_image, one_vm_at_a_time, qemu_10, qemu_present, qemu_version, GuestImage, SYSTEM_QEMU,
 };
+pub use qmp::Qmp;
 pub use tcp::{tcp_through_daemon, TcpRun};
 pub use tempdir::TempDir;
 pub use traffic::*;
