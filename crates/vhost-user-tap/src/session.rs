@@ -336,11 +336,13 @@ impl<'d> Session<'d> {
             return Err(SessionError::AnnounceRate);
         }
         let frame = crate::announce::rarp_frame(mac);
-        let hdr = [0u8; virtio_net::HDR_LEN];
-        let hdr_len = NetFeatures {
-            acked: self.features,
-        }
-        .hdr_len();
+        // Zeroes, as long as any header tun takes (10, 12, 20 with the hash report).
+        let hdr = [0u8; 64];
+        // The tap's length, not the acked features' one: QEMU's first SEND_RARP on a
+        // migration's destination comes before SET_FEATURES, when a daemon that served another
+        // frontend has features 0 (the legacy header) and a tap still on that frontend's header.
+        let tap = &self.dev.pairs[0].tap;
+        let hdr_len = tap.vnet_hdr_len().min(hdr.len());
         let iov = [
             libc::iovec {
                 iov_base: hdr.as_ptr().cast_mut().cast(),

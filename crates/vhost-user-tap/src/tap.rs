@@ -9,9 +9,12 @@ use std::fs::{File, OpenOptions};
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, RawFd};
 use std::os::unix::fs::OpenOptionsExt;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use libc::{c_int, c_short, c_uint, iovec};
 use thiserror::Error;
+
+use crate::virtio_net::HDR_LEN_LEGACY;
 
 const TUN_PATH: &str = "/dev/net/tun";
 
@@ -83,6 +86,11 @@ impl TapError {
 pub struct Tap {
     file: File,
     name: String,
+    /// The vnet header length tun reads in front of every frame written to it, as last set (or
+    /// found at open). A frontend's features say what the *guest* uses; between two frontends,
+    /// and before the new one's SET_FEATURES, the tap still has the old length, and a frame the
+    /// daemon writes on its own (SEND_RARP) must carry the header tun expects.
+    vnet_hdr_len: AtomicUsize,
 }
 
 fn ifreq_for(name: &str) -> libc::ifreq {
@@ -196,7 +204,22 @@ impl Tap {
         let actual = unsafe { CStr::from_ptr(ifr.ifr_name.as_ptr()) }
             .to_string_lossy()
             .into_owned();
-        Ok(Tap { file, name: actual })
+        // A persistent tap keeps the length a previous user set; tun's default is the legacy
+        // header.
+        let mut len: c_int = 0;
+        // SAFETY: TUNGETVNETHDRSZ writes one int through the pointer, which `len` outlives.
+        let ret = unsafe {
+            vmm_sys_util::ioctl::ioctl_with_mut_ref(&file, libc::TUNGETVNETHDRSZ, &mut len)
+        };
+        let len = match usize::try_from(len) {
+            Ok(len) if ret >= 0 && len > 0 => len,
+            _ => HDR_LEN_LEGACY,
+        };
+        Ok(Tap {
+            file,
+            name: actual,
+            vnet_hdr_len: AtomicUsize::new(len),
+        })
     }
 
     /// Wrap an already open, non-blocking tap-like descriptor (tests and benchmarks use a
@@ -205,6 +228,7 @@ impl Tap {
         Tap {
             file,
             name: name.to_string(),
+            vnet_hdr_len: AtomicUsize::new(HDR_LEN_LEGACY),
         }
     }
 
@@ -232,11 +256,19 @@ impl Tap {
         // SAFETY: TUNSETVNETHDRSZ reads one int through the pointer, which `len` outlives.
         let ret =
             unsafe { vmm_sys_util::ioctl::ioctl_with_ref(&self.file, libc::TUNSETVNETHDRSZ, &len) };
-        check(ret).map(drop).map_err(|err| TapError::Ioctl {
+        check(ret).map_err(|err| TapError::Ioctl {
             step: "TUNSETVNETHDRSZ",
             name: self.name.clone(),
             err,
-        })
+        })?;
+        self.vnet_hdr_len
+            .store(usize::try_from(len).unwrap_or(0), Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// The vnet header length tun expects in front of a frame written now.
+    pub fn vnet_hdr_len(&self) -> usize {
+        self.vnet_hdr_len.load(Ordering::Relaxed)
     }
 
     /// Which offloads the kernel may hand us (checksum-partial and GSO frames toward the guest).
