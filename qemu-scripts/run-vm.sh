@@ -33,6 +33,16 @@
 #                        instead of the daemon (-netdev tap,vhost=off)
 #   --vhost-net          with --tap: kernel vhost-net (vhost=on)
 #   --vectors N          override the MSI-X vector count (0: INTx)
+#   --qmp PATH           a QMP socket at PATH (unix, QEMU listens): what
+#                        migrate-vm.sh and any other QMP client drive the VM
+#                        through (migration is only reachable by a monitor)
+#   --incoming URI       start as a migration destination: the same devices,
+#                        connected to the daemon on --socket, waiting for the
+#                        migration stream on URI (unix:PATH, tcp:HOST:PORT,
+#                        exec:CMD to restore a saved VM, defer) instead of
+#                        booting. Give it the source's options (--mem,
+#                        --queues, --mac, --kernel/--disk, ...): QEMU refuses
+#                        a stream from a machine that differs.
 #   --dry-run            print the QEMU command line and exit
 #   --help               this text
 #
@@ -41,6 +51,13 @@
 # first, e.g.
 #   vhost-user-tap --socket-path /tmp/vhost-user-tap.sock --tap vut0
 #   ip addr add 10.77.0.1/24 dev vut0; ip link set vut0 up
+#
+# Live migration (both hosts run a daemon for the VM's socket; see README):
+#   destination: run-vm.sh --socket B.sock --qmp dst.qmp --incoming unix:/tmp/mig.sock
+#   source:      qemu-scripts/migrate-vm.sh --qmp src.qmp --to unix:/tmp/mig.sock
+# Save and restore:
+#   migrate-vm.sh --qmp src.qmp --to "exec:cat > vm.state"   (then quit the source)
+#   run-vm.sh ... --incoming "exec:cat vm.state"
 #
 # Why each piece:
 # - memory-backend-memfd,share=on + -numa node,memdev=: the daemon maps guest
@@ -69,7 +86,7 @@ qemu=${QEMU:-qemu-system-x86_64}
 kernel='' initrd='' disk='' append='' append_set=0
 socket=/tmp/vhost-user-tap.sock
 queues=1 mem=512M smp=1 mac=52:54:00:12:34:56 reconnect='' accel=auto
-xdp=0 tap='' vhost_net=0 vectors='' dry_run=0
+xdp=0 tap='' vhost_net=0 vectors='' dry_run=0 qmp='' incoming=''
 extra=()
 
 need_arg() { [[ $# -ge 2 ]] || bad_usage "$1 needs a value"; }
@@ -91,6 +108,8 @@ while [[ $# -gt 0 ]]; do
     --tap) need_arg "$@"; tap=$2; shift 2 ;;
     --vhost-net) vhost_net=1; shift ;;
     --vectors) need_arg "$@"; vectors=$2; shift 2 ;;
+    --qmp) need_arg "$@"; qmp=$2; shift 2 ;;
+    --incoming) need_arg "$@"; incoming=$2; shift 2 ;;
     --dry-run) dry_run=1; shift ;;
     -h | --help) usage; exit 0 ;;
     --) shift; extra=("$@"); break ;;
@@ -113,6 +132,7 @@ case $accel in auto | kvm | tcg) ;; *) bad_usage "--accel $accel: auto, kvm or t
 [[ $vhost_net -eq 0 || -n $tap ]] || bad_usage "--vhost-net needs --tap NAME"
 [[ -z $disk || (-z $kernel && -z $initrd) ]] || bad_usage "--disk excludes --kernel/--initrd"
 [[ -z $initrd || -n $kernel ]] || bad_usage "--initrd needs --kernel"
+[[ $qmp != *,* ]] || bad_usage "--qmp $qmp: a path without commas (QEMU's option syntax)"
 command -v "$qemu" >/dev/null || vut_die "QEMU $qemu not found (--qemu PATH; Debian: apt-get install qemu-system-x86)"
 
 test_guest=0
@@ -206,6 +226,9 @@ if [[ $xdp -eq 1 ]]; then
     done
 fi
 cmd+=(-device "$device")
+# wait=off: QEMU starts without waiting for a client; one connects when needed.
+[[ -z $qmp ]] || cmd+=(-qmp "unix:$qmp,server=on,wait=off")
+[[ -z $incoming ]] || cmd+=(-incoming "$incoming")
 cmd+=("${extra[@]}")
 
 if [[ $dry_run -eq 1 ]]; then
@@ -233,5 +256,5 @@ fi
 if [[ -z $tap && ! -S $socket ]]; then
     vut_die "$socket is not a socket: start the daemon first (vhost-user-tap --socket-path $socket --tap NAME)"
 fi
-vut_log "QEMU $qmaj.$qmin, accel $accel, $queues queue pair(s)$([[ -n $tap ]] && echo ", tap $tap" || echo ", socket $socket")"
+vut_log "QEMU $qmaj.$qmin, accel $accel, $queues queue pair(s)$([[ -n $tap ]] && echo ", tap $tap" || echo ", socket $socket")${incoming:+, waiting for a migration on $incoming}"
 exec "${cmd[@]}"

@@ -21,9 +21,13 @@
 //! RX frames. Reported: QEMU's downtime and total time, and the longest gap between ping
 //! replies (the downtime as the network sees it).
 //!
-//! Save/restore: a stream to the guest, then the VM is saved to a file (`migrate
-//! "exec:cat > FILE"`), the source QEMU quits, and a new QEMU restores it on daemon B
-//! (`-incoming "exec:cat FILE"`): the guest answers pings and a second stream hashes right.
+//! Save/restore, with the README's recipe (QEMU started by `qemu-scripts/run-vm.sh`, the save
+//! by `qemu-scripts/migrate-vm.sh`): a stream to the guest, then the VM is saved to a file
+//! (`migrate "exec:cat > FILE"`), the source QEMU quits, and a new QEMU restores it on daemon B
+//! (`--incoming "exec:cat FILE"`): the guest answers pings and a second stream hashes right.
+//! The NIC has `guest_announce=off` here, so QEMU asks daemon B to announce the guest
+//! (SEND_RARP), which it must do; the live migration keeps GUEST_ANNOUNCE, with which QEMU
+//! sends no SEND_RARP and the guest announces itself.
 //!
 //! Why `init_on_alloc=0`: Debian's kernel zeroes every page it allocates, and a zeroed page
 //! makes QEMU send the NIC's receive buffers again at the end, which hides a backend that does
@@ -53,8 +57,8 @@ use rand::{Rng, RngCore, SeedableRng};
 use serde_json::{json, Value};
 use vhost_user_tap_guest::kit::{
     cache_dir, guest_image, is_root, on_path, one_vm_at_a_time, prerequisite, qemu_10,
-    qemu_present, qemu_version, repo_root, scrape, Console, Daemon, GuestImage, Netns, Proc, Qmp,
-    TempDir,
+    qemu_present, qemu_version, repo_root, run_within, scrape, Console, Daemon, GuestImage, Netns,
+    Proc, Qmp, TempDir,
 };
 
 const BRIDGE: &str = "br0";
@@ -167,10 +171,19 @@ struct Rig {
     /// Extra virtio-net-pci properties, the same on every QEMU of the run (a migration needs
     /// identical devices).
     device_props: &'static str,
+    /// Start QEMU with qemu-scripts/run-vm.sh (and save with migrate-vm.sh) instead of a
+    /// command line of the test's own: the scripts' recipes are what the README documents.
+    scripts: bool,
 }
 
 impl Rig {
-    fn new(qemu: &Path, image: GuestImage, tag: String, device_props: &'static str) -> Rig {
+    fn new(
+        qemu: &Path,
+        image: GuestImage,
+        tag: String,
+        device_props: &'static str,
+        scripts: bool,
+    ) -> Rig {
         let keep = std::env::var("VUT_E2E_KEEP").as_deref() == Ok("1");
         let ns = Netns::new(&format!("mig-{tag}"));
         let work = TempDir::new(&format!("mig-{tag}")).kept_when(keep);
@@ -184,6 +197,7 @@ impl Rig {
             image,
             tag,
             device_props,
+            scripts,
         };
         // A bridge with STP off forwards at once; the host's address sits on it, so both
         // daemons' taps reach the host the way two hosts' taps reach one switch.
@@ -235,7 +249,6 @@ impl Rig {
         let qmp_path = self.work.path().join(format!("qmp-{name}.sock"));
         let stderr = self.work.path().join(format!("qemu-{name}-stderr.log"));
         let socket = self.daemon(daemon).socket.clone();
-        let mem = format!("memory-backend-memfd,id=mem,size={GUEST_MEM_MIB}M,share=on");
         let mut device = format!(
             "virtio-net-pci,netdev=net0,mac={GUEST_MAC}{}",
             self.device_props
@@ -245,40 +258,21 @@ impl Rig {
             // QEMU 7.2 + vhost-user + TCG + MSI-X crashes QEMU (see qemu_e2e.rs and README).
             device.push_str(",vectors=0");
         }
-        let mut cmd = Command::new(&self.qemu);
-        cmd.args([
-            "-accel",
-            "tcg",
-            "-m",
-            &GUEST_MEM_MIB.to_string(),
-            "-smp",
-            "1",
-        ])
-        .args(["-nographic", "-no-reboot"])
-        .arg("-kernel")
-        .arg(&self.image.kernel)
-        .arg("-initrd")
-        .arg(&self.image.initrd)
-        .args(["-append", &append])
-        .args(["-object", &mem, "-numa", "node,memdev=mem"])
-        .arg("-chardev")
-        .arg(format!("socket,id=chr0,path={}", socket.display()))
-        .args(["-netdev", "vhost-user,id=net0,chardev=chr0"])
-        .args(["-device", &device])
-        .arg("-qmp")
-        .arg(format!("unix:{},server=on,wait=off", qmp_path.display()));
-        if let Some(uri) = incoming {
-            cmd.args(["-incoming", uri]);
-        }
+        let mut cmd = if self.scripts {
+            self.run_vm_command(&append, &socket, &qmp_path, incoming)
+        } else {
+            self.qemu_command(&append, &socket, &qmp_path, &device, incoming)
+        };
         let err = fs::File::create(&stderr)
             .unwrap_or_else(|e| panic!("create {}: {e}", stderr.display()));
         cmd.stdout(Stdio::piped()).stderr(err);
         self.log(&format!(
-            "starting QEMU {name} {}.{}.{} on daemon {daemon}{}",
+            "starting QEMU {name} {}.{}.{} on daemon {daemon}{}{}",
             version.0,
             version.1,
             version.2,
-            incoming.map_or(String::new(), |u| format!(", -incoming {u}"))
+            incoming.map_or(String::new(), |u| format!(", -incoming {u}")),
+            if self.scripts { " (run-vm.sh)" } else { "" }
         ));
         let mut proc = Proc::spawn(&format!("qemu-{name}"), &mut cmd);
         let stdout = proc.take_stdout().expect("piped");
@@ -300,6 +294,72 @@ impl Rig {
             qmp,
             stderr,
         });
+    }
+
+    /// QEMU's command line, spelled out by the test.
+    fn qemu_command(
+        &self,
+        append: &str,
+        socket: &Path,
+        qmp_path: &Path,
+        device: &str,
+        incoming: Option<&str>,
+    ) -> Command {
+        let mem = format!("memory-backend-memfd,id=mem,size={GUEST_MEM_MIB}M,share=on");
+        let mut cmd = Command::new(&self.qemu);
+        cmd.args(["-accel", "tcg", "-m", &GUEST_MEM_MIB.to_string()])
+            .args(["-smp", "1", "-nographic", "-no-reboot"])
+            .arg("-kernel")
+            .arg(&self.image.kernel)
+            .arg("-initrd")
+            .arg(&self.image.initrd)
+            .args(["-append", append])
+            .args(["-object", &mem, "-numa", "node,memdev=mem"])
+            .arg("-chardev")
+            .arg(format!("socket,id=chr0,path={}", socket.display()))
+            .args(["-netdev", "vhost-user,id=net0,chardev=chr0"])
+            .args(["-device", device])
+            .arg("-qmp")
+            .arg(format!("unix:{},server=on,wait=off", qmp_path.display()));
+        if let Some(uri) = incoming {
+            cmd.args(["-incoming", uri]);
+        }
+        cmd
+    }
+
+    /// `qemu-scripts/run-vm.sh` with what the test needs. The script's own QMP socket is for
+    /// migrate-vm.sh (`script-qmp-<name>.sock` beside the test's); the test keeps one of its
+    /// own, since a QMP socket serves one client at a time.
+    fn run_vm_command(
+        &self,
+        append: &str,
+        socket: &Path,
+        qmp_path: &Path,
+        incoming: Option<&str>,
+    ) -> Command {
+        let mut cmd = Command::new(repo_root().join("qemu-scripts/run-vm.sh"));
+        cmd.arg("--qemu")
+            .arg(&self.qemu)
+            .args(["--accel", "tcg", "--mem", &format!("{GUEST_MEM_MIB}M")])
+            .args(["--mac", GUEST_MAC])
+            .arg("--kernel")
+            .arg(&self.image.kernel)
+            .arg("--initrd")
+            .arg(&self.image.initrd)
+            .args(["--append", append])
+            .arg("--socket")
+            .arg(socket)
+            .arg("--qmp")
+            .arg(script_qmp_path(qmp_path));
+        if let Some(uri) = incoming {
+            cmd.args(["--incoming", uri]);
+        }
+        cmd.args(["--", "-no-reboot", "-qmp"])
+            .arg(format!("unix:{},server=on,wait=off", qmp_path.display()));
+        for prop in self.device_props.split(',').filter(|p| !p.is_empty()) {
+            cmd.args(["-global", &format!("virtio-net-pci.{prop}")]);
+        }
+        cmd
     }
 
     /// Migrate QEMU `name` to `uri` and wait until it completes: QEMU's query-migrate then.
@@ -390,6 +450,12 @@ impl Drop for Rig {
             self.start.elapsed().as_secs_f64()
         );
     }
+}
+
+/// Where run-vm.sh puts the QMP socket migrate-vm.sh uses.
+fn script_qmp_path(test_qmp: &Path) -> PathBuf {
+    let name = test_qmp.file_name().expect("a file name").to_string_lossy();
+    test_qmp.with_file_name(format!("script-{name}"))
 }
 
 /// `key=value` from a marker line.
@@ -561,7 +627,7 @@ fn live_migration(qemu: &Path, label: &str) {
         return;
     };
     let _vm = one_vm_at_a_time();
-    let mut rig = Rig::new(qemu, image, tag.clone(), "");
+    let mut rig = Rig::new(qemu, image, tag.clone(), "", false);
 
     rig.start_vm("src", "A", None);
     let deadline = Instant::now() + BOOT_DEADLINE;
@@ -716,7 +782,7 @@ fn save_restore(qemu: &Path, label: &str) {
     let _vm = one_vm_at_a_time();
     // Without GUEST_ANNOUNCE the guest cannot announce itself after the restore, so QEMU asks
     // the backend to (SEND_RARP): this run covers that path, the live one the other.
-    let mut rig = Rig::new(qemu, image, tag.clone(), ",guest_announce=off");
+    let mut rig = Rig::new(qemu, image, tag.clone(), ",guest_announce=off", true);
     rig.start_vm("src", "A", None);
     let deadline = Instant::now() + BOOT_DEADLINE;
     rig.wait_listening("src", 1, deadline);
@@ -744,14 +810,44 @@ fn save_restore(qemu: &Path, label: &str) {
 
     let file = rig.work.path().join("vm.state");
     let save_uri = format!("exec:cat > {}", file.display());
-    let info = rig.migrate("src", &save_uri, None);
+    // The documented recipe: migrate-vm.sh on run-vm.sh's QMP socket.
+    let script_qmp = script_qmp_path(&rig.work.path().join("qmp-src.sock"));
+    let out = run_within(
+        Command::new(repo_root().join("qemu-scripts/migrate-vm.sh"))
+            .arg("--qmp")
+            .arg(&script_qmp)
+            .args(["--to", &save_uri, "--timeout", "120"]),
+        MIGRATION_DEADLINE,
+    )
+    .unwrap_or_else(|e| panic!("migrate-vm.sh: {e}"));
+    let report = |key: &str| -> u64 {
+        out.lines()
+            .find_map(|l| l.strip_prefix(key)?.strip_prefix('='))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("migrate-vm.sh printed no {key}=: {out}"))
+    };
+    assert!(
+        out.lines().any(|l| l == "status=completed"),
+        "migrate-vm.sh: {out}"
+    );
+    // The test's own QMP sees the same end.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    rig.vm("src").qmp.wait_event("MIGRATION", deadline, |d| {
+        d["status"].as_str() == Some("completed")
+    });
+    let info = json!({
+        "total-time": report("total_time_ms"),
+        "downtime": report("downtime_ms"),
+    });
     let size = fs::metadata(&file).map(|m| m.len()).unwrap_or(0);
     rig.log(&format!(
-        "saved to {} ({} MiB) in {} ms (downtime {} ms)",
+        "saved to {} ({} MiB) by migrate-vm.sh: {}",
         file.display(),
         size / MIB,
-        ms(&info, "total-time"),
-        ms(&info, "downtime")
+        out.lines()
+            .filter(|l| l.contains('=') && !l.starts_with("migrate-vm:"))
+            .collect::<Vec<_>>()
+            .join(" ")
     ));
     rig.quit("src");
 
@@ -787,6 +883,12 @@ fn save_restore(qemu: &Path, label: &str) {
         .copied()
         .unwrap_or(-1.0);
     rig.log(&format!("daemon B: rarp_announces {rarp}"));
+    // QEMU's announce after an incoming migration, for a guest without GUEST_ANNOUNCE, ends in
+    // SEND_RARP (five rounds by default; 7.2 and 10.0.2 both send them).
+    assert!(
+        rarp >= 1.0,
+        "QEMU restored a guest without GUEST_ANNOUNCE, yet daemon B wrote no RARP"
+    );
     println!(
         "[{tag}] PASS in {:.1}s: SAVE-RESTORE {label} save_ms={} state_mib={} restore_ms={} \
          ping_after_restore={}/{} stream2_bytes={sent} stream2_sha256={sent_sum}",
