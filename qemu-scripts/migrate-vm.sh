@@ -152,6 +152,15 @@ done
 end_ms=$(date +%s%3N)
 
 qmp_cmd '{"execute":"query-migrate"}'
+# QEMU 7.2 sends the completed event before it fills in the times (total-time
+# reads 0 right after it); nothing signals when they are there, so ask again
+# for up to 5 s.
+tries=0
+while [[ $final == completed && $(jq -r '."total-time" // 0' <<<"$reply") == 0 ]] && ((tries < 250)); do
+    sleep 0.02
+    qmp_cmd '{"execute":"query-migrate"}'
+    tries=$((tries + 1))
+done
 if [[ $final != completed ]]; then
     echo "status=$final"
     echo "error=$(jq -r '."error-desc" // "QEMU gave no reason"' <<<"$reply")"
