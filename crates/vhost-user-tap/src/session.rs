@@ -564,7 +564,19 @@ impl<'d> Session<'d> {
             .transpose()
         {
             Ok(fd) => {
-                self.with_pair(i / 2, |s| s.vrings[i].call = fd.map(Arc::new));
+                self.with_pair(i / 2, |s| {
+                    let v = &mut s.vrings[i];
+                    v.call = fd.map(Arc::new);
+                    // A ring that has run may have interrupted the old fd for used entries the
+                    // guest has not seen, and QEMU drops what was signalled there (it starts a
+                    // ring with SET_VRING_KICK and sends the real call fd after, discarding its
+                    // placeholder's events). Later decisions only look at entries published
+                    // from now on, against a used_event the guest left behind those entries:
+                    // without this one interrupt the guest would wait for them forever.
+                    if v.started {
+                        Notifier(v.call.clone()).signal();
+                    }
+                });
                 Ok(())
             }
             Err(e) => {
