@@ -135,10 +135,20 @@ vut_log "migrating ($state) to $to${bandwidth:+, at most $bandwidth bytes/s}${do
 start_ms=$(date +%s%3N)
 qmp_cmd "$(jq -cn --arg uri "$to" '{"execute":"migrate","arguments":{"uri":$uri}}')"
 
-# The MIGRATION event with a final status, possibly already among $events.
-final=''
-is_final='select(.event == "MIGRATION" and (.data.status == "completed" or .data.status == "failed" or .data.status == "cancelled")) | .data.status'
-final=$(jq -r "$is_final" <<<"$events" | head -n1)
+# The MIGRATION event with a final status, after the one that says this
+# migration started ("setup"): a VM that was itself a migration's destination
+# reports that migration's end too. The first events may already be in $events.
+final='' started=0
+migration_status() { jq -r 'select(.event == "MIGRATION") | .data.status'; }
+status_seen() {
+    case $1 in
+    setup) started=1 ;;
+    completed | failed | cancelled) ((started == 0)) || final=$1 ;;
+    esac
+}
+while IFS= read -r st; do
+    [[ -n $final ]] || status_seen "$st"
+done < <(migration_status <<<"$events")
 while [[ -z $final ]]; do
     if ! qmp_read; then
         vut_log "no end of the migration within ${timeout}s: cancelling it (the source keeps running)"
@@ -147,7 +157,7 @@ while [[ -z $final ]]; do
         echo "error=not completed within ${timeout}s"
         exit 1
     fi
-    final=$(jq -r "$is_final" <<<"$line")
+    status_seen "$(migration_status <<<"$line")"
 done
 end_ms=$(date +%s%3N)
 

@@ -7,7 +7,7 @@
 //! daemon that served the VM before has some) are delivered in between and their interrupt is
 //! lost; the next interrupt decision then looks only at what is published later, against a
 //! `used_event` the guest left behind those frames: it never fires, and the guest's RX stalls
-//! for good. Seen under QEMU 10.0.2 in 1 of 5 round trips A -> B -> A of
+//! for good. Seen under QEMU 10.0.2 in 2 of 9 round trips A -> B -> A of
 //! `tests/qemu_migration.rs` (daemon A delivered the 31 frames left in its tap that way).
 //!
 //! Needs root (a namespace and a tap); VUT_SKIP_ROOT=1 skips (prints SKIPPED).
