@@ -126,3 +126,54 @@ impl Qmp {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::{BufRead, BufReader, Write};
+    use std::os::unix::net::UnixListener;
+
+    /// A QMP server that answers each command with `{"return": {}}`, sending `events` (raw JSON
+    /// lines) right before the answer to the command with that index.
+    fn server(path: &Path, events: Vec<(usize, String)>) -> std::thread::JoinHandle<()> {
+        let listener = UnixListener::bind(path).unwrap();
+        std::thread::spawn(move || {
+            let (s, _) = listener.accept().unwrap();
+            let mut w = s.try_clone().unwrap();
+            w.write_all(b"{\"QMP\": {\"version\": {}, \"capabilities\": []}}\n")
+                .unwrap();
+            for (i, line) in BufReader::new(s).lines().enumerate() {
+                if line.is_err() {
+                    break;
+                }
+                for (_, ev) in events.iter().filter(|(at, _)| *at == i) {
+                    w.write_all(format!("{ev}\n").as_bytes()).unwrap();
+                }
+                w.write_all(b"{\"return\": {}}\n").unwrap();
+            }
+        })
+    }
+
+    #[test]
+    fn events_that_came_with_replies_are_kept_in_order_and_consumed_up_to_the_match() {
+        let dir = super::super::TempDir::new("qmp");
+        let path = dir.path().join("qmp.sock");
+        let ev =
+            |s: &str| format!("{{\"event\": \"MIGRATION\", \"data\": {{\"status\": \"{s}\"}}}}");
+        // Command 0 is qmp_capabilities; command 1 brings a stale "completed", then the setup.
+        let _srv = server(
+            &path,
+            vec![(1, ev("completed")), (1, ev("setup")), (2, ev("completed"))],
+        );
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let mut q = Qmp::connect(&path, "t", deadline);
+        q.run("migrate", json!({"uri": "x"}));
+        let setup = q.wait_event("MIGRATION", deadline, |d| d["status"] == "setup");
+        assert_eq!(setup["data"]["status"], "setup");
+        // The stale "completed" went with everything before the match; the next one is new.
+        q.run("query-migrate", json!({}));
+        let done = q.wait_event("MIGRATION", deadline, |d| d["status"] == "completed");
+        assert_eq!(done["data"]["status"], "completed");
+        assert!(q.events.is_empty());
+    }
+}
