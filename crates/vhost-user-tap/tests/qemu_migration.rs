@@ -40,7 +40,8 @@
 //! prints `SKIPPED: <reason>` and passes): root; the guest image of
 //! `qemu-scripts/build-guest.sh` (with the migrate mode: an image built by an older script fails
 //! the test with "rebuild"); QEMU 7.2 at /usr/bin/qemu-system-x86_64; QEMU 10.0.2 from
-//! `qemu-scripts/fetch-qemu.sh`. `VUT_MIG_SEED` fixes the stream's contents (the seed is
+//! `qemu-scripts/fetch-qemu.sh`; `qemu-scripts/migrate-vm.sh` installs socat and jq itself when
+//! they are missing. `VUT_MIG_SEED` fixes the stream's contents (the seed is
 //! printed); `VUT_E2E_KEEP=1` keeps each run's work directory (QEMU's stderr, the saved VM).
 //!
 //! Run: `cargo test --test qemu_migration -- --nocapture --test-threads 1` (as root).
