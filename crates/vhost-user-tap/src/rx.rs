@@ -498,19 +498,6 @@ impl Rx {
     /// A frame of `n` bytes (header included) fills the front of the window: set num_buffers and
     /// write the used entries (published later, once per batch).
     fn complete_frame(&mut self, n: usize, t: &mut Tally) -> Result<(), RxError> {
-        if self.q.logging() {
-            // The frame's bytes, header (with `num_buffers`, written below) included.
-            let mut left = n;
-            for i in 0..self.win.segs.len() {
-                if left == 0 {
-                    break;
-                }
-                let s = self.win.segs[i];
-                let len = (s.len as usize).min(left);
-                self.q.log_write(s.addr.0, len as u64);
-                left -= len;
-            }
-        }
         let mut chains = 0usize;
         let mut left = n;
         for c in self.win.chains.iter() {
@@ -525,6 +512,22 @@ impl Rx {
             #[allow(clippy::cast_possible_truncation)]
             let num_buffers = if self.mrg { chains as u16 } else { 1 };
             self.write_front(NUM_BUFFERS_OFFSET, &num_buffers.to_le_bytes());
+        }
+        if self.q.logging() {
+            // The frame's bytes, header with `num_buffers` included, once all are written: a
+            // mark set before a write can be collected (and cleared) by the frontend's log sync
+            // and the page copied before the write lands, leaving the destination a stale page
+            // that is no longer marked.
+            let mut left = n;
+            for i in 0..self.win.segs.len() {
+                if left == 0 {
+                    break;
+                }
+                let s = self.win.segs[i];
+                let len = (s.len as usize).min(left);
+                self.q.log_write(s.addr.0, len as u64);
+                left -= len;
+            }
         }
         let mut left = n;
         for _ in 0..chains {
