@@ -883,6 +883,23 @@ impl Guest {
     /// old backend.
     pub fn migrate_to(&mut self, socket: &std::path::Path) -> Result<Vec<u32>> {
         let bases = self.disconnect()?;
+        self.resume_on(socket, &bases)?;
+        Ok(bases)
+    }
+
+    /// The second half of [`Guest::migrate_to`], after [`Guest::disconnect`]: connect to the
+    /// backend at `socket` and resume the rings at `bases`.
+    pub fn resume_on(&mut self, socket: &std::path::Path, bases: &[u32]) -> Result<()> {
+        if self.conn.is_some() {
+            return Err(GuestError::Config("resume_on while still connected".into()));
+        }
+        if bases.len() != self.nvrings() as usize {
+            return Err(GuestError::Config(format!(
+                "{} bases for {} vrings",
+                bases.len(),
+                self.nvrings()
+            )));
+        }
         self.log = None;
         self.log_signal = None;
         let conn =
@@ -903,8 +920,7 @@ impl Guest {
                 }
             };
         self.conn = Some(conn);
-        self.resume(&bases)?;
-        Ok(bases)
+        self.resume(bases)
     }
 
     /// The destination's handshake: what was negotiated before, rings resumed at `bases`.
