@@ -17,6 +17,9 @@ nice -n 10 ./target/x86_64-unknown-linux-gnu/release/"$target" \
     -artifact_prefix=artifacts/"$target"/ "$@" >"$out" 2>&1
 rc=$?
 echo "== $target: stop $(date -u +%FT%TZ), exit $rc" >>"$log"
-grep -E '^(stat::|#[0-9]+ +DONE|==[0-9]+==|SUMMARY|artifact_prefix|Test unit written)' "$out" >>"$log"
-tail -n 3 "$out" | sed 's/^/   last: /' >>"$log"
+# With -jobs, the fuzzing process is a child logging to fuzz-0.log.
+[[ -f fuzz-0.log ]] && cat fuzz-0.log >>"$out" && rm -f fuzz-0.log
+grep -E '^(stat::|#[0-9]+ +(DONE|pulse|NEW|REDUCE).* cov:|==[0-9]+==|SUMMARY|artifact_prefix|Test unit written|.*panicked at)' "$out" \
+    | grep -Ev '(NEW|REDUCE|pulse)' >>"$log"
+grep -E '^#[0-9]+ ' "$out" | tail -n 1 | sed 's/^/   last: /' >>"$log"
 mv "$out" artifacts/"$target"/last-run.log

@@ -34,6 +34,7 @@ thread_local! {
 /// replay test reading its corpus: the targets count open descriptors). Re-entrant on one
 /// thread; a panic in `f` poisons nothing (the panic is the finding).
 pub fn exclusive<R>(f: impl FnOnce() -> R) -> R {
+    ignore_sigpipe();
     if HELD.with(Cell::get) {
         return f();
     }
@@ -47,6 +48,16 @@ pub fn exclusive<R>(f: impl FnOnce() -> R) -> R {
     HELD.with(|h| h.set(true));
     let _release = Release;
     f()
+}
+
+/// As in the daemon (a Rust `main` ignores SIGPIPE): a write to a socket whose peer left fails
+/// with EPIPE instead of killing the process. libFuzzer's `main` is not Rust's.
+fn ignore_sigpipe() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        // SAFETY: setting a signal's disposition to SIG_IGN installs no handler code.
+        unsafe { libc::signal(libc::SIGPIPE, libc::SIG_IGN) };
+    });
 }
 
 /// The descriptors this process has open.

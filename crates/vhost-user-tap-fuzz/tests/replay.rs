@@ -86,3 +86,25 @@ fn session_corpus_and_seeds() {
 fn ring_note_1_avail_ring_at_guest_address_0() {
     ring(include_bytes!("../../../fuzz/findings/ring-avail-at-gpa0"));
 }
+
+/// Reproduce one input: `VUT_FUZZ_TARGET=ring VUT_FUZZ_INPUT=path cargo test -p
+/// vhost-user-tap-fuzz --test replay one_input -- --nocapture` (does nothing without them).
+#[test]
+fn one_input() {
+    let (Ok(target), Ok(path)) = (
+        std::env::var("VUT_FUZZ_TARGET"),
+        std::env::var("VUT_FUZZ_INPUT"),
+    ) else {
+        return;
+    };
+    let f = match target.as_str() {
+        "ring" => ring,
+        "datapath" => datapath,
+        "session" => session,
+        other => panic!("no target {other}"),
+    };
+    let input = std::fs::read(&path).unwrap();
+    let t = std::time::Instant::now();
+    f(&input);
+    eprintln!("{target} {path}: {} bytes, {:?}", input.len(), t.elapsed());
+}
