@@ -1,6 +1,6 @@
 //! The fuzz targets on stable, so CI keeps them: every file of `fuzz/corpus/<target>/` (the
-//! committed, minimized corpus), then seeded random inputs, then each finding of the campaign
-//! as a named regression test (`fuzz/campaign.log` has their stacks).
+//! committed, minimized corpus), then seeded random inputs, then every input in `fuzz/findings/`
+//! as a regression test (`fuzz/campaign.log` has their stacks).
 //!
 //! `VUT_FUZZ_SEEDS=N` runs N seeded inputs per target instead of the default.
 
@@ -79,32 +79,63 @@ fn session_corpus_and_seeds() {
     seeded("session", session, seeds(1000), 1024);
 }
 
-/// Campaign note 1 (not a daemon crash): an avail ring at guest address 0 is refused by
-/// virtio-queue as a queue never set up, so the pair stops with "ring memory is not accessible
-/// at 0x0"; the harness accepts exactly that.
+/// Every input in `fuzz/findings/`, named `<target>-<what>`, as a regression test. None was a
+/// daemon crash; what each was:
+/// - `ring-avail-at-gpa0`: an avail ring at guest address 0 is refused by virtio-queue as a
+///   queue never set up, so the pair stops with "ring memory is not accessible at 0x0"; the
+///   harness accepts exactly that.
+/// - `datapath-rx-frames-over-tx-used-ring`: the guest pointed RX buffers at TX's used ring, so
+///   RX wrote frame data over its index and the next TX batch seemed to publish 27,244 entries;
+///   the harness now counts used entries only from an index the device itself left.
 #[test]
-fn ring_note_1_avail_ring_at_guest_address_0() {
-    ring(include_bytes!("../../../fuzz/findings/ring-avail-at-gpa0"));
+fn findings() {
+    // Read under the targets' lock, as the corpus is.
+    exclusive(findings_locked);
+}
+
+fn findings_locked() {
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../fuzz/findings");
+    let mut files: Vec<_> = std::fs::read_dir(&dir)
+        .expect("fuzz/findings")
+        .flatten()
+        .map(|e| e.path())
+        .collect();
+    files.sort();
+    assert!(!files.is_empty(), "no findings in {}", dir.display());
+    for path in files {
+        let name = path.file_name().unwrap().to_string_lossy().into_owned();
+        let f = target(name.split('-').next().unwrap());
+        let input = std::fs::read(&path).unwrap();
+        let r = std::panic::catch_unwind(|| f(&input));
+        if let Err(e) = r {
+            eprintln!("finding {name} failed");
+            std::panic::resume_unwind(e);
+        }
+    }
+}
+
+fn target(name: &str) -> fn(&[u8]) {
+    match name {
+        "ring" => ring,
+        "datapath" => datapath,
+        "session" => session,
+        other => panic!("no target {other}"),
+    }
 }
 
 /// Reproduce one input: `VUT_FUZZ_TARGET=ring VUT_FUZZ_INPUT=path cargo test -p
 /// vhost-user-tap-fuzz --test replay one_input -- --nocapture` (does nothing without them).
 #[test]
 fn one_input() {
-    let (Ok(target), Ok(path)) = (
+    let (Ok(name), Ok(path)) = (
         std::env::var("VUT_FUZZ_TARGET"),
         std::env::var("VUT_FUZZ_INPUT"),
     ) else {
         return;
     };
-    let f = match target.as_str() {
-        "ring" => ring,
-        "datapath" => datapath,
-        "session" => session,
-        other => panic!("no target {other}"),
-    };
+    let f = target(&name);
     let input = std::fs::read(&path).unwrap();
     let t = std::time::Instant::now();
     f(&input);
-    eprintln!("{target} {path}: {} bytes, {:?}", input.len(), t.elapsed());
+    eprintln!("{name} {path}: {} bytes, {:?}", input.len(), t.elapsed());
 }
