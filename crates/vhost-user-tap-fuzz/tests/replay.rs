@@ -92,6 +92,11 @@ fn session_corpus_and_seeds() {
 ///   dropped it as unfit for the guest's offloads, but counted that drop only at its first
 ///   batch, and a second restart before that batch lost the count (a frame taken from the tap,
 ///   neither delivered nor counted). The drop is now counted when it is made.
+/// - `datapath-tx-held-frames-wait-a-second-each` (a daemon bug): io_uring sent a small frame
+///   after larger ones the full wire refused; those could no longer go back to the ring and
+///   were written waiting for room, up to a second each, so one TX batch took 2 s (up to 64 s
+///   for a batch of them), past the worker's stop deadline. The waits now share one 100 ms
+///   deadline per batch.
 #[test]
 fn findings() {
     // Read under the targets' lock, as the corpus is.
