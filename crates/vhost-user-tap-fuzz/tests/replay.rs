@@ -79,14 +79,24 @@ fn session_corpus_and_seeds() {
     seeded("session", session, seeds(1000), 1024);
 }
 
-/// Every input in `fuzz/findings/`, named `<target>-<what>`, as a regression test. None was a
-/// daemon crash; what each was:
+/// Every input in `fuzz/findings/`, named `<target>-<what>`, as a regression test. What each
+/// was:
 /// - `ring-avail-at-gpa0`: an avail ring at guest address 0 is refused by virtio-queue as a
 ///   queue never set up, so the pair stops with "ring memory is not accessible at 0x0"; the
 ///   harness accepts exactly that.
 /// - `datapath-rx-frames-over-tx-used-ring`: the guest pointed RX buffers at TX's used ring, so
 ///   RX wrote frame data over its index and the next TX batch seemed to publish 27,244 entries;
 ///   the harness now counts used entries only from an index the device itself left.
+/// - `datapath-unfit-drop-uncounted-across-restarts` (a daemon bug): the guest posted one RX
+///   buffer twice, so a staged frame's header was overwritten by its own data; the restarted RX
+///   dropped it as unfit for the guest's offloads, but counted that drop only at its first
+///   batch, and a second restart before that batch lost the count (a frame taken from the tap,
+///   neither delivered nor counted). The drop is now counted when it is made.
+/// - `datapath-tx-held-frames-wait-a-second-each` (a daemon bug): io_uring sent a small frame
+///   after larger ones the full wire refused; those could no longer go back to the ring and
+///   were written waiting for room, up to a second each, so one TX batch took 2 s (up to 64 s
+///   for a batch of them), past the worker's stop deadline. The waits now share one 100 ms
+///   deadline per batch.
 #[test]
 fn findings() {
     // Read under the targets' lock, as the corpus is.
