@@ -149,7 +149,7 @@ impl Pair {
         let rx = match s.rx {
             Some(run) => {
                 let (q, kick, err) = queue(run);
-                let rx = Rx::new(q, s.rest.carry, f, s.mtu);
+                let rx = Rx::new(q, s.rest.carry, f, s.mtu, &s.stats);
                 Side::Running { dir: rx, kick, err }
             }
             None => Side::Idle(s.rest.carry),

@@ -190,9 +190,6 @@ pub struct Rx {
     oversize_log: RateLimited,
     /// Malformed chains popped in a row (see `GARBAGE_CHAINS`).
     garbage: u32,
-    /// A staged frame was dropped at the start for offloads the guest did not accept (counted
-    /// at the first batch).
-    unfit_staged: bool,
 }
 
 /// Totals of one batch, added to the shared counters once.
@@ -223,10 +220,19 @@ impl Tally {
 
 impl Rx {
     /// RX on `q` with the features the guest negotiated; a frame staged under other features
-    /// is adapted to them first (`RxCarry::adapt`).
-    pub fn new(q: DeviceQueue, mut carry: RxCarry, f: NetFeatures, mtu: u16) -> Self {
+    /// is adapted to them first (`RxCarry::adapt`). A frame it drops is counted here: a
+    /// worker may be restarted again before it runs a batch.
+    pub fn new(
+        q: DeviceQueue,
+        mut carry: RxCarry,
+        f: NetFeatures,
+        mtu: u16,
+        stats: &PairStats,
+    ) -> Self {
         let size = usize::from(q.size());
-        let unfit_staged = carry.adapt(&f);
+        if carry.adapt(&f) {
+            stats::inc(&stats.rx_dropped_unfit);
+        }
         let (hdr_len, mrg, target) = (f.hdr_len(), f.mrg_rxbuf(), f.max_rx_frame(mtu));
         Rx {
             win: Window {
@@ -247,7 +253,6 @@ impl Rx {
             bad_log: RateLimited::default(),
             oversize_log: RateLimited::default(),
             garbage: 0,
-            unfit_staged,
         }
     }
 
@@ -323,9 +328,6 @@ impl Rx {
         stats::add(&stats.rx_bytes, t.bytes);
         stats::add(&stats.rx_bad_desc, t.bad);
         stats::add(&stats.rx_dropped_oversize, t.oversize);
-        if std::mem::take(&mut self.unfit_staged) {
-            stats::inc(&stats.rx_dropped_unfit);
-        }
         stats::add(&stats.rx_staged, t.staged);
         stats::add(&stats.rx_notify_races, t.races);
         stats::add(&stats.dirty_pages_logged, self.q.take_logged());

@@ -38,6 +38,11 @@ pub const BYTE_BUDGET: u64 = 512 * 1024;
 const REFUSING_FRAMES: u64 = 64;
 const REFUSING_TIME: Duration = Duration::from_secs(1);
 
+/// The most one batch waits for the tap to take frames that can no longer go back to the ring
+/// (`Tx::complete`), all of them together: a worker sees stop requests only between batches,
+/// and must stop within `worker::STOP_DEADLINE`.
+const HELD_WAIT: Duration = Duration::from_millis(100);
+
 #[derive(Debug, Error)]
 pub enum TxError {
     #[error("TX ring: {0}")]
@@ -343,10 +348,11 @@ impl Tx {
             (c + 1..n).any(|i| self.batch[i].len.is_ok() && !held(self.results[i]))
         });
         if inverted {
+            let deadline = Instant::now() + HELD_WAIT;
             for i in 0..n {
                 if self.batch[i].len.is_ok() && held(self.results[i]) {
                     let iovs = self.batch[i].iovs.clone();
-                    self.results[i] = write_waiting(tap, &self.iovs[iovs]);
+                    self.results[i] = write_waiting(tap, &self.iovs[iovs], deadline);
                 }
             }
         }
@@ -440,22 +446,29 @@ impl Tx {
     }
 }
 
-/// Write one frame, waiting for the tap to have room (the rare path of `Tx::complete`): up to
-/// about a second, then the frame is refused with the last error.
-fn write_waiting(tap: &Tap, iov: &[iovec]) -> i32 {
+/// Write one frame, waiting for the tap to have room (the rare path of `Tx::complete`): until
+/// `deadline` (shared by the batch's frames) or 50 attempts, then the frame is refused with the
+/// last error.
+fn write_waiting(tap: &Tap, iov: &[iovec], deadline: Instant) -> i32 {
     use std::os::fd::AsRawFd;
     let mut last = -libc::EAGAIN;
     for _ in 0..50 {
         match tap.writev(iov) {
             Ok(n) => return i32::try_from(n).unwrap_or(i32::MAX),
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                let left = deadline.saturating_duration_since(Instant::now());
+                if left.is_zero() {
+                    return -libc::EAGAIN;
+                }
                 let mut pfd = libc::pollfd {
                     fd: tap.as_raw_fd(),
                     events: libc::POLLOUT,
                     revents: 0,
                 };
+                // Rounded up, so a wait never ends before the tap could have made room.
+                let ms = i32::try_from(left.as_micros().div_ceil(1000)).map_or(20, |m| m.min(20));
                 // SAFETY: one valid pollfd for the duration of the call.
-                unsafe { libc::poll(&mut pfd, 1, 20) };
+                unsafe { libc::poll(&mut pfd, 1, ms) };
             }
             Err(e) => {
                 last = -e.raw_os_error().unwrap_or(libc::EIO);
