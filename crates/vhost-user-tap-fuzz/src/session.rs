@@ -10,7 +10,9 @@
 //! with SCM_RIGHTS of every kind (memfds of the right size, short ones and unsealed ones,
 //! eventfds blocking and not, one at its counter's limit, pipes, sockets, files, an epoll fd, a
 //! directory), replies read or left unread, the guest writing its rings (in the memfd it
-//! shared) and kicking them while the workers run, frames arriving on the tap.
+//! shared) and kicking them while the workers run, frames arriving on the tap; a migration's
+//! messages (dirty logs honest, short, unsealable or of any fd, at any size and offset; the
+//! log's eventfd; rings with log addresses; announces in bursts).
 //!
 //! Checked: every call into the connection and the session (`recv`, `dispatch`, `flush`,
 //! `deadline`, the session's drop) returns within `CALL_DEADLINE`; a watchdog thread aborts the
@@ -256,6 +258,8 @@ const SET_FEATURES: u32 = 2;
 const SET_OWNER: u32 = 3;
 const RESET_OWNER: u32 = 4;
 const SET_MEM_TABLE: u32 = 5;
+const SET_LOG_BASE: u32 = 6;
+const SET_LOG_FD: u32 = 7;
 const SET_VRING_NUM: u32 = 8;
 const SET_VRING_ADDR: u32 = 9;
 const SET_VRING_BASE: u32 = 10;
@@ -267,6 +271,7 @@ const GET_PROTOCOL_FEATURES: u32 = 15;
 const SET_PROTOCOL_FEATURES: u32 = 16;
 const GET_QUEUE_NUM: u32 = 17;
 const SET_VRING_ENABLE: u32 = 18;
+const SEND_RARP: u32 = 19;
 const GET_CONFIG: u32 = 24;
 const SET_CONFIG: u32 = 25;
 const RESET_DEVICE: u32 = 34;
@@ -282,7 +287,7 @@ fn frontend_op(r: &mut Input, fe: &mut Frontend, wires: &[OwnedFd], pairs: usize
             u32::from(v) % nq
         }
     };
-    match r.u8() % 24 {
+    match r.u8() % 27 {
         // A whole setup of one vring the honest way: memory, size, addresses, base, fds, enable.
         0 | 1 => {
             let i = vring(r);
@@ -432,6 +437,36 @@ fn frontend_op(r: &mut Input, fe: &mut Frontend, wires: &[OwnedFd], pairs: usize
                 libc::send(w.as_raw_fd(), f.as_ptr().cast(), len, libc::MSG_DONTWAIT);
             }
         }
+        // Migration: a dirty log (honest, short, unsealable, or any fd) at any size and offset,
+        // its eventfd, or an announce.
+        24 => {
+            let size = match r.u8() % 4 {
+                0 => r.u64(),
+                _ => (RAM / 4096 / 8).max(8) << (r.u8() % 3),
+            };
+            let offset = if r.u8() % 4 == 0 { r.u64() } else { 0 };
+            let f = if r.bool() {
+                Some(log_memfd(r, size))
+            } else {
+                some_fd(r, fe)
+            };
+            let fds: Vec<RawFd> = f.iter().map(|f| f.as_raw_fd()).collect();
+            let mut body = u64b(size);
+            body.extend_from_slice(&offset.to_le_bytes());
+            send(r, fe, SET_LOG_BASE, &body, &fds);
+        }
+        25 => {
+            let f = some_fd(r, fe);
+            let fds: Vec<RawFd> = f.iter().map(|f| f.as_raw_fd()).collect();
+            send(r, fe, SET_LOG_FD, &[], &fds);
+        }
+        26 => {
+            let n = usize::from(r.u8() % 4);
+            for _ in 0..=n {
+                let mac = u64b(r.u64());
+                send(r, fe, SEND_RARP, &mac, &[]);
+            }
+        }
         // Time passes: a connection with a deadline is closed, as the daemon does.
         22 => return false,
         // The frontend hangs up.
@@ -571,6 +606,23 @@ fn some_fd(r: &mut Input, fe: &mut Frontend) -> Option<File> {
     })
 }
 
+/// A log memfd of about `size` bytes (capped): sealable or not, maybe shorter than claimed.
+fn log_memfd(r: &mut Input, size: u64) -> File {
+    let flags = if r.u8() % 4 == 0 {
+        libc::MFD_CLOEXEC
+    } else {
+        libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING
+    };
+    // SAFETY: a valid NUL-terminated name; checked.
+    let fd = unsafe { libc::memfd_create(c"fuzz-log".as_ptr(), flags) };
+    assert!(fd >= 0);
+    // SAFETY: fresh descriptor.
+    let f = unsafe { File::from_raw_fd(fd) };
+    let len = if r.u8() % 4 == 0 { size / 2 } else { size };
+    let _ = f.set_len(len.min(1 << 20));
+    f
+}
+
 /// A memfd: the shared guest memory, or one shorter than the region will claim.
 fn memfd(fe: &mut Frontend, r: &mut Input, honest: bool) -> Option<File> {
     if honest && r.u8() % 4 != 0 {
@@ -664,9 +716,20 @@ fn vring_addr(fe: &Frontend, i: u32, wild: bool, r: &mut Input) -> Vec<u8> {
     } else {
         (0u32, base, base + 0x6000, base + 0x4000)
     };
+    // VHOST_VRING_F_LOG with the used ring's guest address, honest or wild.
+    let log = if flags & 1 != 0 || r.u8() % 4 == 0 {
+        if r.bool() {
+            used.wrapping_sub(uva)
+        } else {
+            r.u64()
+        }
+    } else {
+        0
+    };
+    let flags = flags | u32::from(log != 0);
     let mut b = i.to_le_bytes().to_vec();
     b.extend_from_slice(&flags.to_le_bytes());
-    for v in [desc, used, avail, 0u64] {
+    for v in [desc, used, avail, log] {
         b.extend_from_slice(&v.to_le_bytes());
     }
     b
