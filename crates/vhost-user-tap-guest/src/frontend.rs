@@ -194,6 +194,21 @@ fn step(s: impl Into<String>) -> impl FnOnce(ProtoError) -> GuestError {
     move |source| GuestError::Request { step: s, source }
 }
 
+/// Connect to the backend at `path` with `cfg`'s timeouts.
+fn connect(path: &std::path::Path, cfg: &GuestConfig) -> Result<Connection> {
+    Connection::connect(path, cfg.connect_timeout, cfg.reply_timeout).map_err(|e| match e {
+        ConnectError::Failed(source) => GuestError::Connect {
+            path: path.to_path_buf(),
+            source,
+        },
+        ConnectError::TimedOut(last) => GuestError::ConnectTimeout {
+            path: path.to_path_buf(),
+            waited: cfg.connect_timeout,
+            last,
+        },
+    })
+}
+
 /// A connected synthetic guest.
 #[derive(Debug)]
 pub struct Guest {
@@ -231,23 +246,7 @@ impl Guest {
             )));
         }
         let ram = GuestRam::new(cfg.mem_size, cfg.mem_base)?;
-        let conn =
-            match Connection::connect(&cfg.socket_path, cfg.connect_timeout, cfg.reply_timeout) {
-                Ok(c) => c,
-                Err(ConnectError::Failed(source)) => {
-                    return Err(GuestError::Connect {
-                        path: cfg.socket_path.clone(),
-                        source,
-                    })
-                }
-                Err(ConnectError::TimedOut(last)) => {
-                    return Err(GuestError::ConnectTimeout {
-                        path: cfg.socket_path.clone(),
-                        waited: cfg.connect_timeout,
-                        last,
-                    })
-                }
-            };
+        let conn = connect(&cfg.socket_path, &cfg)?;
         let mut g = Guest {
             conn: Some(conn),
             ram,
@@ -902,23 +901,7 @@ impl Guest {
         }
         self.log = None;
         self.log_signal = None;
-        let conn =
-            match Connection::connect(socket, self.cfg.connect_timeout, self.cfg.reply_timeout) {
-                Ok(c) => c,
-                Err(ConnectError::Failed(source)) => {
-                    return Err(GuestError::Connect {
-                        path: socket.to_path_buf(),
-                        source,
-                    })
-                }
-                Err(ConnectError::TimedOut(last)) => {
-                    return Err(GuestError::ConnectTimeout {
-                        path: socket.to_path_buf(),
-                        waited: self.cfg.connect_timeout,
-                        last,
-                    })
-                }
-            };
+        let conn = connect(socket, &self.cfg)?;
         self.conn = Some(conn);
         self.resume(bases)
     }

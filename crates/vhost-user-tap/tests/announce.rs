@@ -11,46 +11,8 @@
 //!
 //! Needs root (a namespace and a tap); VUT_SKIP_ROOT=1 skips (prints SKIPPED).
 
-use std::fs::File;
-use std::os::fd::{AsRawFd, FromRawFd};
-use std::time::Duration;
-
 use vhost_user_tap_guest::kit::*;
 use vhost_user_tap_guest::vhost_user::{proto, Connection};
-
-/// An AF_PACKET socket in `ns` that sees every RARP (ethertype 0x8035) on its links.
-fn rarp_sniffer(ns: &Netns) -> File {
-    ns.within(|| {
-        // SAFETY: plain socket(2); the fd is checked and then owned by the File.
-        let fd = unsafe {
-            libc::socket(
-                libc::AF_PACKET,
-                libc::SOCK_RAW | libc::SOCK_CLOEXEC,
-                i32::from(0x8035u16.to_be()),
-            )
-        };
-        assert!(fd >= 0, "AF_PACKET: {}", std::io::Error::last_os_error());
-        // SAFETY: `fd` is a fresh socket owned by nobody else.
-        unsafe { File::from_raw_fd(fd) }
-    })
-}
-
-fn recv_timeout(sock: &File, timeout: Duration) -> Option<Vec<u8>> {
-    let mut pfd = libc::pollfd {
-        fd: sock.as_raw_fd(),
-        events: libc::POLLIN,
-        revents: 0,
-    };
-    // SAFETY: one valid pollfd.
-    let r = unsafe { libc::poll(&mut pfd, 1, timeout.as_millis() as i32) };
-    if r <= 0 {
-        return None;
-    }
-    let mut buf = [0u8; 2048];
-    // SAFETY: `buf` is writable for its length.
-    let n = unsafe { libc::recv(sock.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
-    (n > 0).then(|| buf[..n as usize].to_vec())
-}
 
 #[test]
 fn a_rarp_sent_before_the_features_of_a_second_frontend_is_a_well_formed_frame() {
@@ -74,7 +36,7 @@ fn a_rarp_sent_before_the_features_of_a_second_frontend_is_a_well_formed_frame()
 
     // The second one gets as far as QEMU's destination before the device starts, then asks
     // for the announce.
-    let sniffer = rarp_sniffer(&ns);
+    let sniffer = Sniffer::open(&ns, ETH_P_RARP);
     let mut c = Connection::connect(&d.socket, WAIT, WAIT).expect("connect");
     c.get_features().unwrap();
     let pf = c.get_protocol_features().unwrap();
@@ -87,24 +49,8 @@ fn a_rarp_sent_before_the_features_of_a_second_frontend_is_a_well_formed_frame()
     let mac = [0x52, 0x54, 0x00, 0x11, 0x22, 0x33];
     c.send_rarp(mac).unwrap();
 
-    let frame = recv_timeout(&sniffer, WAIT).expect("a RARP frame on the tap");
-    assert_eq!(
-        frame.len(),
-        60,
-        "a minimum-size Ethernet frame: {frame:02x?}"
-    );
-    assert_eq!(&frame[..6], &[0xff; 6], "broadcast: {frame:02x?}");
-    assert_eq!(&frame[6..12], &mac, "from the VM's MAC: {frame:02x?}");
-    assert_eq!(
-        &frame[12..14],
-        &[0x80, 0x35],
-        "ethertype RARP: {frame:02x?}"
-    );
-    assert_eq!(
-        &frame[22..28],
-        &mac,
-        "sender hardware address: {frame:02x?}"
-    );
+    let frame = sniffer.recv(WAIT).expect("a RARP frame on the tap");
+    assert_rarp(&frame, mac);
     let m = scrape(d.metrics_path());
     assert_eq!(m.get("vhost_user_tap_rarp_announces_total"), Some(&1.0));
 }

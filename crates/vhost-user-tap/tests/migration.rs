@@ -275,50 +275,13 @@ fn send_rarp_announces_on_the_tap() {
     let Some((ns, d, mut g, _host)) = setup("mig-rarp") else {
         return;
     };
-    let sniffer = ns.within(|| {
-        // SAFETY: plain socket(2); the fd is checked and then owned by the File.
-        let fd = unsafe {
-            libc::socket(
-                libc::AF_PACKET,
-                libc::SOCK_RAW | libc::SOCK_CLOEXEC,
-                i32::from(0x8035u16.to_be()),
-            )
-        };
-        assert!(fd >= 0, "AF_PACKET: {}", std::io::Error::last_os_error());
-        // SAFETY: `fd` is a fresh socket owned by nobody else.
-        unsafe { File::from_raw_fd(fd) }
-    });
+    let sniffer = Sniffer::open(&ns, ETH_P_RARP);
     let mac = [0x52, 0x54, 0x00, 0x11, 0x22, 0x33];
     g.send_rarp(mac).unwrap();
-    let frame = recv_timeout(&sniffer, WAIT).expect("a RARP frame on the tap");
-    assert_eq!(frame.len(), 60, "a minimum-size Ethernet frame");
-    assert_eq!(&frame[..6], &[0xff; 6], "broadcast");
-    assert_eq!(&frame[6..12], &mac, "from the guest's MAC");
-    assert_eq!(&frame[12..14], &[0x80, 0x35], "ethertype RARP");
-    // Reverse request (opcode 3), sender and target hardware addresses the guest's.
-    assert_eq!(&frame[20..22], &[0, 3]);
-    assert_eq!(&frame[22..28], &mac);
-    assert_eq!(&frame[32..38], &mac);
+    let frame = sniffer.recv(WAIT).expect("a RARP frame on the tap");
+    assert_rarp(&frame, mac);
     let m = scrape(d.metrics_path());
     assert_eq!(m.get("vhost_user_tap_rarp_announces_total"), Some(&1.0));
-}
-
-fn recv_timeout(sock: &File, timeout: Duration) -> Option<Vec<u8>> {
-    use std::os::fd::AsRawFd;
-    let mut pfd = libc::pollfd {
-        fd: sock.as_raw_fd(),
-        events: libc::POLLIN,
-        revents: 0,
-    };
-    // SAFETY: one valid pollfd.
-    let r = unsafe { libc::poll(&mut pfd, 1, timeout.as_millis() as i32) };
-    if r <= 0 {
-        return None;
-    }
-    let mut buf = [0u8; 2048];
-    // SAFETY: `buf` is writable for its length.
-    let n = unsafe { libc::recv(sock.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
-    (n > 0).then(|| buf[..n as usize].to_vec())
 }
 
 /// After a migration the source daemon may still hold one frame per pair: taken from the tap

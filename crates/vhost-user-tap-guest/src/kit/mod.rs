@@ -16,6 +16,7 @@
 //! - [`qemu`]: QEMU's binaries, the test guest's image, one VM at a time.
 //! - [`console`]: [`Console`], a guest's serial console: lines and markers with deadlines.
 //! - [`qmp`]: [`Qmp`], QEMU's machine protocol: commands and events (migration).
+//! - [`sniff`]: [`Sniffer`], frames of one ethertype on a namespace's links; RARP announces.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -30,6 +31,7 @@ pub mod netns;
 pub mod process;
 pub mod qemu;
 pub mod qmp;
+pub mod sniff;
 pub mod tcp;
 pub mod tempdir;
 pub mod traffic;
@@ -43,6 +45,7 @@ pub use qemu::{
     guest_image, one_vm_at_a_time, qemu_10, qemu_present, qemu_version, GuestImage, SYSTEM_QEMU,
 };
 pub use qmp::Qmp;
+pub use sniff::{assert_rarp, Sniffer, ETH_P_RARP};
 pub use tcp::{tcp_through_daemon, TcpRun};
 pub use tempdir::TempDir;
 pub use traffic::*;
