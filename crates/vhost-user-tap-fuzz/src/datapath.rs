@@ -4,7 +4,8 @@
 //! driver posting buffers and frames (well-formed or raw malformed chains), hostile writes
 //! straight into a ring (descriptors, indirect tables, avail entries and index, suppression
 //! words; from then on the driver leaves that ring alone), RX/TX batches, RX kicks, the wire
-//! drained or left full, worker restarts (stop, then start on a dup of the tap, with or
+//! drained or left full, worker restarts (stop, then start on a dup of the tap, with a
+//! migration's dirty log covering guest memory or short of it or none, with or
 //! without an io_uring) as the session does around every control message.
 //!
 //! Checked:
@@ -169,6 +170,13 @@ fn run(data: &[u8]) {
             }
             13 => on_wire += drain_wire(&lb, &mut wire_buf),
             14 => {
+                // A migration's dirty log from this start on (covering guest memory, or short
+                // of it: marks past its end must be skipped), or none.
+                match r.u8() % 4 {
+                    0 => lb.set_log(Some(dirty_log(RAM >> (r.u8() % 8)))),
+                    1 => lb.set_log(None),
+                    _ => {}
+                }
                 let tap = dup_tap(&lb.tap);
                 let ring = (r.u8() % 4 == 0).then(|| TxRing::new(&tap).expect("an io_uring"));
                 let t = Instant::now();
@@ -428,6 +436,24 @@ fn drain_fd(f: &impl AsRawFd, buf: &mut [u8]) -> u64 {
         }
         n += 1;
     }
+}
+
+/// A sealable memfd log covering guest addresses below `covers`.
+fn dirty_log(covers: u64) -> std::sync::Arc<vhost_user_tap::dirty_log::DirtyLog> {
+    use std::os::fd::FromRawFd;
+    let size = (covers / 4096 / 8).max(8);
+    // SAFETY: a valid NUL-terminated name; checked.
+    let fd = unsafe {
+        libc::memfd_create(
+            c"fuzz-log".as_ptr(),
+            libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING,
+        )
+    };
+    assert!(fd >= 0);
+    // SAFETY: fresh descriptor.
+    let f = unsafe { std::fs::File::from_raw_fd(fd) };
+    f.set_len(size).expect("sizing the log");
+    std::sync::Arc::new(vhost_user_tap::dirty_log::DirtyLog::map(f, size, 0).expect("a log"))
 }
 
 /// The same socket as a new `Tap` (the restarted pair's).

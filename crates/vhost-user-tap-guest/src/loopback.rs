@@ -14,7 +14,9 @@ use vm_memory::GuestMemoryMmap;
 
 use crate::mem::GuestRam;
 use crate::queue::{PairConfig, QueuePair, TxLayout};
-use vhost_user_tap::pair::{Pair, PairError, PairRest, PairSetup, QueueRun, Stopped};
+use vhost_user_tap::dirty_log::DirtyLog;
+use vhost_user_tap::pair::{Pair, PairError, PairLog, PairRest, PairSetup, QueueRun, Stopped};
+use vhost_user_tap::ring::Notifier;
 use vhost_user_tap::rx::RxState;
 use vhost_user_tap::stats::PairStats;
 use vhost_user_tap::tap::Tap;
@@ -62,6 +64,8 @@ pub struct Loopback {
     pub guest: QueuePair,
     /// The daemon's side: one queue pair, as a worker runs it (here driven by hand).
     pair: Option<Pair>,
+    /// The dirty log the pair marks from its next start, as while a migration runs.
+    log: Option<Arc<DirtyLog>>,
     pub stats: Arc<PairStats>,
     /// The daemon's end of the socketpair.
     pub tap: Arc<Tap>,
@@ -156,6 +160,7 @@ impl Loopback {
         let mut lb = Loopback {
             guest,
             pair: None,
+            log: None,
             stats: Arc::new(PairStats::default()),
             tap,
             wire,
@@ -196,8 +201,17 @@ impl Loopback {
             rest,
             rx: Some(rx),
             tx: Some(tx),
-            log: None,
+            log: self.log.clone().map(|log| PairLog {
+                log,
+                signal: Notifier::default(),
+            }),
         }));
+    }
+
+    /// Log guest-memory writes into `log` (None: stop logging) from the pair's next start, as the
+    /// session makes a pair do while a migration runs.
+    pub fn set_log(&mut self, log: Option<Arc<DirtyLog>>) {
+        self.log = log;
     }
 
     fn pair(&mut self) -> &mut Pair {
