@@ -288,16 +288,7 @@ impl Guest {
             if !self.cfg.read_config {
                 want &= !proto::CONFIG;
             }
-            let c = self.conn()?;
-            let pofs = c
-                .get_protocol_features()
-                .map_err(step("GET_PROTOCOL_FEATURES"))?;
-            let ack = pofs & want;
-            c.set_protocol_features(ack)
-                .map_err(step("SET_PROTOCOL_FEATURES"))?;
-            c.set_reply_ack(ack & proto::REPLY_ACK != 0);
-            self.offered_protocol = Some(pofs);
-            self.protocol = ack;
+            self.ack_protocol_features(want)?;
         } else {
             log::warn!("backend does not offer VHOST_USER_F_PROTOCOL_FEATURES: rings start enabled, no REPLY_ACK/MQ/CONFIG");
         }
@@ -353,7 +344,7 @@ impl Guest {
                 self.read_config()?;
                 self.set_mem_table()?;
                 for q in 0..self.nvrings() {
-                    self.setup_vring(q, false)?;
+                    self.setup_vring(q, false, 0)?;
                     self.send_vring_fd(req::SET_VRING_CALL, q)?;
                     self.send_vring_fd(req::SET_VRING_KICK, q)?;
                     if has_proto {
@@ -391,7 +382,7 @@ impl Guest {
                 }
                 self.set_mem_table()?;
                 for q in 0..self.nvrings() {
-                    self.setup_vring(q, true)?;
+                    self.setup_vring(q, true, 0)?;
                     self.send_vring_fd(req::SET_VRING_KICK, q)?;
                     self.send_vring_fd(req::SET_VRING_CALL, q)?;
                 }
@@ -473,30 +464,40 @@ impl Guest {
             .map_err(step("SET_MEM_TABLE"))
     }
 
-    fn setup_vring(&mut self, q: u32, qemu_order: bool) -> Result<()> {
-        let layout = {
-            let pair = &self.pairs[(q / 2) as usize];
-            if q % 2 == 0 {
-                *pair.rx_ring().layout()
-            } else {
-                *pair.tx_ring().layout()
-            }
-        };
+    /// SET_VRING_NUM, then BASE and ADDR in QEMU's order or ADDR and BASE in the spec's.
+    fn setup_vring(&mut self, q: u32, qemu_order: bool, base: u32) -> Result<()> {
+        let layout = self.vring_layout(q);
         let (desc, used, avail) = self.vring_uvas(&layout)?;
         let c = self.conn()?;
         c.set_vring_num(q, u32::from(layout.size))
             .map_err(step(format!("SET_VRING_NUM for vring {q}")))?;
+        let set_base = |c: &mut Connection| {
+            c.set_vring_base(q, base)
+                .map_err(step(format!("SET_VRING_BASE for vring {q}")))
+        };
         if qemu_order {
-            c.set_vring_base(q, 0)
-                .map_err(step(format!("SET_VRING_BASE for vring {q}")))?;
-            c.set_vring_addr(q, desc, used, avail)
-                .map_err(step(format!("SET_VRING_ADDR for vring {q}")))?;
-        } else {
-            c.set_vring_addr(q, desc, used, avail)
-                .map_err(step(format!("SET_VRING_ADDR for vring {q}")))?;
-            c.set_vring_base(q, 0)
-                .map_err(step(format!("SET_VRING_BASE for vring {q}")))?;
+            set_base(c)?;
         }
+        c.set_vring_addr(q, desc, used, avail)
+            .map_err(step(format!("SET_VRING_ADDR for vring {q}")))?;
+        if !qemu_order {
+            set_base(c)?;
+        }
+        Ok(())
+    }
+
+    /// GET_PROTOCOL_FEATURES, then SET_PROTOCOL_FEATURES with the offered ones of `want`.
+    fn ack_protocol_features(&mut self, want: u64) -> Result<()> {
+        let c = self.conn()?;
+        let pofs = c
+            .get_protocol_features()
+            .map_err(step("GET_PROTOCOL_FEATURES"))?;
+        let ack = pofs & want;
+        c.set_protocol_features(ack)
+            .map_err(step("SET_PROTOCOL_FEATURES"))?;
+        c.set_reply_ack(ack & proto::REPLY_ACK != 0);
+        self.offered_protocol = Some(pofs);
+        self.protocol = ack;
         Ok(())
     }
 
@@ -916,18 +917,8 @@ impl Guest {
             )));
         }
         if self.features & bit(VHOST_USER_F_PROTOCOL_FEATURES) != 0 {
-            let protocol = self.protocol;
-            let c = self.conn()?;
-            let pofs = c
-                .get_protocol_features()
-                .map_err(step("GET_PROTOCOL_FEATURES"))?;
-            let ack = pofs & protocol;
-            c.set_protocol_features(ack)
-                .map_err(step("SET_PROTOCOL_FEATURES"))?;
-            c.set_reply_ack(ack & proto::REPLY_ACK != 0);
-            self.offered_protocol = Some(pofs);
-            self.protocol = ack;
-            if ack & proto::MQ != 0 {
+            self.ack_protocol_features(self.protocol)?;
+            if self.protocol & proto::MQ != 0 {
                 self.conn()?
                     .get_queue_num()
                     .map_err(step("GET_QUEUE_NUM"))?;
@@ -939,16 +930,7 @@ impl Guest {
         c.set_features(features).map_err(step("SET_FEATURES"))?;
         self.set_mem_table()?;
         for q in 0..self.nvrings() {
-            let layout = self.vring_layout(q);
-            let (desc, used, avail) = self.vring_uvas(&layout)?;
-            let base = bases[q as usize];
-            let c = self.conn()?;
-            c.set_vring_num(q, u32::from(layout.size))
-                .map_err(step(format!("SET_VRING_NUM for vring {q}")))?;
-            c.set_vring_base(q, base)
-                .map_err(step(format!("SET_VRING_BASE for vring {q}")))?;
-            c.set_vring_addr(q, desc, used, avail)
-                .map_err(step(format!("SET_VRING_ADDR for vring {q}")))?;
+            self.setup_vring(q, true, bases[q as usize])?;
             self.send_vring_fd(req::SET_VRING_KICK, q)?;
             self.send_vring_fd(req::SET_VRING_CALL, q)?;
             if features & bit(VHOST_USER_F_PROTOCOL_FEATURES) != 0 {

@@ -305,8 +305,8 @@ impl DeviceQueue {
 
     /// Log the used-ring bytes `[off, off + len)`.
     fn log_used(&mut self, off: u64, len: u64) {
-        if let Some(l) = &self.log {
-            self.logged += l.log.mark(l.used_gpa + off, len);
+        if let Some(gpa) = self.log.as_ref().map(|l| l.used_gpa + off) {
+            self.log_write(gpa, len);
         }
     }
 

@@ -521,11 +521,10 @@ impl Rx {
             // and the page copied before the write lands, leaving the destination a stale page
             // that is no longer marked.
             let mut left = n;
-            for i in 0..self.win.segs.len() {
+            for s in self.win.segs.iter() {
                 if left == 0 {
                     break;
                 }
-                let s = self.win.segs[i];
                 let len = (s.len as usize).min(left);
                 self.q.log_write(s.addr.0, len as u64);
                 left -= len;

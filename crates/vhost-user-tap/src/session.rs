@@ -128,9 +128,8 @@ struct Vring {
     started: bool,
     /// The setup request that was refused, if any: the ring must not run until it is redone.
     refused: Option<&'static str>,
-    /// The used ring's guest address, and where its writes are logged (`log_guest_addr` when
-    /// the frontend set VHOST_VRING_F_LOG).
-    used_gpa: u64,
+    /// Where the used ring's writes are logged when not at the ring's own address
+    /// (`log_guest_addr`, when the frontend set VHOST_VRING_F_LOG).
     log_gpa: Option<u64>,
     /// SET_VRING_BASE came: at the next start, the used index is taken from guest memory.
     resync: bool,
@@ -146,7 +145,6 @@ impl Vring {
             enabled: false,
             started: false,
             refused: None,
-            used_gpa: 0,
             log_gpa: None,
             resync: false,
         }
@@ -154,7 +152,7 @@ impl Vring {
 
     /// Where the used ring's writes are logged.
     fn used_log_gpa(&self) -> u64 {
-        self.log_gpa.unwrap_or(self.used_gpa)
+        self.log_gpa.unwrap_or_else(|| self.queue.used_ring())
     }
 }
 
@@ -353,10 +351,7 @@ impl<'d> Session<'d> {
                 iov_len: frame.len(),
             },
         ];
-        self.dev.pairs[0]
-            .tap
-            .writev(&iov)
-            .map_err(SessionError::Announce)?;
+        tap.writev(&iov).map_err(SessionError::Announce)?;
         self.dev.frontend.announced();
         if let Some(n) = self.announce_log.allow() {
             info!(
@@ -423,18 +418,9 @@ impl<'d> Session<'d> {
         files: Vec<File>,
     ) -> Result<()> {
         let memory = GuestMemory::map(regions, files)?;
-        self.with_all_pairs(|s| s.memory = Some(memory))?;
-        if let (true, Some(log), Some(m)) = (self.logging(), &self.log, &self.memory) {
-            if !log.covers_range(0, m.end()) {
-                error!(
-                    "the dirty log covers guest addresses up to {:#x}, the new memory table \
-                     ends at {:#x}: the queues stop until a log that covers it comes",
-                    log.covers(),
-                    m.end()
-                );
-            }
-        }
-        Ok(())
+        // With logging on, a log that does not cover the new memory keeps the pairs stopped,
+        // and `start_pair` says why (`log_blocks`).
+        self.with_all_pairs(|s| s.memory = Some(memory))
     }
 
     pub fn set_vring_num(&mut self, index: u32, num: u32) -> Result<()> {
@@ -499,9 +485,7 @@ impl<'d> Session<'d> {
                 });
             // A ring whose addresses were refused must not run on the ones it had.
             q.set_ready(set.is_ok());
-            let v = &mut s.vrings[i];
-            v.used_gpa = u;
-            v.log_gpa = (flags & VHOST_VRING_F_LOG != 0).then_some(log_addr);
+            s.vrings[i].log_gpa = (flags & VHOST_VRING_F_LOG != 0).then_some(log_addr);
             set
         })
     }

@@ -369,20 +369,8 @@ fn a_guest_moves_between_daemons_without_losing_or_repeating_a_frame() {
     for tap in ["vuta", "vutb"] {
         ns.ip(&["link", "set", tap, "master", "br0", "up"]);
     }
-    ns.ip(&["addr", "add", &format!("{HOST_IP}/24"), "dev", "br0"]);
-    ns.ip(&["link", "set", "br0", "up"]);
-    let mac = GUEST_MAC.map(|b| format!("{b:02x}")).join(":");
-    ns.ip(&[
-        "neigh",
-        "replace",
-        GUEST_IP,
-        "lladdr",
-        &mac,
-        "dev",
-        "br0",
-        "nud",
-        "permanent",
-    ]);
+    // The host side on the bridge: HOST_IP, up, the guest's MAC as a permanent neighbour.
+    ns.configure_tap("br0");
     let host = ns.udp_socket(&format!("{HOST_IP}:{HOST_PORT}"));
     host.set_read_timeout(Some(WAIT)).unwrap();
     let spec = vhost_user_tap_guest::FrameSpec {
