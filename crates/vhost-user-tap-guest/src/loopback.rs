@@ -17,11 +17,11 @@ use crate::queue::{PairConfig, QueuePair, TxLayout};
 use vhost_user_tap::dirty_log::DirtyLog;
 use vhost_user_tap::pair::{Pair, PairError, PairLog, PairRest, PairSetup, QueueRun, Stopped};
 use vhost_user_tap::ring::Notifier;
-use vhost_user_tap::rx::RxState;
+use vhost_user_tap::rx::{RxCarry, RxState};
 use vhost_user_tap::stats::PairStats;
 use vhost_user_tap::tap::Tap;
 use vhost_user_tap::tx::TxState;
-use vhost_user_tap::uring::TxRing;
+use vhost_user_tap::uring::{Op, TapRing};
 use vhost_user_tap::virtio_net::{NetFeatures, HDR_LEN};
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_net::VIRTIO_NET_F_MRG_RXBUF;
@@ -44,8 +44,9 @@ pub struct LoopbackConfig {
     pub mrg_rxbuf: bool,
     pub event_idx: bool,
     pub rx_buf_len: u32,
-    /// TX writes through an io_uring (as the daemon does by default) instead of writev.
-    pub tx_io_uring: bool,
+    /// TX writes and RX reads through io_urings (as the daemon does by default) instead of
+    /// writev and readv.
+    pub io_uring: bool,
 }
 
 impl Default for LoopbackConfig {
@@ -55,7 +56,7 @@ impl Default for LoopbackConfig {
             mrg_rxbuf: true,
             event_idx: true,
             rx_buf_len: 1536,
-            tx_io_uring: false,
+            io_uring: false,
         }
     }
 }
@@ -108,6 +109,17 @@ fn dup_file(fd: i32) -> Result<Arc<File>, LoopbackError> {
     Ok(Arc::new(unsafe { File::from_raw_fd(d) }))
 }
 
+/// A TX and an RX io_uring on `tap`, or none.
+fn rings(tap: &Tap, io_uring: bool) -> io::Result<(Option<TapRing>, Option<TapRing>)> {
+    if !io_uring {
+        return Ok((None, None));
+    }
+    Ok((
+        Some(TapRing::new(tap, Op::Write)?),
+        Some(TapRing::new(tap, Op::Read)?),
+    ))
+}
+
 impl Loopback {
     pub fn new(cfg: LoopbackConfig) -> Result<Loopback, LoopbackError> {
         let mut ram =
@@ -152,11 +164,7 @@ impl Loopback {
         // SAFETY: both descriptors are fresh and owned by nothing else.
         let (dev, wire) = unsafe { (File::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
         let tap = Arc::new(Tap::from_file(dev, "loopback"));
-        let tx_ring = cfg
-            .tx_io_uring
-            .then(|| TxRing::new(&tap))
-            .transpose()
-            .map_err(LoopbackError::Socket)?;
+        let (tx_ring, rx_ring) = rings(&tap, cfg.io_uring).map_err(LoopbackError::Socket)?;
         let mut lb = Loopback {
             guest,
             pair: None,
@@ -180,7 +188,7 @@ impl Loopback {
         )?;
         lb.start(
             PairRest {
-                carry: Default::default(),
+                carry: RxCarry::new(rx_ring),
                 tx_ring,
             },
             rx,
@@ -224,9 +232,10 @@ impl Loopback {
         self.pair.take().expect("the pair runs").stop()
     }
 
-    /// Stop the pair and start it again on another tap (and TX io_uring), the rings where they
-    /// were.
-    pub fn restart_with(&mut self, tap: Tap, tx_ring: Option<TxRing>) -> Result<(), LoopbackError> {
+    /// Stop the pair and start it again on another tap (through fresh io_urings, not probed, or
+    /// readv and writev), the rings where they were and the staged frames kept.
+    pub fn restart_with(&mut self, tap: Tap, io_uring: bool) -> Result<(), LoopbackError> {
+        let (tx_ring, rx_ring) = rings(&tap, io_uring).map_err(LoopbackError::Socket)?;
         let stopped = self.stop();
         self.tap = Arc::new(tap);
         let run = |q: Option<Queue>, kick, call| -> Result<QueueRun, LoopbackError> {
@@ -242,7 +251,7 @@ impl Loopback {
         let rx = run(stopped.rx, self.guest.rx_kick_fd(), self.guest.rx_call_fd())?;
         let tx = run(stopped.tx, self.guest.tx_kick_fd(), self.guest.tx_call_fd())?;
         let rest = PairRest {
-            carry: stopped.rest.carry,
+            carry: stopped.rest.carry.with_ring(rx_ring),
             tx_ring,
         };
         self.start(rest, rx, tx);
@@ -440,6 +449,74 @@ mod tests {
         );
     }
 
+    /// Frames of mixed sizes (some larger than one buffer) against a guest posting a few small
+    /// buffers at a time, with restarts between: every frame arrives once, whole, in order,
+    /// through batched io_uring reads (a frame outgrowing its buffer mid-batch holds back the
+    /// frames read after it) as through readv.
+    fn mixed_frames_arrive_in_order(io_uring: bool) {
+        use std::os::fd::AsFd;
+        let mut lb = Loopback::new(LoopbackConfig {
+            rx_buf_len: 512,
+            io_uring,
+            ..LoopbackConfig::default()
+        })
+        .unwrap();
+        let mut seed = 7u32;
+        let mut rand = move |m: u32| {
+            seed = seed.wrapping_mul(1_103_515_245).wrapping_add(12_345);
+            (seed >> 8) % m
+        };
+        const N: u32 = 3000;
+        let (mut sent, mut got) = (0u32, Vec::new());
+        let mut rounds = 0;
+        while got.len() < N as usize {
+            rounds += 1;
+            assert!(rounds < 100_000, "no progress: {} of {N} frames", got.len());
+            // Mostly small frames, so batches form; every tenth one needs several buffers.
+            for _ in 0..rand(40) {
+                let len = if rand(10) == 0 {
+                    600 + rand(3000)
+                } else {
+                    60 + rand(400)
+                };
+                if sent == N || !lb.inject(&frame(sent, len as usize)).unwrap() {
+                    break;
+                }
+                sent += 1;
+            }
+            lb.guest.post_rx_buffers(1 + rand(24) as usize).unwrap();
+            lb.rx_kick().unwrap();
+            lb.rx_process().unwrap();
+            lb.guest.poll_rx(|f, _| got.push(f.to_vec())).unwrap();
+            if rand(50) == 0 {
+                let fd = lb.tap.as_fd().try_clone_to_owned().unwrap();
+                lb.restart_with(Tap::from_file(File::from(fd), "dup"), io_uring)
+                    .unwrap();
+            }
+        }
+        for (i, f) in got.iter().enumerate() {
+            let tag = u32::from_be_bytes(f[14..18].try_into().unwrap());
+            assert_eq!(tag, i as u32, "frame {i} out of order");
+            assert_eq!(*f, frame(tag, f.len()), "frame {i} altered");
+        }
+        let s = lb.stats.snapshot();
+        assert_eq!(s.rx_frames, u64::from(N));
+        assert_eq!(s.rx_dropped_oversize + s.rx_dropped_unfit, 0);
+        if io_uring {
+            assert!(s.rx_staged > 0, "no frame outgrew its buffer in a batch");
+        }
+    }
+
+    #[test]
+    fn mixed_frames_arrive_in_order_through_readv() {
+        mixed_frames_arrive_in_order(false);
+    }
+
+    #[test]
+    fn mixed_frames_arrive_in_order_through_io_uring_batches() {
+        mixed_frames_arrive_in_order(true);
+    }
+
     /// Fuzz finding (datapath): a staged frame the restarted RX drops for an offload the guest
     /// did not accept was counted only at RX's next batch, so a second restart before that
     /// batch lost the count.
@@ -464,7 +541,7 @@ mod tests {
         assert_eq!(lb.stats.snapshot().rx_staged, 1);
         for _ in 0..2 {
             let fd = lb.tap.as_fd().try_clone_to_owned().unwrap();
-            lb.restart_with(Tap::from_file(File::from(fd), "dup"), None)
+            lb.restart_with(Tap::from_file(File::from(fd), "dup"), false)
                 .unwrap();
         }
         assert_eq!(lb.stats.snapshot().rx_dropped_unfit, 1);
@@ -476,9 +553,9 @@ mod tests {
 
     /// Fill the wire until a write would block, through the daemon's TX path; then drain it:
     /// every frame the guest queued arrives, once, in order.
-    fn full_wire_keeps_tx_frames_for_later(tx_io_uring: bool) {
+    fn full_wire_keeps_tx_frames_for_later(io_uring: bool) {
         let mut lb = Loopback::new(LoopbackConfig {
-            tx_io_uring,
+            io_uring,
             ..LoopbackConfig::default()
         })
         .unwrap();
@@ -527,7 +604,7 @@ mod tests {
     fn io_uring_tx_completes_malformed_chains_in_order_with_the_good_ones() {
         use crate::ring::{RawDesc, RawNext};
         let mut lb = Loopback::new(LoopbackConfig {
-            tx_io_uring: true,
+            io_uring: true,
             ..LoopbackConfig::default()
         })
         .unwrap();
@@ -569,8 +646,7 @@ mod tests {
     /// (not probed) or writev.
     fn tx_into(mut lb: Loopback, dev: File, io_uring: bool) -> Loopback {
         let tap = Tap::from_file(dev, "fake");
-        let ring = io_uring.then(|| TxRing::new(&tap).unwrap());
-        lb.restart_with(tap, ring).unwrap();
+        lb.restart_with(tap, io_uring).unwrap();
         lb
     }
 
@@ -608,7 +684,7 @@ mod tests {
     fn the_probe_finds_a_file_that_refuses_io_urings_writes() {
         let (wr, _rd, _) = fifo();
         let tap = Tap::from_file(wr, "fifo");
-        let mut ring = TxRing::new(&tap).unwrap();
+        let mut ring = TapRing::new(&tap, Op::Write).unwrap();
         assert!(matches!(
             ring.probe(),
             Err(vhost_user_tap::uring::ProbeError::NoNowait)

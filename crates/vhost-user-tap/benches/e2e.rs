@@ -2,12 +2,13 @@
 //! the same run (the machine is noisy; only same-run ratios mean something).
 //!
 //! - RX: UDP generator threads (sendmmsg, 64-byte frames) in a private network namespace → tap →
-//!   daemon → synthetic guest recycling buffers as fast as it can (the XDP-drop equivalent).
+//!   daemon → synthetic guest recycling buffers as fast as it can (the XDP-drop equivalent, case
+//!   `rx`), or reading every frame from a 256-entry ring, QEMU's default (case `rxread`).
 //!   Floor: a plain loop reading the same tap under the same generator.
 //! - TX: synthetic guest sending 64-byte frames as fast as it can → daemon → tap. Floor: a plain
 //!   loop writing the same frames to the tap.
 //!
-//! The guest's rings hold 1024 entries (VUT_BENCH_QUEUE_SIZE; QEMU's rx_queue_size and
+//! The guest's rings hold 1024 entries, except in `rxread` (VUT_BENCH_QUEUE_SIZE; QEMU's rx_queue_size and
 //! tx_queue_size go up to 1024 for vhost-user devices, the usual setting for throughput; 256 is
 //! QEMU's default). TX uses pktgen-style buffers written once (`--tx-prefilled`), as the floor
 //! loop writes one buffer.
@@ -21,7 +22,7 @@
 //! daemon/floor ratios of each interleaved pair of runs; VUT_BENCH_DAEMON_ARGS
 //! passes options to the daemon (e.g. "--busy-poll-us 50"), VUT_BENCH_GUEST_ARGS to the synthetic
 //! guest (e.g. "--migration-log": dirty logging on, as during a migration); VUT_BENCH_TCP_MB sizes the TCP runs. Results also go to
-//! target/vut-bench/e2e.json. VUT_BENCH_CASES picks cases (default "rx,tx,tcp");
+//! target/vut-bench/e2e.json. VUT_BENCH_CASES picks cases (default "rx,rxread,tx,tcp");
 //! VUT_BENCH_VERBOSE=1 prints the daemon's final counters of every run.
 
 use std::fs::File;
@@ -221,6 +222,17 @@ struct Rate {
     cpu_ns_per_frame: f64,
     /// Synthetic guest CPU time per frame, ns (0 for the floor).
     guest_cpu_ns_per_frame: f64,
+    /// The machine's state when the run began: the 1-minute load average (the bench's own
+    /// threads included, so about 1-2 on an otherwise idle machine).
+    load1: f64,
+}
+
+/// The 1-minute load average.
+fn load1() -> f64 {
+    std::fs::read_to_string("/proc/loadavg")
+        .ok()
+        .and_then(|s| s.split_whitespace().next()?.parse().ok())
+        .unwrap_or(f64::NAN)
 }
 
 /// CPU time (user + system) of the children this process has waited for, in ns.
@@ -244,6 +256,7 @@ fn cpu_ticks(pid: u32) -> u64 {
 }
 
 fn floor_rx(ns: &Netns, threads: usize, secs: f64) -> Rate {
+    let load1 = load1();
     let gen = Generator::start(ns, threads);
     thread::sleep(Duration::from_millis(300));
     let before = tap_counters(ns);
@@ -282,6 +295,7 @@ fn floor_rx(ns: &Netns, threads: usize, secs: f64) -> Rate {
     Rate {
         pps: frames,
         tun_drops_pps: (after.tx_dropped - before.tx_dropped) as f64 / secs,
+        load1,
         ..Rate::default()
     }
 }
@@ -342,6 +356,7 @@ fn through_daemon<T>(
     guest_args: &[&str],
     mut during: impl FnMut() -> T,
 ) -> (Rate, f64, T, T) {
+    let load1 = load1();
     let d = Daemon::start(ns, TAP, &daemon_args());
     if let Some((_, daemon_cpu)) = placement() {
         // The workers are spawned when the guest connects and inherit the main thread's CPUs.
@@ -369,21 +384,31 @@ fn through_daemon<T>(
         daemon_drops: drops,
         cpu_ns_per_frame: (cpu1 - cpu0) as f64 * tick_ns / frames.max(1.0),
         guest_cpu_ns_per_frame: (guest1 - guest0) / frames.max(1.0),
+        load1,
         ..Rate::default()
     };
     (rate, elapsed, before, after)
 }
 
-fn daemon_rx(ns: &Netns, threads: usize, secs: f64) -> Rate {
+/// The synthetic guest of an RX case.
+#[derive(Clone, Copy)]
+enum RxGuest {
+    /// Recycles buffers without reading the frames (XDP-drop equivalent), rings of
+    /// VUT_BENCH_QUEUE_SIZE.
+    Drop,
+    /// Reads every frame, from a 256-entry ring (QEMU's default).
+    Read,
+}
+
+fn daemon_rx(ns: &Netns, threads: usize, secs: f64, guest: RxGuest) -> Rate {
     let gen = Generator::start(ns, threads);
-    // --rx-drop: the guest recycles buffers without reading the frames (XDP-drop equivalent).
-    let (rate, elapsed, before, after) = through_daemon(
-        ns,
-        secs,
-        "rx_frames",
-        &["--rx-drop", "--queue-size", &queue_size()],
-        || tap_counters(ns),
-    );
+    let qs = queue_size();
+    let args: &[&str] = match guest {
+        RxGuest::Drop => &["--rx-drop", "--queue-size", &qs],
+        RxGuest::Read => &["--queue-size", "256"],
+    };
+    let (rate, elapsed, before, after) =
+        through_daemon(ns, secs, "rx_frames", args, || tap_counters(ns));
     gen.stop();
     Rate {
         tun_drops_pps: (after.tx_dropped - before.tx_dropped) as f64 / elapsed,
@@ -403,6 +428,7 @@ fn frame_64() -> Vec<u8> {
 }
 
 fn floor_tx(ns: &Netns, secs: f64) -> Rate {
+    let load1 = load1();
     let pps = ns.within(move || {
         if let Some((_, writer)) = placement() {
             pin(0, writer);
@@ -425,6 +451,7 @@ fn floor_tx(ns: &Netns, secs: f64) -> Rate {
     });
     Rate {
         pps,
+        load1,
         ..Rate::default()
     }
 }
@@ -446,6 +473,19 @@ fn daemon_tx(ns: &Netns, secs: f64) -> Rate {
         &qs,
     ];
     through_daemon(ns, secs, "tx_frames", &args, || ()).0
+}
+
+/// The CPU's model name, for the record of the machine's state.
+fn cpu_model() -> String {
+    std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split(':').nth(1))
+                .map(|m| m.trim().to_string())
+        })
+        .unwrap_or_else(|| "unknown CPU".into())
 }
 
 /// The middle element of `v` by `key` (runs are at least one).
@@ -510,17 +550,30 @@ fn main() {
         .and_then(|v| v.parse().ok())
         .unwrap_or(3)
         .max(1);
-    let cases = std::env::var("VUT_BENCH_CASES").unwrap_or_else(|_| "rx,tx,tcp".into());
+    let cases = std::env::var("VUT_BENCH_CASES").unwrap_or_else(|_| "rx,rxread,tx,tcp".into());
     let want = |c: &str| cases.split(',').any(|x| x.trim() == c);
     let ns = bench_netns();
     let mut rows = Vec::new();
-    for threads in [1, 2].into_iter().filter(|_| want("rx")) {
+    let rx_cases = [
+        ("rx", 1, RxGuest::Drop),
+        ("rx", 2, RxGuest::Drop),
+        ("rxread", 1, RxGuest::Read),
+    ];
+    for (_, threads, guest) in rx_cases.into_iter().filter(|c| want(c.0)) {
         let (mut f, mut d) = (Vec::new(), Vec::new());
         for _ in 0..runs {
             f.push(floor_rx(&ns, threads, secs));
-            d.push(daemon_rx(&ns, threads, secs));
+            d.push(daemon_rx(&ns, threads, secs, guest));
         }
-        rows.push(row(format!("RX 64B, {threads} sender thread(s)"), f, d));
+        let who = match guest {
+            RxGuest::Drop => format!("dropping guest, {}-entry ring", queue_size()),
+            RxGuest::Read => "reading guest, 256-entry ring".to_string(),
+        };
+        rows.push(row(
+            format!("RX 64B, {threads} sender thread(s), {who}"),
+            f,
+            d,
+        ));
     }
     if want("tx") {
         let (mut f, mut d) = (Vec::new(), Vec::new());
@@ -554,9 +607,14 @@ fn main() {
     }
 
     println!(
-        "\n{} s per run, median of {runs} runs, {} CPUs, guest rings of {}, {}",
+        "\n{} s per run, median of {runs} runs, {} CPUs ({}), Linux {}, guest rings of {} unless \
+         stated, {}",
         secs,
         thread::available_parallelism().map_or(0, |n| n.get()),
+        cpu_model(),
+        std::fs::read_to_string("/proc/sys/kernel/osrelease")
+            .unwrap_or_default()
+            .trim(),
         queue_size(),
         match placement() {
             Some((side, tap_cpu)) => format!(
@@ -566,12 +624,14 @@ fn main() {
         }
     );
     println!(
-        "| case | floor Mpps | daemon Mpps | daemon/floor | per-pair ratios | tun drops/s (floor, daemon) | daemon drops | CPU ns/frame (daemon, guest) |"
+        "| case | floor Mpps | daemon Mpps | daemon/floor | per-pair ratios | tun drops/s (floor, daemon) | daemon drops | CPU ns/frame (daemon, guest) | load (min–max) |"
     );
-    println!("|---|---|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|---|");
     for r in &rows {
+        let loads = r.floor_runs.iter().chain(&r.daemon_runs).map(|x| x.load1);
+        let (lo, hi) = loads.fold((f64::MAX, f64::MIN), |(a, b), l| (a.min(l), b.max(l)));
         println!(
-            "| {} | {:.3} | {:.3} | {:.2} | {:.2}–{:.2} | {:.0}, {:.0} | {} | {:.0}, {:.0} |",
+            "| {} | {:.3} | {:.3} | {:.2} | {:.2}–{:.2} | {:.0}, {:.0} | {} | {:.0}, {:.0} | {lo:.1}–{hi:.1} |",
             r.case,
             r.floor.pps / 1e6,
             r.daemon.pps / 1e6,

@@ -253,9 +253,10 @@ impl Daemon {
     /// which pairs lose one now. After a migration this is where the source's frame ends.
     fn count_staged_at_exit(&self) {
         for (p, slot) in self.dev.pairs.iter().enumerate() {
-            if slot.rest.as_ref().is_some_and(|r| r.carry.holds_frame()) {
-                stats::inc(&slot.stats.rx_dropped_at_exit);
-                warn!("queue pair {p}: exiting with a staged RX frame no guest took; dropped");
+            let n = slot.rest.as_ref().map_or(0, |r| r.carry.staged_frames());
+            if n > 0 {
+                stats::add(&slot.stats.rx_dropped_at_exit, n as u64);
+                warn!("queue pair {p}: exiting with {n} staged RX frame(s) no guest took; dropped");
             }
         }
     }

@@ -14,9 +14,10 @@ use crate::backpressure;
 use crate::config::Config;
 use crate::kernel::{KernelSupport, TxPath};
 use crate::pair::PairRest;
+use crate::rx::RxCarry;
 use crate::stats::{FrontendStats, PairStats};
 use crate::tap::Tap;
-use crate::uring::TxRing;
+use crate::uring::{Op, RxRing, TapRing, TxRing};
 use crate::virtio_net::{self, GUEST_OFFLOADS};
 
 /// What `Device::open` found besides the device.
@@ -71,7 +72,7 @@ impl Device {
         let groups: Vec<u32> = GUEST_OFFLOADS.iter().map(|&(_, t)| t).collect();
         let tun_offloads = taps[0].probe_offloads(&groups);
         let offered = virtio_net::offered_features(tun_offloads, taps.len());
-        let (tx_rings, tx_path) = tx_rings(&config, &taps);
+        let (rings, tx_path) = tap_rings(&config, &taps);
         let kernel = KernelSupport {
             release,
             tun_features,
@@ -81,12 +82,12 @@ impl Device {
         info!("{}", kernel.summary());
         let mut pairs: Vec<PairSlot> = taps
             .into_iter()
-            .zip(tx_rings)
-            .map(|(t, tx_ring)| PairSlot {
+            .zip(rings)
+            .map(|(t, (tx_ring, rx_ring))| PairSlot {
                 tap: Arc::new(t),
                 stats: Arc::new(PairStats::default()),
                 rest: Some(PairRest {
-                    carry: Default::default(),
+                    carry: RxCarry::new(rx_ring),
                     tx_ring,
                 }),
                 attached: true,
@@ -154,33 +155,42 @@ impl Device {
     }
 }
 
-/// One io_uring per pair for TX, made now because seccomp will forbid it later, and tried with
-/// a write that sends nothing (a kernel may make rings its tap refuses to write through). All
-/// or none: a failure means the kernel (or a filter around us) does not allow it, and TX uses
-/// writev. The log says which path was chosen and why.
-fn tx_rings(config: &Config, taps: &[Tap]) -> (Vec<Option<TxRing>>, TxPath) {
-    let none = || taps.iter().map(|_| None).collect();
+/// Two io_urings per pair, one that can only write its tap queue (TX) and one that can only
+/// read it (RX), made now because seccomp will forbid it later, and tried with a write that sends
+/// nothing (a kernel may make rings its tap refuses to use). All or none: a failure means the
+/// kernel (or a filter around us) does not allow it, and the pairs use readv and writev. The log
+/// says which path was chosen and why.
+#[allow(clippy::type_complexity)]
+fn tap_rings(config: &Config, taps: &[Tap]) -> (Vec<(Option<TxRing>, Option<RxRing>)>, TxPath) {
+    let none = || taps.iter().map(|_| (None, None)).collect();
     if !config.io_uring {
-        info!("TX: one writev per frame (--no-io-uring)");
+        info!("TX and RX: one writev or readv per frame (--no-io-uring)");
         return (none(), TxPath::Disabled);
     }
-    let rings = match taps.iter().map(TxRing::new).collect::<io::Result<Vec<_>>>() {
+    let made = taps
+        .iter()
+        .map(|t| Ok((TapRing::new(t, Op::Write)?, TapRing::new(t, Op::Read)?)))
+        .collect::<io::Result<Vec<_>>>();
+    let mut rings = match made {
         Ok(rings) => rings,
         Err(e) => {
-            info!("TX: one writev per frame: io_uring unavailable ({e})");
+            info!("TX and RX: one writev or readv per frame: io_uring unavailable ({e})");
             return (none(), TxPath::NoRing(e.to_string()));
         }
     };
-    let mut rings = rings;
-    if let Some(e) = rings.iter_mut().find_map(|r| r.probe().err()) {
-        info!("TX: one writev per frame: {e}");
+    if let Some(e) = rings.iter_mut().find_map(|(w, _)| w.probe().err()) {
+        info!("TX and RX: one writev or readv per frame: {e}");
         return (none(), TxPath::TapRefuses(e.to_string()));
     }
     info!(
-        "TX: frames written in batches of up to {} through io_uring ({} ring(s), each limited \
-         to writing its tap queue)",
+        "TX: frames written in batches of up to {}, RX: read in batches of up to {}, through \
+         io_uring ({} ring(s) each way, each limited to writing or reading its tap queue)",
         crate::uring::BATCH,
+        crate::uring::RX_BATCH,
         rings.len()
     );
-    (rings.into_iter().map(Some).collect(), TxPath::IoUring)
+    (
+        rings.into_iter().map(|(w, r)| (Some(w), Some(r))).collect(),
+        TxPath::IoUring,
+    )
 }

@@ -378,7 +378,7 @@ impl Pair {
                 stats::inc(&self.stats.ring_errors);
             }
             // The daemon's business (the tap is gone) or not the guest's doing.
-            PairError::Rx(RxError::Tap(..))
+            PairError::Rx(RxError::Tap(..) | RxError::Uring(_))
             | PairError::Tx(TxError::TapGone(..))
             | PairError::EventLoop(_) => {}
         }

@@ -15,6 +15,17 @@
 //!   the tap, so frames wait in the kernel. The guest's kick resumes RX.
 //! - One used-index publish and at most one interrupt per batch; a batch ends after
 //!   `FRAME_BUDGET` frames or `BYTE_BUDGET` bytes (vhost-net's weights) so TX is not starved.
+//! - Reads go to the kernel in batches through io_uring where the kernel allows it (`uring`):
+//!   up to `RX_BATCH` reads with one `io_uring_enter`, each into one guest chain with a staging
+//!   slot of its own as the tail, so small frames cost no syscall of their own. A read the tap
+//!   had no frame for fails at once (RWF_NOWAIT), and the batch size follows how many frames the
+//!   tap held. Frames go to the guest in the order they were read: a frame that outgrew its
+//!   chain, or came after a read that got nothing, waits in its slot (staged) with every frame
+//!   after it, and all are delivered from there, in order, as room allows. A frame that outgrew
+//!   one chain (large frames, mergeable buffers) also switches RX to gathering reads, one
+//!   `readv` per frame over as many chains as the largest frame needs, until
+//!   `GATHER_FRAMES` frames in a row would have fitted one chain: large frames land in guest
+//!   buffers without the extra copy, and their syscall is a small part of their cost.
 //!
 //! Limitations: reading into more than `MAX_RX_IOVS` guest segments at once is not attempted; a
 //! frame beyond them is finished from staging with one extra copy.
@@ -30,9 +41,11 @@ use vm_memory::Bytes;
 use crate::ratelog::{self, RateLimited};
 use crate::ring::{
     DeviceQueue, RingError, Segment, Verdict, CHAIN_BUDGET, DESC_BUDGET, GARBAGE_CHAINS,
+    MAX_CHAIN_SEGS,
 };
 use crate::stats::{self, PairStats};
 use crate::tap::Tap;
+use crate::uring::{RxRing, RX_BATCH};
 use crate::virtio_net::{NetFeatures, HDR_LEN, HDR_LEN_LEGACY, MAX_GSO_FRAME, NUM_BUFFERS_OFFSET};
 use virtio_bindings::virtio_net::{
     VIRTIO_NET_HDR_F_NEEDS_CSUM, VIRTIO_NET_HDR_GSO_ECN, VIRTIO_NET_HDR_GSO_NONE,
@@ -46,6 +59,8 @@ pub const BYTE_BUDGET: u64 = 512 * 1024;
 const MAX_RX_IOVS: usize = 64;
 /// Chains popped per avail-ring read when the window runs dry.
 const WINDOW_REFILL: usize = 64;
+/// Frames that must fit one chain in a row before RX goes back from gathering reads to batches.
+const GATHER_FRAMES: u32 = 64;
 
 #[derive(Debug, Error)]
 pub enum RxError {
@@ -55,81 +70,124 @@ pub enum RxError {
     Tap(String, io::Error),
     #[error("the guest's buffers are not all backed by its memory file (EFAULT on read)")]
     GuestMemory,
+    #[error("RX io_uring submission failed: {0}")]
+    Uring(io::Error),
 }
 
-/// What RX keeps across worker restarts and sessions: a frame taken from the tap that is not yet
-/// in the guest.
+/// A frame taken from the tap that is not in the guest yet: the staging slot holding it and its
+/// length, vnet header included.
+#[derive(Clone, Copy, Debug)]
+struct Staged {
+    slot: usize,
+    len: usize,
+}
+
+/// What RX keeps across worker restarts and sessions: frames taken from the tap that are not yet
+/// in the guest, the buffers they wait in, and the RX io_uring (made before seccomp, so it cannot
+/// be made again).
 pub struct RxCarry {
-    staging: Box<[u8]>,
-    staged: usize,
-    /// The vnet header size the staged frame was read with.
+    /// One frame-sized buffer per read of a batch (just one without an io_uring).
+    slots: Box<[Box<[u8]>]>,
+    /// Frames waiting for room in the guest, in the order they were read, at most one per slot.
+    staged: VecDeque<Staged>,
+    /// The vnet header size the staged frames were read with.
     hdr_len: usize,
+    ring: Option<RxRing>,
 }
 
 impl RxCarry {
+    /// A carry that reads through `ring` in batches, or with readv without one.
+    pub fn new(ring: Option<RxRing>) -> Self {
+        let n = if ring.is_some() { RX_BATCH } else { 1 };
+        RxCarry {
+            slots: (0..n)
+                .map(|_| vec![0u8; HDR_LEN + MAX_GSO_FRAME].into_boxed_slice())
+                .collect(),
+            staged: VecDeque::with_capacity(n),
+            hdr_len: HDR_LEN,
+            ring,
+        }
+    }
+
     /// Whether a frame waits here for room in the guest's RX ring.
     pub fn holds_frame(&self) -> bool {
-        self.staged > 0
+        !self.staged.is_empty()
+    }
+
+    /// How many frames wait here.
+    pub fn staged_frames(&self) -> usize {
+        self.staged.len()
+    }
+
+    /// The same frames, read from now on through `ring` (the pair's tap changed).
+    pub fn with_ring(mut self, ring: Option<RxRing>) -> Self {
+        if ring.is_some() && self.slots.len() < RX_BATCH {
+            let mut slots = std::mem::take(&mut self.slots).into_vec();
+            slots.resize_with(RX_BATCH, || {
+                vec![0u8; HDR_LEN + MAX_GSO_FRAME].into_boxed_slice()
+            });
+            self.slots = slots.into_boxed_slice();
+        }
+        self.ring = ring;
+        self
     }
 }
 
 impl Default for RxCarry {
     fn default() -> Self {
-        RxCarry {
-            staging: vec![0u8; HDR_LEN + MAX_GSO_FRAME].into_boxed_slice(),
-            staged: 0,
-            hdr_len: HDR_LEN,
-        }
+        RxCarry::new(None)
     }
 }
 
 impl RxCarry {
-    /// Make a staged frame fit the features a (new) guest negotiated: the header resized to
+    /// Make the staged frames fit the features a (new) guest negotiated: the header resized to
     /// theirs (`num_buffers` added or taken away), and a frame it cannot parse at all, one
     /// checksum-partial or segmented under offloads it did not accept, dropped (the one other
-    /// drop RX ever makes; counted). Returns whether it dropped one.
-    fn adapt(&mut self, f: &NetFeatures) -> bool {
-        let want = f.hdr_len();
-        if self.staged == 0 {
-            self.hdr_len = want;
-            return false;
-        }
-        let (flags, gso) = (u32::from(self.staging[0]), u32::from(self.staging[1]));
-        let offloads = f.tun_offloads();
-        let has = |t: u32| offloads & t == t;
-        let csum_ok = flags & VIRTIO_NET_HDR_F_NEEDS_CSUM == 0 || has(libc::TUN_F_CSUM);
-        let gso_ok = (gso & VIRTIO_NET_HDR_GSO_ECN == 0 || has(libc::TUN_F_TSO_ECN))
-            && match gso & !VIRTIO_NET_HDR_GSO_ECN {
-                VIRTIO_NET_HDR_GSO_NONE => true,
-                VIRTIO_NET_HDR_GSO_TCPV4 => has(libc::TUN_F_TSO4),
-                VIRTIO_NET_HDR_GSO_TCPV6 => has(libc::TUN_F_TSO6),
-                VIRTIO_NET_HDR_GSO_UDP => has(libc::TUN_F_UFO),
-                VIRTIO_NET_HDR_GSO_UDP_L4 => has(libc::TUN_F_USO4 | libc::TUN_F_USO6),
-                _ => false,
-            };
-        if !(csum_ok && gso_ok) {
-            self.staged = 0;
-            self.hdr_len = want;
-            return true;
-        }
-        match (self.hdr_len, want) {
-            (HDR_LEN, HDR_LEN_LEGACY) => {
-                self.staging
-                    .copy_within(HDR_LEN..self.staged, HDR_LEN_LEGACY);
-                self.staged -= 2;
-            }
-            (HDR_LEN_LEGACY, HDR_LEN) => {
-                // Room: staging holds HDR_LEN + MAX_GSO_FRAME, a legacy frame at most 2 less.
-                self.staging
-                    .copy_within(HDR_LEN_LEGACY..self.staged, HDR_LEN);
-                self.staging[NUM_BUFFERS_OFFSET..HDR_LEN].fill(0);
-                self.staged += 2;
-            }
-            _ => {}
-        }
+    /// drop RX ever makes; counted). Returns how many it dropped.
+    fn adapt(&mut self, f: &NetFeatures) -> u64 {
+        let (from, want) = (self.hdr_len, f.hdr_len());
         self.hdr_len = want;
-        false
+        let offloads = f.tun_offloads();
+        let before = self.staged.len();
+        let slots = &mut self.slots;
+        self.staged
+            .retain_mut(|s| adapt_frame(&mut slots[s.slot], &mut s.len, from, want, offloads));
+        (before - self.staged.len()) as u64
     }
+}
+
+/// `RxCarry::adapt` for one frame in `buf` of `len` bytes read with a `from`-byte header: false
+/// if the guest cannot take it.
+fn adapt_frame(buf: &mut [u8], len: &mut usize, from: usize, want: usize, offloads: u32) -> bool {
+    let (flags, gso) = (u32::from(buf[0]), u32::from(buf[1]));
+    let has = |t: u32| offloads & t == t;
+    let csum_ok = flags & VIRTIO_NET_HDR_F_NEEDS_CSUM == 0 || has(libc::TUN_F_CSUM);
+    let gso_ok = (gso & VIRTIO_NET_HDR_GSO_ECN == 0 || has(libc::TUN_F_TSO_ECN))
+        && match gso & !VIRTIO_NET_HDR_GSO_ECN {
+            VIRTIO_NET_HDR_GSO_NONE => true,
+            VIRTIO_NET_HDR_GSO_TCPV4 => has(libc::TUN_F_TSO4),
+            VIRTIO_NET_HDR_GSO_TCPV6 => has(libc::TUN_F_TSO6),
+            VIRTIO_NET_HDR_GSO_UDP => has(libc::TUN_F_UFO),
+            VIRTIO_NET_HDR_GSO_UDP_L4 => has(libc::TUN_F_USO4 | libc::TUN_F_USO6),
+            _ => false,
+        };
+    if !(csum_ok && gso_ok) {
+        return false;
+    }
+    match (from, want) {
+        (HDR_LEN, HDR_LEN_LEGACY) => {
+            buf.copy_within(HDR_LEN..*len, HDR_LEN_LEGACY);
+            *len -= 2;
+        }
+        (HDR_LEN_LEGACY, HDR_LEN) => {
+            // Room: a slot holds HDR_LEN + MAX_GSO_FRAME, a legacy frame at most 2 less.
+            buf.copy_within(HDR_LEN_LEGACY..*len, HDR_LEN);
+            buf[NUM_BUFFERS_OFFSET..HDR_LEN].fill(0);
+            *len += 2;
+        }
+        _ => {}
+    }
+    true
 }
 
 /// Where RX stands between two batches. The worker derives what it waits for from it: nothing
@@ -186,6 +244,13 @@ pub struct Rx {
     last_batch: u64,
     scratch: Vec<Segment>,
     iovs: Vec<iovec>,
+    /// Each read's iovecs in `iovs`, and its result, for a batch through the io_uring.
+    ranges: Vec<std::ops::Range<usize>>,
+    results: [i32; RX_BATCH],
+    /// Reads the next batch tries: doubled while the tap fills them all, else what it held.
+    batch: usize,
+    /// Frames still to be read by gathering reads before batching again (see the top).
+    gather: u32,
     bad_log: RateLimited,
     oversize_log: RateLimited,
     /// Malformed chains popped in a row (see `GARBAGE_CHAINS`).
@@ -230,9 +295,7 @@ impl Rx {
         stats: &PairStats,
     ) -> Self {
         let size = usize::from(q.size());
-        if carry.adapt(&f) {
-            stats::inc(&stats.rx_dropped_unfit);
-        }
+        stats::add(&stats.rx_dropped_unfit, carry.adapt(&f));
         let (hdr_len, mrg, target) = (f.hdr_len(), f.mrg_rxbuf(), f.max_rx_frame(mtu));
         Rx {
             win: Window {
@@ -249,7 +312,11 @@ impl Rx {
             state: RxState::Ready,
             last_batch: 0,
             scratch: Vec::with_capacity(crate::ring::MAX_CHAIN_SEGS),
-            iovs: Vec::with_capacity(MAX_RX_IOVS + 1),
+            iovs: Vec::with_capacity(RX_BATCH * (MAX_CHAIN_SEGS + 1)),
+            ranges: Vec::with_capacity(RX_BATCH),
+            results: [0; RX_BATCH],
+            batch: 1,
+            gather: 0,
             bad_log: RateLimited::default(),
             oversize_log: RateLimited::default(),
             garbage: 0,
@@ -367,18 +434,29 @@ impl Rx {
             if t.spent() {
                 return Ok(RxState::Ready);
             }
-            if self.carry.staged > 0 {
+            if !self.carry.staged.is_empty() {
                 if self.deliver_staged(t)? {
                     continue;
                 }
             } else {
-                self.fill_window(self.target, t)?;
+                let batching = self.carry.ring.is_some() && self.gather == 0;
+                if batching {
+                    self.fill_window(0, self.batch, t)?;
+                } else {
+                    self.fill_window(self.target, 1, t)?;
+                }
                 if t.spent() && self.win.chains.is_empty() {
                     // Rejected chains ate the budget: back to the event loop, then on.
                     return Ok(RxState::Ready);
                 }
                 if !self.win.chains.is_empty() {
-                    if !self.read_frame(tap, t)? {
+                    let drained = if batching {
+                        self.read_batch(tap, t)?
+                    } else {
+                        !self.read_frame(tap, t)?
+                    };
+                    // Staged frames first: they were read, and the tap may stay empty.
+                    if drained && self.carry.staged.is_empty() {
                         return Ok(RxState::TapEmpty);
                     }
                     continue;
@@ -394,12 +472,16 @@ impl Rx {
         }
     }
 
-    /// Pop chains until the window holds `want` bytes, the avail ring is empty or the batch's
-    /// work budget is spent. Malformed chains go straight back to the guest with length 0.
-    fn fill_window(&mut self, want: usize, t: &mut Tally) -> Result<(), RxError> {
+    /// Pop chains until the window holds `want` bytes in at least `chains` chains, the avail
+    /// ring is empty or the batch's work budget is spent. Malformed chains go straight back to
+    /// the guest with length 0.
+    fn fill_window(&mut self, want: usize, chains: usize, t: &mut Tally) -> Result<(), RxError> {
         let size = usize::from(self.q.size());
         let hdr_len = self.hdr_len;
-        while self.win.cap < want && self.win.chains.len() < size && !t.spent() {
+        while (self.win.cap < want || self.win.chains.len() < chains)
+            && self.win.chains.len() < size
+            && !t.spent()
+        {
             // More than `want` asks for: one avail-index read serves the next frames too.
             let max = (size - self.win.chains.len()).min(WINDOW_REFILL);
             let (win, bad_log, garbage) = (&mut self.win, &mut self.bad_log, &mut self.garbage);
@@ -443,7 +525,8 @@ impl Rx {
         Ok(())
     }
 
-    /// Read one frame into the window (and the staging tail). Returns false if the tap is empty.
+    /// Read one frame into the window (and the staging tail), gathering as many chains as the
+    /// largest frame needs. Returns false if the tap is empty.
     fn read_frame(&mut self, tap: &Tap, t: &mut Tally) -> Result<bool, RxError> {
         self.iovs.clear();
         let mut cap = 0usize;
@@ -457,11 +540,11 @@ impl Rx {
                 .extend(segs.by_ref().take(c.nsegs).map(Segment::iovec));
             cap += c.cap as usize;
         }
-        let staging_len = self.carry.staging.len();
-        if cap < staging_len {
+        let staging = &mut self.carry.slots[0];
+        if cap < staging.len() {
             self.iovs.push(iovec {
-                iov_base: self.carry.staging[cap..].as_mut_ptr().cast(),
-                iov_len: staging_len - cap,
+                iov_base: staging[cap..].as_mut_ptr().cast(),
+                iov_len: staging.len() - cap,
             });
         }
         let n = match tap.readv(&self.iovs) {
@@ -473,28 +556,145 @@ impl Rx {
             Err(e) if e.raw_os_error() == Some(libc::EFAULT) => return Err(RxError::GuestMemory),
             Err(e) => return Err(RxError::Tap(tap.name().to_string(), e)),
         };
+        let first = self.win.chains.front().map_or(0, |c| c.cap as usize);
+        self.gather = if self.mrg && n > first {
+            GATHER_FRAMES
+        } else {
+            self.gather.saturating_sub(1)
+        };
         if n <= cap {
             self.complete_frame(n, t)?;
         } else {
             // The frame outgrew the gathered buffers: move its head into staging so the whole
             // frame waits in one place for the guest to post room.
-            let mut off = 0;
-            for s in self.win.segs.iter() {
-                if off >= cap {
-                    break;
-                }
-                let len = (s.len as usize).min(cap - off);
-                self.q
-                    .memory()
-                    .read_slice(&mut self.carry.staging[off..off + len], s.addr)
-                    .map_err(|_| RingError::RingMemory(s.addr.0))?;
-                off += len;
-            }
-            self.carry.staged = n;
-            self.carry.hdr_len = self.hdr_len;
+            self.stage(0, 0, n, cap)?;
             t.staged += 1;
         }
         Ok(true)
+    }
+
+    /// Read up to `self.batch` frames with one io_uring submission, each into one window chain
+    /// with its own staging slot as the tail. Every frame read is delivered or staged before
+    /// this returns, whatever else happens. Returns whether the tap ran out of frames.
+    fn read_batch(&mut self, tap: &Tap, t: &mut Tally) -> Result<bool, RxError> {
+        let left = usize::try_from(FRAME_BUDGET.saturating_sub(t.frames)).unwrap_or(1);
+        let k = self
+            .batch
+            .min(self.win.chains.len())
+            .min(left.max(1))
+            .min(RX_BATCH);
+        self.iovs.clear();
+        self.ranges.clear();
+        let mut segs = self.win.segs.iter();
+        for (c, slot) in self
+            .win
+            .chains
+            .iter()
+            .take(k)
+            .zip(self.carry.slots.iter_mut())
+        {
+            let start = self.iovs.len();
+            self.iovs
+                .extend(segs.by_ref().take(c.nsegs).map(Segment::iovec));
+            let cap = c.cap as usize;
+            if cap < slot.len() {
+                self.iovs.push(iovec {
+                    iov_base: slot[cap..].as_mut_ptr().cast(),
+                    iov_len: slot.len() - cap,
+                });
+            }
+            self.ranges.push(start..self.iovs.len());
+        }
+        let Some(ring) = self.carry.ring.as_mut() else {
+            unreachable!("batching needs the ring");
+        };
+        let frames = self.ranges.iter().map(|r| &self.iovs[r.clone()]);
+        // SAFETY: every iovec points into a window chain (guest memory mapped while the worker
+        // holds it, and not touched by us until the call returns) or into the carry's slots,
+        // which live in `self` and are not accessed during the call.
+        unsafe { ring.submit(frames, &mut self.results[..k]) }.map_err(RxError::Uring)?;
+
+        // Chains completed so far in this batch: while every earlier read delivered its frame,
+        // read `j`'s chain is the window's front and its frame goes to the guest at once.
+        let mut popped = 0;
+        let (mut drained, mut refused) = (false, false);
+        let mut failed = None;
+        for j in 0..k {
+            let res = self.results[j];
+            let n = match usize::try_from(res) {
+                Ok(n) if n > 0 => n,
+                _ => {
+                    match -res {
+                        0 | libc::EAGAIN => drained = true,
+                        libc::EINTR => {}
+                        libc::EOPNOTSUPP => refused = true,
+                        libc::EFAULT => {
+                            failed.get_or_insert(RxError::GuestMemory);
+                        }
+                        e => {
+                            failed.get_or_insert(RxError::Tap(
+                                tap.name().to_string(),
+                                io::Error::from_raw_os_error(e),
+                            ));
+                        }
+                    }
+                    continue;
+                }
+            };
+            let idx = j - popped;
+            let cap = self.win.chains[idx].cap as usize;
+            if idx == 0 && n <= cap {
+                self.complete_frame(n, t)?;
+                popped += 1;
+            } else {
+                if self.mrg && n > cap {
+                    self.gather = GATHER_FRAMES;
+                }
+                self.stage(idx, j, n, cap)?;
+                t.staged += 1;
+            }
+        }
+        let read = k - self.results[..k].iter().filter(|&&r| r <= 0).count();
+        self.batch = if drained {
+            (read + 1).min(RX_BATCH)
+        } else {
+            (self.batch * 2).min(RX_BATCH)
+        };
+        if refused {
+            warn!(
+                "RX: the kernel refuses non-blocking tap reads through io_uring (EOPNOTSUPP); \
+                 reading with readv from now on"
+            );
+            self.carry.ring = None;
+        }
+        match failed {
+            Some(e) => Err(e),
+            None => Ok(drained),
+        }
+    }
+
+    /// Stage a frame of `n` bytes read into window chain `idx` (capacity `cap`, the first of the
+    /// chains the read had if it had several) and the tail of slot `slot`: its head is copied
+    /// into the slot, so the whole frame waits there.
+    fn stage(&mut self, idx: usize, slot: usize, n: usize, cap: usize) -> Result<(), RxError> {
+        let skip: usize = self.win.chains.iter().take(idx).map(|c| c.nsegs).sum();
+        let buf = &mut self.carry.slots[slot];
+        let head = n.min(cap);
+        let mut off = 0;
+        for s in self.win.segs.iter().skip(skip) {
+            if off >= head {
+                break;
+            }
+            let len = (s.len as usize).min(head - off);
+            self.q
+                .memory()
+                .read_slice(&mut buf[off..off + len], s.addr)
+                .map_err(|_| RingError::RingMemory(s.addr.0))?;
+            off += len;
+        }
+        self.carry.staged.push_back(Staged { slot, len: n });
+        self.carry.hdr_len = self.hdr_len;
+        Ok(())
     }
 
     /// A frame of `n` bytes (header included) fills the front of the window: set num_buffers and
@@ -563,11 +763,13 @@ impl Rx {
         }
     }
 
-    /// Try to move the staged frame into guest buffers. False: not enough room yet.
+    /// Try to move the first staged frame into guest buffers. False: not enough room yet.
     fn deliver_staged(&mut self, t: &mut Tally) -> Result<bool, RxError> {
-        let n = self.carry.staged;
+        let Some(&Staged { slot, len: n }) = self.carry.staged.front() else {
+            return Ok(true);
+        };
         let want = if self.mrg { n } else { 1 };
-        self.fill_window(want, t)?;
+        self.fill_window(want, 1, t)?;
         let room = if self.mrg {
             self.win.cap
         } else {
@@ -594,7 +796,7 @@ impl Rx {
                         ratelog::suppressed(s)
                     );
                 }
-                self.carry.staged = 0;
+                self.carry.staged.pop_front();
                 t.oversize += 1;
                 return Ok(true);
             }
@@ -608,11 +810,11 @@ impl Rx {
             let len = (s.len as usize).min(n - off);
             self.q
                 .memory()
-                .write_slice(&self.carry.staging[off..off + len], s.addr)
+                .write_slice(&self.carry.slots[slot][off..off + len], s.addr)
                 .map_err(|_| RingError::RingMemory(s.addr.0))?;
             off += len;
         }
-        self.carry.staged = 0;
+        self.carry.staged.pop_front();
         self.complete_frame(n, t)?;
         Ok(true)
     }

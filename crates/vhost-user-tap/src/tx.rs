@@ -275,7 +275,7 @@ impl Tx {
             let frames = self.batch.iter().map(|g| &self.iovs[g.iovs.clone()]);
             // SAFETY: the iovecs point into guest memory mapped by `map_chain`, which stays
             // mapped while the worker holds the memory, i.e. for this call.
-            match unsafe { ring.write_batch(frames, results) } {
+            match unsafe { ring.submit(frames, results) } {
                 Ok(()) if !results.contains(&-libc::EOPNOTSUPP) => return,
                 Ok(()) => {
                     // The kernel checks the flag before the file sees the write, so every frame

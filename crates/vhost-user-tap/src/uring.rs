@@ -1,31 +1,36 @@
-//! TX writes to the tap in batches, through io_uring: one `io_uring_enter` per batch instead of
-//! one `writev` per frame.
+//! The tap through io_uring, in batches: one `io_uring_enter` per batch of frames instead of one
+//! `writev` or `readv` per frame.
 //!
-//! Why: a tap write is mostly kernel work that no batching removes (building and delivering the
-//! skb), but each `writev` also pays the syscall entry, the seccomp filter and, in a
-//! multi-threaded process, a reference on the file. Measured on the bench machine (README,
-//! "TX through io_uring"), those are ~10% of a 64-byte write; submitted as a batch, the writes
-//! run inline in the submitting thread, in order, and pay them once.
+//! Why: a tap read or write is mostly kernel work that no batching removes (building, delivering
+//! or copying out the skb), but each syscall also pays the entry and exit, the seccomp filter
+//! and, in a multi-threaded process, a reference on the file. Measured on the bench machine
+//! (README, "TX through io_uring" and "Where RX time goes"), those are 10-15% of a 64-byte
+//! frame; submitted as a batch, the operations run inline in the submitting thread, in order,
+//! and pay them once. Every operation carries RWF_NOWAIT, so none is ever parked in the kernel:
+//! a read of an empty tap or a write to a full one fails at once with EAGAIN, as on the
+//! non-blocking tap, and the submission never waits.
 //!
 //! The sandbox stays closed. io_uring operations do not pass through seccomp, so each ring is
 //! made before the filter is installed, disabled (IORING_SETUP_R_DISABLED) until it is locked
-//! down: exactly one registered file, the pair's tap queue; WRITEV as the only operation;
-//! IOSQE_FIXED_FILE required, so no other descriptor can be named; no registration operation
-//! allowed afterwards except unregistering the files. The filter then allows `io_uring_enter`,
-//! `io_uring_register` only to unregister files, and not `io_uring_setup`, so the only thing any
-//! ring in the process can ever do is write frames to the tap, which `writev` could do anyway.
+//! down: exactly one registered file, the pair's tap queue; one operation, READV for an RX ring
+//! and WRITEV for a TX ring; IOSQE_FIXED_FILE required, so no other descriptor can be named; no
+//! registration operation allowed afterwards except unregistering the files. The filter then
+//! allows `io_uring_enter`, `io_uring_register` only to unregister files, and not
+//! `io_uring_setup`, so the only thing any ring in the process can ever do is read or write
+//! frames of its tap, which `readv` and `writev` could do anyway.
 //!
 //! Letting go of the tap: the kernel frees a closed ring, and drops the files registered with
 //! it, from a workqueue some milliseconds later, so a daemon that exited would still hold its tap
 //! for a moment (a tap it created would outlive it; a restarted daemon would find it busy).
-//! Dropping a `TxRing` unregisters the file first, which releases it before the call returns.
+//! Dropping a `TapRing` unregisters the file first, which releases it before the call returns.
 //!
 //! Where io_uring is unavailable (an old kernel, `kernel.io_uring_disabled`, a container's
-//! filter) or cannot write to the tap, the daemon logs why and writes with `writev`. The second
-//! case is every kernel before 6.4: tun only accepts non-blocking (RWF_NOWAIT) writes from
-//! Linux 6.4 (commit 438b406055cd, "tun: flag the device as supporting FMODE_NOWAIT"); before
-//! that each such write fails with EOPNOTSUPP. A ring can be made there, so making one proves
-//! nothing: [`TxRing::probe`] tries a write that sends nothing.
+//! filter) or cannot reach the tap, the daemon logs why and uses `readv`/`writev`. The second
+//! case is every kernel before 6.4: tun only accepts non-blocking (RWF_NOWAIT) reads and writes
+//! from Linux 6.4 (commit 438b406055cd, "tun: flag the device as supporting FMODE_NOWAIT");
+//! before that each one fails with EOPNOTSUPP. A ring can be made there, so making one proves
+//! nothing: [`TapRing::probe`] tries a write that sends nothing. The flag is the file's, so a
+//! tap that takes the probe's write takes reads too.
 
 use std::io;
 
@@ -40,12 +45,29 @@ use crate::tap::Tap;
 /// private.
 pub const IORING_UNREGISTER_FILES: u8 = 3;
 
-/// Frames per submission. Larger batches measured no faster; the ring needs this many entries.
+/// TX frames per submission. Larger batches measured no faster; the ring needs this many entries.
 pub const BATCH: usize = 64;
 
-pub struct TxRing {
-    ring: IoUring,
+/// RX reads per submission at most. Each read needs a frame-sized staging buffer of its own
+/// (`rx::RxCarry`), so this is also what a pair keeps allocated for RX: 32 x 64 KiB.
+pub const RX_BATCH: usize = 32;
+
+/// What a ring may do to its tap.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Op {
+    Read,
+    Write,
 }
+
+pub struct TapRing {
+    ring: IoUring,
+    op: Op,
+}
+
+/// The TX side's ring.
+pub type TxRing = TapRing;
+/// The RX side's ring.
+pub type RxRing = TapRing;
 
 /// Why a ring cannot write to the tap.
 #[derive(Debug, thiserror::Error)]
@@ -61,22 +83,33 @@ pub enum ProbeError {
     Io(#[source] io::Error),
 }
 
-impl TxRing {
-    /// A ring that can only write to `tap`. Must be called before seccomp is installed.
-    pub fn new(tap: &Tap) -> io::Result<TxRing> {
+impl TapRing {
+    /// A ring that can only read (`Op::Read`) or only write (`Op::Write`) frames of `tap`. Must
+    /// be called before seccomp is installed.
+    pub fn new(tap: &Tap, op: Op) -> io::Result<TapRing> {
         use std::os::fd::AsRawFd;
-        #[allow(clippy::cast_possible_truncation)] // 64
-        let ring = IoUring::builder().setup_r_disabled().build(BATCH as u32)?;
+        let (entries, code) = match op {
+            Op::Read => (RX_BATCH, opcode::Readv::CODE),
+            Op::Write => (BATCH, opcode::Writev::CODE),
+        };
+        #[allow(clippy::cast_possible_truncation)] // 32 or 64
+        let ring = IoUring::builder()
+            .setup_r_disabled()
+            .build(entries as u32)?;
         let s = ring.submitter();
         s.register_files(&[tap.as_raw_fd()])?;
         s.register_restrictions(&mut [
-            Restriction::sqe_op(opcode::Writev::CODE),
+            Restriction::sqe_op(code),
             Restriction::sqe_flags_allowed(Flags::FIXED_FILE.bits()),
             Restriction::sqe_flags_required(Flags::FIXED_FILE.bits()),
             Restriction::register_op(IORING_UNREGISTER_FILES),
         ])?;
         s.register_enable_rings()?;
-        Ok(TxRing { ring })
+        Ok(TapRing { ring, op })
+    }
+
+    pub fn op(&self) -> Op {
+        self.op
     }
 
     /// Whether the tap takes this ring's writes: one write of a single byte, shorter than any
@@ -85,6 +118,11 @@ impl TxRing {
     /// before building a frame (no frame is sent, no counter moves). A zero-length write would
     /// not do: the kernel may complete it without looking at the flags.
     pub fn probe(&mut self) -> Result<(), ProbeError> {
+        debug_assert_eq!(
+            self.op,
+            Op::Write,
+            "only a write probes without taking a frame"
+        );
         let byte = [0u8; 1];
         let iov = [iovec {
             iov_base: byte.as_ptr() as *mut libc::c_void,
@@ -93,7 +131,7 @@ impl TxRing {
         let mut out = [0i32; 1];
         // SAFETY: `byte` and `iov` live on this frame for the whole call, which waits for the
         // completion.
-        unsafe { self.write_batch(std::iter::once(&iov[..]), &mut out) }.map_err(ProbeError::Io)?;
+        unsafe { self.submit(std::iter::once(&iov[..]), &mut out) }.map_err(ProbeError::Io)?;
         match -out[0] {
             libc::EINVAL | libc::EBADFD => Ok(()),
             libc::EOPNOTSUPP => Err(ProbeError::NoNowait),
@@ -101,14 +139,16 @@ impl TxRing {
         }
     }
 
-    /// Write `frames` (each the iovecs of one frame) to the tap, in order, with one submission;
-    /// `out[i]` gets frame `i`'s result: bytes written or -errno (0 for a frame without iovecs,
-    /// which is skipped). Every write completes (or fails with -EAGAIN) inline, in submission
-    /// order; the call still waits for every completion before returning.
+    /// Write `frames` (each the iovecs of one frame) to the tap, or read one frame into each, in
+    /// order, with one submission; `out[i]` gets frame `i`'s result: bytes written or read, or
+    /// -errno (0 for a frame without iovecs, which is skipped). Every operation completes (or
+    /// fails with -EAGAIN) inline, in submission order; the call still waits for every
+    /// completion before returning.
     ///
     /// # Safety
-    /// Every iovec must describe memory readable for the whole call.
-    pub unsafe fn write_batch<'a>(
+    /// Every iovec must describe memory readable (a write) or writable (a read) for the whole
+    /// call, and not otherwise accessed during it.
+    pub unsafe fn submit<'a>(
         &mut self,
         frames: impl Iterator<Item = &'a [iovec]>,
         out: &mut [i32],
@@ -122,21 +162,26 @@ impl TxRing {
                     continue;
                 }
                 n += 1;
-                // RWF_NOWAIT: without it a write that would block is parked on the tap's poll
-                // queue and the submission waits for room, stalling the whole worker; with it
-                // the write fails with EAGAIN, like writev on the non-blocking tap.
-                // Exact: a frame has at most MAX_CHAIN_SEGS (64) iovecs.
+                // RWF_NOWAIT: without it a write that would block (a read of an empty tap) is
+                // parked on the tap's poll queue and the submission waits, stalling the whole
+                // worker; with it the operation fails with EAGAIN, as on the non-blocking tap.
+                // Exact: a frame has at most MAX_CHAIN_SEGS (64) iovecs, and a staging tail.
                 #[allow(clippy::cast_possible_truncation)]
                 let n_iov = iov.len() as u32;
-                let sqe = opcode::Writev::new(types::Fixed(0), iov.as_ptr(), n_iov)
-                    .rw_flags(libc::RWF_NOWAIT)
-                    .build()
-                    .user_data(i as u64);
-                // SAFETY: the caller keeps the buffers readable for the call, `iov` lives in the
+                let sqe = match self.op {
+                    Op::Write => opcode::Writev::new(types::Fixed(0), iov.as_ptr(), n_iov)
+                        .rw_flags(libc::RWF_NOWAIT)
+                        .build(),
+                    Op::Read => opcode::Readv::new(types::Fixed(0), iov.as_ptr(), n_iov)
+                        .rw_flags(libc::RWF_NOWAIT)
+                        .build(),
+                }
+                .user_data(i as u64);
+                // SAFETY: the caller keeps the buffers valid for the call, `iov` lives in the
                 // caller's slice for the call, and we wait for every completion below. The queue
-                // has BATCH entries and is empty on entry, so the push cannot fail.
+                // is empty on entry; a caller handing more frames than it holds gets an error.
                 if unsafe { sq.push(&sqe) }.is_err() {
-                    unreachable!("submission queue holds BATCH entries");
+                    return Err(io::Error::other("more frames than the ring's entries"));
                 }
             }
         }
@@ -164,7 +209,7 @@ impl TxRing {
     }
 }
 
-impl Drop for TxRing {
+impl Drop for TapRing {
     fn drop(&mut self) {
         if let Err(e) = self.ring.submitter().unregister_files() {
             log::warn!(

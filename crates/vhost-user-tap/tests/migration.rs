@@ -345,7 +345,7 @@ fn a_frame_staged_on_the_source_waits_for_the_next_frontend() {
     assert!(d.terminate().success(), "clean exit");
     assert!(
         d.log()
-            .contains("queue pair 0: exiting with a staged RX frame no guest took; dropped"),
+            .contains("queue pair 0: exiting with 1 staged RX frame(s) no guest took; dropped"),
         "the daemon says it dropped the frame:\n{}",
         d.log()
     );
