@@ -24,6 +24,10 @@
 //! guest (e.g. "--migration-log": dirty logging on, as during a migration); VUT_BENCH_TCP_MB sizes the TCP runs. Results also go to
 //! target/vut-bench/e2e.json. VUT_BENCH_CASES picks cases (default "rx,rxread,tx,tcp");
 //! VUT_BENCH_VERBOSE=1 prints the daemon's final counters of every run.
+//!
+//! VUT_BENCH_PEER=dpdk runs the RX and TX cases through DPDK's testpmd too (vhost PMD + tap PMD,
+//! io forwarding, one polling core; kit::dpdk), after each floor/daemon pair, in rows of their
+//! own whose daemon columns hold testpmd's numbers.
 
 use std::fs::File;
 use std::io::Read;
@@ -37,7 +41,7 @@ use std::time::{Duration, Instant};
 use vhost_user_tap::netlink;
 use vhost_user_tap::tap::Tap;
 
-use vhost_user_tap_guest::kit::{guest_bin, tcp_through_daemon, Daemon, Netns};
+use vhost_user_tap_guest::kit::{dpdk, guest_bin, tcp_through_daemon, Daemon, Netns, Testpmd};
 
 const TAP: &str = "vutb0";
 const HOST_IP: &str = "10.98.0.1";
@@ -48,9 +52,9 @@ const PAYLOAD: usize = 18;
 
 /// The network namespace of the bench: a persistent tap both the floor loops and the daemon
 /// attach to, with the guest's address reachable through a permanent neighbour entry.
-fn bench_netns() -> Netns {
+fn bench_netns(tap_flags: &[&str]) -> Netns {
     let ns = Netns::new("bench");
-    ns.add_tap(TAP, &["vnet_hdr"]);
+    ns.add_tap(TAP, tap_flags);
     ns.ip(&["addr", "add", &format!("{HOST_IP}/24"), "dev", TAP]);
     ns.ip(&["link", "set", TAP, "up"]);
     ns.ip(&[
@@ -390,6 +394,94 @@ fn through_daemon<T>(
     (rate, elapsed, before, after)
 }
 
+/// `through_daemon`, or with `peer` its twin through DPDK.
+fn through<T>(
+    peer: bool,
+    ns: &Netns,
+    secs: f64,
+    counter: &str,
+    guest_args: &[&str],
+    during: impl FnMut() -> T,
+) -> (Rate, f64, T, T) {
+    if peer {
+        through_dpdk(ns, secs, counter, guest_args, during)
+    } else {
+        through_daemon(ns, secs, counter, guest_args, during)
+    }
+}
+
+/// `through_daemon` with DPDK's testpmd in the daemon's place. Its drops are frames it read and
+/// could not hand on, counted between the guest's start and end.
+fn through_dpdk<T>(
+    ns: &Netns,
+    secs: f64,
+    counter: &str,
+    guest_args: &[&str],
+    mut during: impl FnMut() -> T,
+) -> (Rate, f64, T, T) {
+    let load1 = load1();
+    let mut t = Testpmd::start(ns, TAP);
+    let sock = t.socket.to_str().unwrap().to_string();
+    let duration = secs.to_string();
+    let mut args = vec!["--socket-path", &sock, "--duration", &duration, "--json"];
+    args.extend_from_slice(guest_args);
+    args.extend(guest_extra_args());
+    t.clear_stats();
+    let before = during();
+    let cpu0 = cpu_ticks(t.pid());
+    let guest0 = children_cpu_ns();
+    let v = guest_json(&args);
+    let guest1 = children_cpu_ns();
+    let cpu1 = cpu_ticks(t.pid());
+    let after = during();
+    let stats = t.stop_forwarding();
+    t.quit();
+    if std::env::var("VUT_BENCH_VERBOSE").is_ok() {
+        eprintln!("{stats:?}");
+    }
+    let frames = v[counter].as_u64().unwrap_or(0) as f64;
+    let elapsed = v["elapsed_secs"].as_f64().unwrap_or(secs);
+    let tick_ns = 1e9 / 100.0;
+    let rate = Rate {
+        pps: frames / elapsed,
+        daemon_drops: stats.rx_dropped + stats.tx_dropped,
+        cpu_ns_per_frame: (cpu1 - cpu0) as f64 * tick_ns / frames.max(1.0),
+        guest_cpu_ns_per_frame: (guest1 - guest0) / frames.max(1.0),
+        load1,
+        ..Rate::default()
+    };
+    (rate, elapsed, before, after)
+}
+
+/// With VUT_BENCH_PEER=dpdk, a namespace for testpmd: DPDK's tap PMD opens its tap as a
+/// multi-queue one, which tun refuses on the bench's single-queue tap, so testpmd gets a
+/// multi-queue tap of the same name, set up the same way, in a namespace of its own.
+fn peer_netns() -> Option<Netns> {
+    match std::env::var("VUT_BENCH_PEER").as_deref() {
+        Err(_) | Ok("") => None,
+        Ok("dpdk") => {
+            if let Err(why) = dpdk::testpmd_present() {
+                eprintln!("e2e benchmark: VUT_BENCH_PEER=dpdk: {why}");
+                std::process::exit(1);
+            }
+            Some(bench_netns(&["multi_queue"]))
+        }
+        Ok(other) => {
+            eprintln!("e2e benchmark: VUT_BENCH_PEER={other}: the one peer is dpdk");
+            std::process::exit(1);
+        }
+    }
+}
+
+/// Percent of one CPU `pid` uses over `secs` while no guest is connected.
+fn idle_cpu_percent(pid: u32, secs: u64) -> f64 {
+    let t0 = cpu_ticks(pid);
+    // A measurement interval, not a wait for anything.
+    thread::sleep(Duration::from_secs(secs));
+    // Ticks are 10 ms: ticks per second are percent.
+    (cpu_ticks(pid) - t0) as f64 / secs as f64
+}
+
 /// The synthetic guest of an RX case.
 #[derive(Clone, Copy)]
 enum RxGuest {
@@ -400,7 +492,7 @@ enum RxGuest {
     Read,
 }
 
-fn daemon_rx(ns: &Netns, threads: usize, secs: f64, guest: RxGuest) -> Rate {
+fn daemon_rx(ns: &Netns, threads: usize, secs: f64, guest: RxGuest, peer: bool) -> Rate {
     let gen = Generator::start(ns, threads);
     let qs = queue_size();
     let args: &[&str] = match guest {
@@ -408,7 +500,7 @@ fn daemon_rx(ns: &Netns, threads: usize, secs: f64, guest: RxGuest) -> Rate {
         RxGuest::Read => &["--queue-size", "256"],
     };
     let (rate, elapsed, before, after) =
-        through_daemon(ns, secs, "rx_frames", args, || tap_counters(ns));
+        through(peer, ns, secs, "rx_frames", args, || tap_counters(ns));
     gen.stop();
     Rate {
         tun_drops_pps: (after.tx_dropped - before.tx_dropped) as f64 / elapsed,
@@ -456,7 +548,7 @@ fn floor_tx(ns: &Netns, secs: f64) -> Rate {
     }
 }
 
-fn daemon_tx(ns: &Netns, secs: f64) -> Rate {
+fn daemon_tx(ns: &Netns, secs: f64, peer: bool) -> Rate {
     let qs = queue_size();
     let args = [
         "--tx-frames",
@@ -472,7 +564,7 @@ fn daemon_tx(ns: &Netns, secs: f64) -> Rate {
         "--queue-size",
         &qs,
     ];
-    through_daemon(ns, secs, "tx_frames", &args, || ()).0
+    through(peer, ns, secs, "tx_frames", &args, || ()).0
 }
 
 /// The CPU's model name, for the record of the machine's state.
@@ -552,7 +644,9 @@ fn main() {
         .max(1);
     let cases = std::env::var("VUT_BENCH_CASES").unwrap_or_else(|_| "rx,rxread,tx,tcp".into());
     let want = |c: &str| cases.split(',').any(|x| x.trim() == c);
-    let ns = bench_netns();
+    // First: a missing testpmd ends the bench before anything is set up.
+    let peer = peer_netns().filter(|_| want("rx") || want("rxread") || want("tx"));
+    let ns = bench_netns(&["vnet_hdr"]);
     let mut rows = Vec::new();
     let rx_cases = [
         ("rx", 1, RxGuest::Drop),
@@ -560,29 +654,48 @@ fn main() {
         ("rxread", 1, RxGuest::Read),
     ];
     for (_, threads, guest) in rx_cases.into_iter().filter(|c| want(c.0)) {
-        let (mut f, mut d) = (Vec::new(), Vec::new());
+        let (mut f, mut d, mut p) = (Vec::new(), Vec::new(), Vec::new());
         for _ in 0..runs {
             f.push(floor_rx(&ns, threads, secs));
-            d.push(daemon_rx(&ns, threads, secs, guest));
+            d.push(daemon_rx(&ns, threads, secs, guest, false));
+            if let Some(pns) = &peer {
+                p.push(daemon_rx(pns, threads, secs, guest, true));
+            }
         }
         let who = match guest {
             RxGuest::Drop => format!("dropping guest, {}-entry ring", queue_size()),
             RxGuest::Read => "reading guest, 256-entry ring".to_string(),
         };
-        rows.push(row(
-            format!("RX 64B, {threads} sender thread(s), {who}"),
-            f,
-            d,
-        ));
+        let case = format!("RX 64B, {threads} sender thread(s), {who}");
+        rows.push(row(case.clone(), f.clone(), d));
+        if peer.is_some() {
+            rows.push(row(format!("{case} — DPDK testpmd"), f, p));
+        }
     }
     if want("tx") {
-        let (mut f, mut d) = (Vec::new(), Vec::new());
+        let (mut f, mut d, mut p) = (Vec::new(), Vec::new(), Vec::new());
         for _ in 0..runs {
             f.push(floor_tx(&ns, secs));
-            d.push(daemon_tx(&ns, secs));
+            d.push(daemon_tx(&ns, secs, false));
+            if let Some(pns) = &peer {
+                p.push(daemon_tx(pns, secs, true));
+            }
         }
-        rows.push(row("TX 64B".into(), f, d));
+        rows.push(row("TX 64B".into(), f.clone(), d));
+        if peer.is_some() {
+            rows.push(row("TX 64B — DPDK testpmd".into(), f, p));
+        }
     }
+    // Idle: no guest connected, nothing to move.
+    let idle = peer.as_ref().map(|pns| {
+        let mut d = Daemon::start(&ns, TAP, &daemon_args());
+        let daemon = idle_cpu_percent(d.pid(), 3);
+        d.stop();
+        let t = Testpmd::start(pns, TAP);
+        let testpmd = idle_cpu_percent(t.pid(), 3);
+        t.quit();
+        (daemon, testpmd)
+    });
 
     // TCP through the daemon: one stream each way, offloads on and off.
     let tcp_bytes: usize = std::env::var("VUT_BENCH_TCP_MB")
@@ -643,6 +756,13 @@ fn main() {
             r.daemon.daemon_drops,
             r.daemon.cpu_ns_per_frame,
             r.daemon.guest_cpu_ns_per_frame
+        );
+    }
+    if let Some((daemon, testpmd)) = idle {
+        println!(
+            "rows \"— DPDK testpmd\": the daemon columns hold dpdk-testpmd's numbers (its drops: \
+             frames it read and could not hand on); idle, 3 s without a guest: daemon {daemon:.0}% \
+             of a CPU, testpmd {testpmd:.0}%"
         );
     }
     println!("\n| TCP, one stream | host → guest Gbit/s | guest → host Gbit/s |");

@@ -10,6 +10,7 @@
 //! - [`netns`]: [`Netns`], a network namespace of our own: taps, sockets, pings, counters.
 //! - [`tempdir`]: [`TempDir`], a private work directory.
 //! - [`daemon`]: [`Daemon`], the daemon binary as a child process.
+//! - [`dpdk`]: [`Testpmd`], DPDK's testpmd as the daemon's peer in benchmarks.
 //! - [`metrics`]: the daemon's [`Counters`], read from its metrics endpoint.
 //! - [`traffic`]: datagrams between the host and the synthetic guest, checked byte for byte.
 //! - [`tcp`]: [`tcp_through_daemon`], TCP between two real stacks through the daemon.
@@ -26,6 +27,7 @@ use std::time::Duration;
 
 pub mod console;
 pub mod daemon;
+pub mod dpdk;
 pub mod metrics;
 pub mod netns;
 pub mod process;
@@ -38,6 +40,7 @@ pub mod traffic;
 
 pub use console::{Console, Next};
 pub use daemon::Daemon;
+pub use dpdk::{FwdStats, Testpmd};
 pub use metrics::{counters_when_idle, scrape, Counters};
 pub use netns::{LinkStats, Netns, Ping};
 pub use process::{output_within, proc_status_field, run_within, Proc};

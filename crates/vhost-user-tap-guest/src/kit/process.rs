@@ -7,7 +7,9 @@
 
 use std::io::{self, Read};
 use std::os::unix::process::{CommandExt, ExitStatusExt};
-use std::process::{Child, ChildStderr, ChildStdout, Command, ExitStatus, Output, Stdio};
+use std::process::{
+    Child, ChildStderr, ChildStdin, ChildStdout, Command, ExitStatus, Output, Stdio,
+};
 use std::sync::mpsc;
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
@@ -24,7 +26,13 @@ impl Proc {
     /// Start `cmd` (stdin from /dev/null; stdout and stderr as the caller set them) as the
     /// leader of a new process group. `name` names it in messages. Panics if it cannot start.
     pub fn spawn(name: &str, cmd: &mut Command) -> Proc {
-        cmd.stdin(Stdio::null()).process_group(0);
+        Proc::spawn_with_stdin(name, cmd, Stdio::null())
+    }
+
+    /// Like `spawn`, with `stdin` (`Stdio::piped()`: a program driven through its command line,
+    /// see [`Proc::take_stdin`]).
+    pub fn spawn_with_stdin(name: &str, cmd: &mut Command, stdin: Stdio) -> Proc {
+        cmd.stdin(stdin).process_group(0);
         // SAFETY: the closure runs between fork and exec and only calls prctl, which is
         // async-signal-safe.
         unsafe {
@@ -55,6 +63,11 @@ impl Proc {
 
     pub fn pid(&self) -> u32 {
         self.child.id()
+    }
+
+    /// Its stdin, if it was started with `Stdio::piped()` there (once).
+    pub fn take_stdin(&mut self) -> Option<ChildStdin> {
+        self.child.stdin.take()
     }
 
     /// Its stdout, if the command had `Stdio::piped()` there (once).
