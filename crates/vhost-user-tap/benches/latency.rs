@@ -78,6 +78,23 @@ struct Sample {
     rtts_ns: Vec<u64>,
     timeouts: u64,
     late: u64,
+    /// Rescheduling and function-call IPIs of the whole machine while timing.
+    ipis: u64,
+}
+
+/// Rescheduling and function-call IPIs so far, all CPUs (/proc/interrupts). A wake-up of a task
+/// on another CPU costs one; on a VM that is an exit to the hypervisor.
+fn ipis() -> u64 {
+    let text = std::fs::read_to_string("/proc/interrupts").unwrap_or_default();
+    text.lines()
+        .map(str::trim_start)
+        .filter(|l| l.starts_with("RES:") || l.starts_with("CAL:"))
+        .flat_map(|l| {
+            l.split_whitespace()
+                .skip(1)
+                .map_while(|w| w.parse::<u64>().ok())
+        })
+        .sum()
 }
 
 /// Round trips from a UDP socket at HOST_IP:HOST_PORT to GUEST_IP:GUEST_PORT, one at a time.
@@ -154,6 +171,7 @@ impl Client {
         let late_before = self.late;
         let mut rtts_ns = Vec::with_capacity(s.count as usize);
         let (mut timeouts, mut consecutive) = (0, 0);
+        let ipis_before = ipis();
         let start = Instant::now();
         loop {
             let done = match s.secs {
@@ -182,6 +200,7 @@ impl Client {
             rtts_ns,
             timeouts,
             late: self.late - late_before,
+            ipis: ipis() - ipis_before,
         }
     }
 }
@@ -254,6 +273,9 @@ struct Row {
     p999_us: f64,
     max_us: f64,
     mean_us: f64,
+    /// IPIs per round trip, whole machine (see `ipis`): about 2 when the client and the daemon's
+    /// worker run on different CPUs.
+    ipis_per_round_trip: f64,
     /// /proc/loadavg right before the case.
     loadavg_before: String,
     daemon_args: Vec<String>,
@@ -294,6 +316,7 @@ fn row(case: &str, mut s: Sample, load: String) -> Row {
         p999_us: percentile_us(v, 99.9),
         max_us: v.last().map_or(f64::NAN, |&m| m as f64 / 1e3),
         mean_us: v.iter().sum::<u64>() as f64 / v.len().max(1) as f64 / 1e3,
+        ipis_per_round_trip: s.ipis as f64 / (v.len() as u64 + s.timeouts).max(1) as f64,
         loadavg_before: load,
         daemon_args: Vec::new(),
         guest_args: Vec::new(),
@@ -443,11 +466,11 @@ fn main() {
         },
         s.warmup
     );
-    println!("| case | round trips | p50 µs | p99 µs | p99.9 µs | max µs | timeouts | late | daemon CPU | load before |");
-    println!("|---|---|---|---|---|---|---|---|---|---|");
+    println!("| case | round trips | p50 µs | p99 µs | p99.9 µs | max µs | timeouts | late | IPIs per round trip | daemon CPU | load before |");
+    println!("|---|---|---|---|---|---|---|---|---|---|---|");
     for r in &rows {
         println!(
-            "| {} | {} | {:.1} | {:.1} | {:.1} | {:.0} | {} | {} | {:.0} % | {} |",
+            "| {} | {} | {:.1} | {:.1} | {:.1} | {:.0} | {} | {} | {:.1} | {:.0} % | {} |",
             r.case,
             r.round_trips,
             r.p50_us,
@@ -456,6 +479,7 @@ fn main() {
             r.max_us,
             r.timeouts,
             r.late,
+            r.ipis_per_round_trip,
             r.daemon_cpu * 100.0,
             r.loadavg_before
         );
