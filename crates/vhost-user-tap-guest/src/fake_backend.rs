@@ -485,7 +485,7 @@ mod tests {
     use super::super::frontend::{Guest, GuestConfig, GuestError, HandshakeOrder};
     use super::super::net::*;
     use super::super::queue::TxLayout;
-    use super::super::run::{run, RunConfig, StopReason};
+    use super::super::run::{run, EchoWait, RunConfig, StopReason};
     use super::super::vhost_user::ProtoError;
     use super::*;
     use std::sync::atomic::AtomicBool;
@@ -840,6 +840,63 @@ mod tests {
         assert_eq!(seen, 1001);
         let json = serde_json::to_string(&r).unwrap();
         assert!(json.starts_with("{\"rx_frames\":1001,\"rx_bytes\":128128,\"tx_frames\":1001"));
+    }
+
+    #[test]
+    fn echo_mode_answers_udp_and_skips_the_rest() {
+        for wait in [EchoWait::Interrupt, EchoWait::Poll] {
+            let srv = FakeServer::start(1, DEFAULT_FEATURES, all_proto());
+            srv.shared.lock().unwrap().loopback = false;
+            let mut g = Guest::connect(cfg(&srv)).unwrap();
+            let spec = FrameSpec {
+                udp: Some("10.0.0.1:7000->10.0.0.2:5000".parse().unwrap()),
+                dst_mac: [0x52, 0x54, 0, 0x12, 0x34, 0x56],
+                src_mac: [2, 0, 0, 0, 0, 1],
+            };
+            let requests: Vec<Vec<u8>> = (0..100)
+                .map(|i| {
+                    let mut f = Vec::new();
+                    spec.build(80, 0, i, &mut f).unwrap();
+                    f
+                })
+                .collect();
+            {
+                let mut s = srv.shared.lock().unwrap();
+                for (i, f) in requests.iter().enumerate() {
+                    s.inject[0].push_back(f.clone());
+                    if i % 50 == 0 {
+                        s.inject[0].push_back(frame(60, i as u64));
+                    }
+                }
+            }
+            let rc = RunConfig {
+                rx_frames: Some(102),
+                duration: Some(Duration::from_secs(20)),
+                echo: Some(wait),
+                ..RunConfig::default()
+            };
+            let r = run(&mut g, &rc, &AtomicBool::new(false)).unwrap();
+            assert_eq!(r.stop_reason, StopReason::RxFrames, "{wait:?}");
+            assert_eq!((r.echoed, r.echo_skipped), (100, 2), "{wait:?}");
+            // The device reports the replies it has taken by completing them.
+            let pair = g.pair_mut(0).unwrap();
+            let deadline = std::time::Instant::now() + Duration::from_secs(10);
+            while pair.tx_in_flight() > 0 {
+                let left = deadline.saturating_duration_since(std::time::Instant::now());
+                assert!(!left.is_zero(), "{wait:?}: replies not completed");
+                pair.wait_tx_interrupt(Some(left)).unwrap();
+                pair.reclaim_tx().unwrap();
+            }
+            let seen = srv.shared.lock().unwrap().tx_seen.clone();
+            assert_eq!(seen.len(), 100, "{wait:?}");
+            for (reply, req) in seen.iter().zip(&requests) {
+                let mut want = req.clone();
+                assert!(udp_echo_reply(&mut want, false));
+                assert_eq!(reply, &want, "{wait:?}");
+            }
+            let bad = RunConfig { tx_frames: 1, ..rc };
+            assert!(run(&mut g, &bad, &AtomicBool::new(false)).is_err());
+        }
     }
 
     #[test]

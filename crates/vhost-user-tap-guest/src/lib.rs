@@ -11,7 +11,7 @@
 //! - [`frontend`]: [`Guest`], the handshake and the public API.
 //! - [`migration`]: the frontend's side of a migration's dirty log.
 //! - [`net`]: vnet header, feature bits, test frames.
-//! - [`run`]: the binary's traffic mode.
+//! - [`run`]: the binary's traffic modes (send and receive; echo).
 //! - [`bridge`]: forwarding between the rings and a second tap (TCP through a backend).
 //! - [`loopback`]: the daemon's RX/TX wired to a guest queue pair in-process.
 //! - [`hostile`]: a guest that writes its rings directly to work against the daemon.
@@ -52,4 +52,4 @@ pub use frontend::{Guest, GuestConfig, GuestError, HandshakeOrder};
 pub use net::{FrameSpec, NetConfig, UdpFlow, VirtioNetHdr};
 pub use queue::{QueueError, QueuePair, QueueStats, RawCompletion, TxLayout, Wake};
 pub use ring::{RawDesc, RawNext};
-pub use run::{run, RunConfig, RunError, RunReport, StopReason};
+pub use run::{run, EchoWait, RunConfig, RunError, RunReport, StopReason};

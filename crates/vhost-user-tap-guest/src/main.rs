@@ -3,7 +3,8 @@
 //! Connects to the backend's socket like QEMU, keeps the RX ring full (harvesting at an
 //! optional rate, like a slow guest), sends N tagged frames, and prints one JSON line with the
 //! counters when done (after --duration, when TX is done and traffic went idle, on
-//! --rx-frames, or on SIGINT/SIGTERM).
+//! --rx-frames, or on SIGINT/SIGTERM). With --echo it answers every IPv4/UDP frame instead, as
+//! it arrives (the guest of the latency benchmark).
 
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -12,8 +13,8 @@ use std::time::Duration;
 use clap::{Parser, ValueEnum};
 use vhost_user_tap_guest::net::{format_mac, parse_mac};
 use vhost_user_tap_guest::{
-    run, FrameSpec, Guest, GuestConfig, HandshakeOrder, RunConfig, RunReport, StopReason, TxLayout,
-    UdpFlow,
+    run, EchoWait, FrameSpec, Guest, GuestConfig, HandshakeOrder, RunConfig, RunReport, StopReason,
+    TxLayout, UdpFlow,
 };
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -114,6 +115,16 @@ struct Args {
     /// and cleared every 100 ms as QEMU's migration thread does: the cost of logging.
     #[arg(long)]
     migration_log: bool,
+    /// Echo mode: send every IPv4/UDP frame received straight back, Ethernet, IP and UDP
+    /// source and destination swapped, one at a time as it arrives (a request/response peer for
+    /// latency benchmarks). Other frames are counted (echo_skipped) and dropped. Waits for
+    /// frames on the RX interrupt, like a guest's NAPI.
+    #[arg(long, conflicts_with_all = ["rx_drop", "rx_rate", "tx_frames", "tx_prefilled"])]
+    echo: bool,
+    /// With --echo: spin on the used ring with RX interrupts off instead of sleeping, like a
+    /// guest with busy polling (a whole CPU).
+    #[arg(long, requires = "echo")]
+    poll: bool,
     /// Print exactly one JSON line with the results.
     #[arg(long)]
     json: bool,
@@ -156,6 +167,8 @@ fn empty_report(error: String) -> RunReport {
         elapsed_secs: 0.0,
         stop_reason: StopReason::Error,
         rx_tagged: 0,
+        echoed: 0,
+        echo_skipped: 0,
         tx_completed: 0,
         tx_in_flight: 0,
         stats: Default::default(),
@@ -306,6 +319,11 @@ fn main() -> ExitCode {
             src_mac,
             udp,
         },
+        echo: a.echo.then_some(if a.poll {
+            EchoWait::Poll
+        } else {
+            EchoWait::Interrupt
+        }),
     };
     let (mut report, ok) = match run(&mut guest, &rcfg, &STOP) {
         Ok(r) => (r, true),

@@ -350,6 +350,36 @@ pub fn parse_tag(frame: &[u8]) -> Option<(u16, u64)> {
     Some((pair, u64::from_be_bytes(seq)))
 }
 
+/// Turn an IPv4/UDP request into its reply in place: Ethernet, IPv4 and UDP source and
+/// destination swapped, so the sender's socket accepts it. The IPv4 and UDP checksums stay valid
+/// without recomputing them: both are one's-complement sums, which do not depend on the order of
+/// the words swapped. `partial_csum` (the frame came with VIRTIO_NET_HDR_F_NEEDS_CSUM: the UDP
+/// checksum field holds only the pseudo-header's sum) zeroes the UDP checksum ("none" in IPv4),
+/// so the reply can go out with a plain header whatever offloads were negotiated. Returns false,
+/// leaving the frame as it was, if it is not an IPv4/UDP frame.
+pub fn udp_echo_reply(frame: &mut [u8], partial_csum: bool) -> bool {
+    if frame.len() < ETH_HLEN + IPV4_HLEN + UDP_HLEN
+        || frame[12..14] != ETHERTYPE_IPV4.to_be_bytes()
+        || frame[ETH_HLEN + 9] != 17
+    {
+        return false;
+    }
+    let udp = ETH_HLEN + usize::from(frame[ETH_HLEN] & 0x0f) * 4;
+    if udp < ETH_HLEN + IPV4_HLEN || frame.len() < udp + UDP_HLEN {
+        return false;
+    }
+    let (dst, src) = frame[..12].split_at_mut(6);
+    dst.swap_with_slice(src);
+    let (src_ip, dst_ip) = frame[ETH_HLEN + 12..ETH_HLEN + 20].split_at_mut(4);
+    src_ip.swap_with_slice(dst_ip);
+    let (sport, dport) = frame[udp..udp + 4].split_at_mut(2);
+    sport.swap_with_slice(dport);
+    if partial_csum {
+        frame[udp + 6..udp + 8].fill(0);
+    }
+    true
+}
+
 /// RFC 1071 checksum of an IPv4 header (checksum field must be zero or is included).
 pub fn ipv4_checksum(hdr: &[u8]) -> u16 {
     let mut sum = 0u32;
@@ -421,6 +451,47 @@ mod tests {
             spec.build(50, 0, 0, &mut f),
             Err(FrameError::TooSmall { min: 56, .. })
         ));
+    }
+
+    #[test]
+    fn udp_echo_reply_swaps_and_keeps_checksums() {
+        let spec = FrameSpec {
+            udp: Some("10.0.0.2:5000->10.0.0.1:6000".parse().unwrap()),
+            ..FrameSpec::default()
+        };
+        let mut f = Vec::new();
+        spec.build(80, 0, 9, &mut f).unwrap();
+        // A UDP checksum over the pseudo-header, header and payload, as a sender computes it.
+        let udp_sum = |f: &[u8]| {
+            let mut words = Vec::new();
+            words.extend_from_slice(&f[26..34]);
+            words.extend_from_slice(&[0, 17]);
+            words.extend_from_slice(&f[38..40]);
+            words.extend_from_slice(&f[34..]);
+            ipv4_checksum(&words)
+        };
+        let sum = udp_sum(&f);
+        f[40..42].copy_from_slice(&sum.to_be_bytes());
+        let req = f.clone();
+        assert!(udp_echo_reply(&mut f, false));
+        assert_eq!(&f[0..6], &req[6..12]);
+        assert_eq!(&f[6..12], &req[0..6]);
+        assert_eq!(&f[26..30], &req[30..34]);
+        assert_eq!(&f[30..34], &req[26..30]);
+        assert_eq!(&f[34..36], &req[36..38]);
+        assert_eq!(&f[36..38], &req[34..36]);
+        assert_eq!(ipv4_checksum(&f[14..34]), 0);
+        assert_eq!(udp_sum(&f), 0, "the checksum verifies after the swap");
+        assert_eq!(parse_tag(&f), Some((0, 9)));
+        assert!(udp_echo_reply(&mut f, true));
+        assert_eq!(&f[..40], &req[..40]);
+        assert_eq!(&f[40..42], &[0, 0]);
+        let mut raw = Vec::new();
+        FrameSpec::default().build(60, 0, 1, &mut raw).unwrap();
+        let before = raw.clone();
+        assert!(!udp_echo_reply(&mut raw, false));
+        assert_eq!(raw, before);
+        assert!(!udp_echo_reply(&mut f[..30], false));
     }
 
     #[test]

@@ -1,13 +1,18 @@
 //! High-level traffic mode used by the `vhost-user-tap-guest` binary: keep the RX ring full and
 //! harvest (optionally at a limited rate, like a slow guest), send N tagged frames, stop on a
 //! deadline / when TX is done and RX is idle / on a stop flag. One thread per queue pair.
+//! Or echo mode: every IPv4/UDP frame received goes straight back to its sender, the guest of a
+//! request/response latency benchmark.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use super::frontend::Guest;
-use super::net::{parse_tag, FrameError, FrameSpec};
+use super::net::{
+    parse_tag, udp_echo_reply, FrameError, FrameSpec, VIRTIO_NET_HDR_F_NEEDS_CSUM,
+    VIRTIO_NET_HDR_GSO_NONE,
+};
 use super::queue::{QueueError, QueuePair, QueueStats};
 
 /// What to do.
@@ -36,6 +41,19 @@ pub struct RunConfig {
     pub tx_batch: usize,
     /// Frame contents.
     pub frame: FrameSpec,
+    /// Echo mode instead of the above (RX rate and TX settings do not apply): each IPv4/UDP
+    /// frame is sent back as it arrives, addresses swapped ([`udp_echo_reply`]).
+    pub echo: Option<EchoWait>,
+}
+
+/// How the echo mode waits for the next frame.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum EchoWait {
+    /// Sleep on the RX interrupt (the call eventfd), as a guest's NAPI does.
+    Interrupt,
+    /// Spin on the used ring with interrupts off, as a guest with busy polling (or DPDK) does:
+    /// no wake-up on the way, for a CPU's worth of spinning.
+    Poll,
 }
 
 impl Default for RunConfig {
@@ -52,6 +70,7 @@ impl Default for RunConfig {
             tx_rate: 0,
             tx_batch: 1,
             frame: FrameSpec::default(),
+            echo: None,
         }
     }
 }
@@ -113,6 +132,10 @@ pub struct RunReport {
     pub stop_reason: StopReason,
     /// Received frames that carried a guest tag (e.g. looped back).
     pub rx_tagged: u64,
+    /// Echo mode: replies sent.
+    pub echoed: u64,
+    /// Echo mode: frames received and not answered (not IPv4/UDP, or GSO).
+    pub echo_skipped: u64,
     /// TX chains completed by the backend.
     pub tx_completed: u64,
     /// TX chains still owned by the backend at the end.
@@ -169,6 +192,8 @@ struct Shared<'a> {
     local_stop: AtomicBool,
     reason: Mutex<Option<StopReason>>,
     rx_total: AtomicU64,
+    echoed: AtomicU64,
+    echo_skipped: AtomicU64,
     tx_pending_pairs: AtomicUsize,
     deadline: Option<Instant>,
 }
@@ -200,6 +225,11 @@ struct PairPlan {
 /// Run traffic on every pair of `guest` until a stop condition; `stop` is polled at least every
 /// 100 ms (set it from a signal handler).
 pub fn run(guest: &mut Guest, cfg: &RunConfig, stop: &AtomicBool) -> Result<RunReport, RunError> {
+    if cfg.echo.is_some() && (cfg.tx_frames > 0 || cfg.rx_drop || cfg.rx_rate > 0) {
+        return Err(RunError::Config(
+            "echo mode sends only replies: no TX frames, RX drop or RX rate with it".into(),
+        ));
+    }
     if cfg.tx_frames > 0 {
         if cfg.tx_size < cfg.frame.min_size() {
             return Err(FrameError::TooSmall {
@@ -223,6 +253,8 @@ pub fn run(guest: &mut Guest, cfg: &RunConfig, stop: &AtomicBool) -> Result<RunR
         local_stop: AtomicBool::new(false),
         reason: Mutex::new(None),
         rx_total: AtomicU64::new(0),
+        echoed: AtomicU64::new(0),
+        echo_skipped: AtomicU64::new(0),
         tx_pending_pairs: AtomicUsize::new(npairs as usize),
         deadline: cfg.duration.map(|d| start + d),
     };
@@ -238,7 +270,10 @@ pub fn run(guest: &mut Guest, cfg: &RunConfig, stop: &AtomicBool) -> Result<RunR
             };
             let shared = &shared;
             handles.push(s.spawn(move || {
-                let r = run_pair(pair, cfg, &plan, shared);
+                let r = match cfg.echo {
+                    Some(wait) => echo_pair(pair, cfg, wait, shared).map(|()| 0),
+                    None => run_pair(pair, cfg, &plan, shared),
+                };
                 if r.is_err() {
                     shared.finish(StopReason::Error);
                 }
@@ -290,6 +325,8 @@ pub fn run(guest: &mut Guest, cfg: &RunConfig, stop: &AtomicBool) -> Result<RunR
         elapsed_secs: elapsed,
         stop_reason: reason,
         rx_tagged,
+        echoed: shared.echoed.load(Ordering::SeqCst),
+        echo_skipped: shared.echo_skipped.load(Ordering::SeqCst),
         tx_completed: stats.tx_completed,
         tx_in_flight,
         stats,
@@ -463,6 +500,84 @@ fn run_pair(
     // Reap what completed so the counters are final.
     pair.reclaim_tx().map_err(qerr)?;
     Ok(rx_tagged)
+}
+
+/// Echo mode on one pair: one frame at a time, answered before anything else is done, until a
+/// stop condition.
+fn echo_pair(
+    pair: &mut QueuePair,
+    cfg: &RunConfig,
+    wait: EchoWait,
+    sh: &Shared<'_>,
+) -> Result<(), RunError> {
+    let pid = pair.index();
+    let qerr = |source| RunError::Queue { pair: pid, source };
+    // TX interrupts stay off (as the pair starts): completions are reclaimed when the next reply
+    // is queued, as Linux's virtio-net does, so none is on the reply's path.
+    if wait == EchoWait::Poll {
+        let queue = pair.rx_queue();
+        pair.rx_ring_mut()
+            .disable_cb()
+            .map_err(|source| qerr(QueueError::Ring { queue, source }))?;
+    }
+    let mut frame = Vec::with_capacity(2048);
+    let (mut partial_csum, mut gso) = (false, false);
+    pair.post_rx_buffers(usize::MAX).map_err(qerr)?;
+    while !sh.stopped() {
+        let n = pair
+            .poll_rx_budget(1, |f, h| {
+                frame.clear();
+                frame.extend_from_slice(f);
+                partial_csum = h.flags & VIRTIO_NET_HDR_F_NEEDS_CSUM != 0;
+                gso = h.gso_type != VIRTIO_NET_HDR_GSO_NONE;
+            })
+            .map_err(qerr)?;
+        if n > 0 {
+            if !gso && udp_echo_reply(&mut frame, partial_csum) {
+                send_reply(pair, &frame, sh).map_err(qerr)?;
+                sh.echoed.fetch_add(1, Ordering::Relaxed);
+            } else {
+                sh.echo_skipped.fetch_add(1, Ordering::Relaxed);
+            }
+            // Reposted once the reply is out: off the round trip's path.
+            pair.post_rx_buffers(usize::MAX).map_err(qerr)?;
+            let total = sh.rx_total.fetch_add(1, Ordering::SeqCst) + 1;
+            if cfg.rx_frames.is_some_and(|t| total >= t) {
+                sh.finish(StopReason::RxFrames);
+            }
+            continue;
+        }
+        let now = Instant::now();
+        if sh.deadline.is_some_and(|d| now >= d) {
+            sh.finish(StopReason::Duration);
+            break;
+        }
+        match wait {
+            EchoWait::Poll => std::hint::spin_loop(),
+            EchoWait::Interrupt => {
+                // The timeout only bounds how late the stop flag and the deadline are seen.
+                let mut timeout = Duration::from_millis(100);
+                if let Some(d) = sh.deadline {
+                    timeout = timeout.min(d.saturating_duration_since(now));
+                }
+                pair.wait(true, false, Some(timeout)).map_err(qerr)?;
+            }
+        }
+    }
+    pair.reclaim_tx().map_err(qerr)?;
+    Ok(())
+}
+
+/// Queue `frame` on TX, waiting for the device to free a slot if the ring is full (a device
+/// that stalls ends the wait at the stop flag).
+fn send_reply(pair: &mut QueuePair, frame: &[u8], sh: &Shared<'_>) -> Result<(), QueueError> {
+    while !pair.send_frame(frame)? {
+        if sh.stopped() {
+            return Ok(());
+        }
+        pair.wait(false, true, Some(Duration::from_millis(100)))?;
+    }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -29,8 +29,6 @@
 //! io forwarding, one polling core; kit::dpdk), after each floor/daemon pair, in rows of their
 //! own whose daemon columns hold testpmd's numbers.
 
-use std::fs::File;
-use std::io::Read;
 use std::os::fd::AsRawFd;
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -41,7 +39,9 @@ use std::time::{Duration, Instant};
 use vhost_user_tap::netlink;
 use vhost_user_tap::tap::Tap;
 
-use vhost_user_tap_guest::kit::{dpdk, guest_bin, tcp_through_daemon, Daemon, Netns, Testpmd};
+use vhost_user_tap_guest::kit::{
+    cpu_ticks, dpdk, guest_bin, pin, tcp_through_daemon, Daemon, Netns, Testpmd,
+};
 
 const TAP: &str = "vutb0";
 const HOST_IP: &str = "10.98.0.1";
@@ -137,24 +137,6 @@ fn placement() -> Option<(usize, usize)> {
     on.then_some((0, 1))
 }
 
-/// Restrict thread or process `tid` (0: the calling thread) to `cpu`.
-fn pin(tid: u32, cpu: usize) {
-    // SAFETY: cpu_set_t is plain data; zero is the empty set.
-    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
-    // SAFETY: cpu is below CPU_SETSIZE on any machine this bench runs on.
-    unsafe { libc::CPU_SET(cpu, &mut set) };
-    // SAFETY: a valid cpu_set_t of the stated size.
-    let r = unsafe {
-        libc::sched_setaffinity(tid as i32, std::mem::size_of::<libc::cpu_set_t>(), &set)
-    };
-    assert_eq!(
-        r,
-        0,
-        "sched_setaffinity: {}",
-        std::io::Error::last_os_error()
-    );
-}
-
 /// Senders: `threads` packet sockets blasting 64-byte frames with sendmmsg until stopped.
 struct Generator {
     stop: Arc<AtomicBool>,
@@ -247,16 +229,6 @@ fn children_cpu_ns() -> f64 {
     unsafe { libc::getrusage(libc::RUSAGE_CHILDREN, &mut ru) };
     let ns = |t: libc::timeval| t.tv_sec as f64 * 1e9 + t.tv_usec as f64 * 1e3;
     ns(ru.ru_utime) + ns(ru.ru_stime)
-}
-
-fn cpu_ticks(pid: u32) -> u64 {
-    let mut s = String::new();
-    File::open(format!("/proc/{pid}/stat"))
-        .and_then(|mut f| f.read_to_string(&mut s))
-        .unwrap();
-    let after = &s[s.rfind(')').unwrap() + 2..];
-    let f: Vec<&str> = after.split_whitespace().collect();
-    f[11].parse::<u64>().unwrap() + f[12].parse::<u64>().unwrap()
 }
 
 fn floor_rx(ns: &Netns, threads: usize, secs: f64) -> Rate {

@@ -243,3 +243,32 @@ pub fn proc_status_field(pid: u32, field: &str) -> String {
         .trim()
         .to_string()
 }
+
+/// CPU time (user + system) process `pid` has used so far, in clock ticks (`/proc/<pid>/stat`;
+/// 100 per second on Linux).
+pub fn cpu_ticks(pid: u32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .unwrap_or_else(|e| panic!("/proc/{pid}/stat: {e}"));
+    // The fields after the command name, which may itself hold spaces and parentheses.
+    let after = &stat[stat.rfind(')').expect("a /proc stat line") + 2..];
+    let f: Vec<&str> = after.split_whitespace().collect();
+    f[11].parse::<u64>().unwrap() + f[12].parse::<u64>().unwrap()
+}
+
+/// Restrict thread or process `tid` (0: the calling thread) to `cpu`.
+pub fn pin(tid: u32, cpu: usize) {
+    // SAFETY: cpu_set_t is plain data; zero is the empty set.
+    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    // SAFETY: cpu is below CPU_SETSIZE (1024) on any machine the kit runs on.
+    unsafe { libc::CPU_SET(cpu, &mut set) };
+    // SAFETY: a valid cpu_set_t of the stated size.
+    let r = unsafe {
+        libc::sched_setaffinity(tid as i32, std::mem::size_of::<libc::cpu_set_t>(), &set)
+    };
+    assert_eq!(
+        r,
+        0,
+        "sched_setaffinity: {}",
+        std::io::Error::last_os_error()
+    );
+}
