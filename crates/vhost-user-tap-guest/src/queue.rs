@@ -242,7 +242,15 @@ struct BufPool {
     base: GuestAddress,
     stride: u64,
     free: Vec<u32>,
+    /// The pool's bytes as mapped in this process (set once the memory is mapped; null before),
+    /// so frames are read as a driver reads them, without vm-memory's per-access lookups.
+    host: *const u8,
+    bytes: u64,
 }
+
+// SAFETY: `host` points into the guest memory mappings the owning `QueuePair` keeps alive
+// (through its `mem`), and is only read from.
+unsafe impl Send for BufPool {}
 
 impl BufPool {
     fn new(
@@ -252,12 +260,41 @@ impl BufPool {
         what: &'static str,
     ) -> std::result::Result<Self, MemError> {
         let stride = len.div_ceil(64) * 64;
-        let base = ram.alloc(stride * u64::from(count), 4096, what)?;
+        let bytes = stride * u64::from(count);
+        let base = ram.alloc(bytes, 4096, what)?;
         Ok(BufPool {
             base,
             stride,
             free: (0..u32::from(count)).rev().collect(),
+            host: std::ptr::null(),
+            bytes,
         })
+    }
+
+    /// Find the pool's mapping in `mem` (one region holds it, as `GuestRam::alloc` places it).
+    fn map(&mut self, mem: &GuestMemoryMmap) {
+        if let Ok(slice) =
+            vm_memory::GuestMemoryBackend::get_slice(mem, self.base, self.bytes as usize)
+        {
+            self.host = slice.ptr_guard().as_ptr();
+        }
+    }
+
+    /// Copy the pool's bytes at `addr` into `out`; false if they are not all in the pool.
+    fn read(&self, addr: GuestAddress, out: &mut [u8]) -> bool {
+        let Some(off) = addr.0.checked_sub(self.base.0) else {
+            return false;
+        };
+        if self.host.is_null() || off + out.len() as u64 > self.bytes {
+            return false;
+        }
+        // SAFETY: the range lies in the pool, mapped at `host` while the owning `QueuePair`
+        // lives; the device wrote these bytes before publishing the used entry we read them for,
+        // and does not write them again until the buffer is posted again.
+        unsafe {
+            std::ptr::copy_nonoverlapping(self.host.add(off as usize), out.as_mut_ptr(), out.len())
+        };
+        true
     }
 
     fn addr(&self, slot: u32) -> GuestAddress {
@@ -321,8 +358,9 @@ impl QueuePair {
         };
         let rx_layout = RingLayout::allocate(ram, cfg.queue_size).map_err(alloc)?;
         let tx_layout = RingLayout::allocate(ram, cfg.queue_size).map_err(alloc)?;
-        let rx_pool = BufPool::new(ram, cfg.queue_size, u64::from(cfg.rx_buf_len), "RX buffers")
-            .map_err(alloc)?;
+        let mut rx_pool =
+            BufPool::new(ram, cfg.queue_size, u64::from(cfg.rx_buf_len), "RX buffers")
+                .map_err(alloc)?;
         let tx_pool = BufPool::new(
             ram,
             cfg.queue_size,
@@ -338,6 +376,7 @@ impl QueuePair {
             )
             .map_err(alloc)?;
         let mem = ram.memory().clone();
+        rx_pool.map(&mem);
         let rx_q = 2 * index;
         let ring = |layout, q: u16| {
             DriverRing::new(mem.clone(), layout, cfg.event_idx)
@@ -579,7 +618,11 @@ impl QueuePair {
                         continue;
                     }
                     let mut hb = [0u8; 12];
-                    let r = self.mem.read_slice(&mut hb[..hdr_len], addr);
+                    let r = if self.rx_pool.read(addr, &mut hb[..hdr_len]) {
+                        Ok(())
+                    } else {
+                        self.mem.read_slice(&mut hb[..hdr_len], addr)
+                    };
                     let hdr = match r {
                         Ok(()) => VirtioNetHdr::parse(&hb[..hdr_len], hdr_len).unwrap_or_default(),
                         Err(source) => {
@@ -661,15 +704,20 @@ impl QueuePair {
             if self.drop_remaining == 0 {
                 let nb = if self.cfg.mrg_rxbuf && self.cfg.hdr_len == 12 {
                     let at = self.rx_pool.addr(slot).unchecked_add(10);
-                    self.mem
-                        .read_obj::<u16>(at)
-                        .map(u16::from_le)
-                        .map_err(|source| QueueError::Copy {
-                            queue: q,
-                            what: "reading num_buffers",
-                            addr: at.0,
-                            source,
-                        })?
+                    let mut b = [0u8; 2];
+                    if self.rx_pool.read(at, &mut b) {
+                        u16::from_le_bytes(b)
+                    } else {
+                        self.mem
+                            .read_obj::<u16>(at)
+                            .map(u16::from_le)
+                            .map_err(|source| QueueError::Copy {
+                                queue: q,
+                                what: "reading num_buffers",
+                                addr: at.0,
+                                source,
+                            })?
+                    }
                 } else {
                     1
                 };
@@ -687,6 +735,9 @@ impl QueuePair {
     fn copy_in(&mut self, addr: GuestAddress, len: usize) -> Result<()> {
         let start = self.frame.len();
         self.frame.resize(start + len, 0);
+        if self.rx_pool.read(addr, &mut self.frame[start..]) {
+            return Ok(());
+        }
         self.mem
             .read_slice(&mut self.frame[start..], addr)
             .map_err(|source| QueueError::Copy {
