@@ -164,7 +164,7 @@ impl Device {
 fn tap_rings(config: &Config, taps: &[Tap]) -> (Vec<(Option<TxRing>, Option<RxRing>)>, TxPath) {
     let none = || taps.iter().map(|_| (None, None)).collect();
     if !config.io_uring {
-        info!("TX and RX: one writev or readv per frame (--no-io-uring)");
+        info!("TX: one writev per frame, RX: one readv per frame (--no-io-uring)");
         return (none(), TxPath::Disabled);
     }
     let made = taps
@@ -174,16 +174,16 @@ fn tap_rings(config: &Config, taps: &[Tap]) -> (Vec<(Option<TxRing>, Option<RxRi
     let mut rings = match made {
         Ok(rings) => rings,
         Err(e) => {
-            info!("TX and RX: one writev or readv per frame: io_uring unavailable ({e})");
+            info!("TX: one writev per frame, RX: one readv per frame: io_uring unavailable ({e})");
             return (none(), TxPath::NoRing(e.to_string()));
         }
     };
     if let Some(e) = rings.iter_mut().find_map(|(w, _)| w.probe().err()) {
-        info!("TX and RX: one writev or readv per frame: {e}");
+        info!("TX: one writev per frame, RX: one readv per frame: {e}");
         return (none(), TxPath::TapRefuses(e.to_string()));
     }
     info!(
-        "TX: frames written in batches of up to {}, RX: read in batches of up to {}, through \
+        "TX: frames written in batches of up to {}, RX: frames read in batches of up to {}, through \
          io_uring ({} ring(s) each way, each limited to writing or reading its tap queue)",
         crate::uring::BATCH,
         crate::uring::RX_BATCH,

@@ -127,6 +127,7 @@ impl RxCarry {
                 vec![0u8; HDR_LEN + MAX_GSO_FRAME].into_boxed_slice()
             });
             self.slots = slots.into_boxed_slice();
+            self.staged.reserve(RX_BATCH);
         }
         self.ring = ring;
         self

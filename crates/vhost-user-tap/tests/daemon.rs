@@ -868,6 +868,11 @@ fn startup_report_matches_what_this_kernel_supports() {
         uring,
         "{tx_line}"
     );
+    assert_eq!(
+        tx_line.contains("RX: frames read in batches"),
+        uring,
+        "{tx_line}"
+    );
     if !uring && want.contains(&("io_uring", true)) {
         assert!(tx_line.contains("Linux 6.4"), "{tx_line}");
     }
