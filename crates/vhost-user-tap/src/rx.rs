@@ -647,6 +647,17 @@ impl Rx {
             if idx == 0 && n <= cap {
                 self.complete_frame(n, t)?;
                 popped += 1;
+            } else if n > self.carry.slots[j].len() {
+                // Only a chain larger than a slot reads such a frame whole, and tun never
+                // hands out one larger than a slot; a socket standing in for the tap might.
+                // It cannot wait in order, so it goes, counted.
+                if let Some(s) = self.oversize_log.allow() {
+                    error!(
+                        "RX frame of {n} bytes dropped: larger than a staging slot{}",
+                        ratelog::suppressed(s)
+                    );
+                }
+                t.oversize += 1;
             } else {
                 if self.mrg && n > cap {
                     self.gather = GATHER_FRAMES;
