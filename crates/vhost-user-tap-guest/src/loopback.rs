@@ -188,8 +188,9 @@ impl Loopback {
         )?;
         lb.start(
             PairRest {
-                carry: RxCarry::new(rx_ring),
+                carry: RxCarry::default(),
                 tx_ring,
+                rx_ring,
             },
             rx,
             tx,
@@ -251,8 +252,9 @@ impl Loopback {
         let rx = run(stopped.rx, self.guest.rx_kick_fd(), self.guest.rx_call_fd())?;
         let tx = run(stopped.tx, self.guest.tx_kick_fd(), self.guest.tx_call_fd())?;
         let rest = PairRest {
-            carry: stopped.rest.carry.with_ring(rx_ring),
+            carry: stopped.rest.carry,
             tx_ring,
+            rx_ring,
         };
         self.start(rest, rx, tx);
         Ok(())

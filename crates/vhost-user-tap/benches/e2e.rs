@@ -40,7 +40,7 @@ use vhost_user_tap::netlink;
 use vhost_user_tap::tap::Tap;
 
 use vhost_user_tap_guest::kit::{
-    cpu_ticks, dpdk, guest_bin, pin, tcp_through_daemon, Daemon, Netns, Testpmd,
+    cpu_ticks, dpdk, guest_bin, loadavg, pin, tcp_through_daemon, Daemon, Netns, Testpmd,
 };
 
 const TAP: &str = "vutb0";
@@ -215,9 +215,10 @@ struct Rate {
 
 /// The 1-minute load average.
 fn load1() -> f64 {
-    std::fs::read_to_string("/proc/loadavg")
-        .ok()
-        .and_then(|s| s.split_whitespace().next()?.parse().ok())
+    loadavg()
+        .split_whitespace()
+        .next()
+        .and_then(|l| l.parse().ok())
         .unwrap_or(f64::NAN)
 }
 
@@ -322,35 +323,33 @@ fn guest_json(args: &[&str]) -> serde_json::Value {
     serde_json::from_str(text.lines().last().unwrap_or("{}")).expect("guest JSON")
 }
 
-/// Start a daemon, run the synthetic guest through it for `secs` with `guest_args`, stop the
-/// daemon. Returns the guest's frame count of `counter` per second, the daemon's CPU per frame and
-/// its drops, and the guest's run time; `during` runs (e.g. reads kernel counters) right before and after the guest.
-fn through_daemon<T>(
-    ns: &Netns,
+/// Run the synthetic guest for `secs` with `guest_args` through the backend at `sock` (process
+/// `pid`), then stop the backend with `stop`, which returns its drops. Returns the guest's frame
+/// count of `counter` per second, the backend's CPU per frame and its drops, and the guest's run
+/// time; `during` runs (e.g. reads kernel counters) right before and after the guest.
+#[allow(clippy::too_many_arguments)]
+fn through_backend<T>(
+    load1: f64,
+    pid: u32,
+    sock: &str,
     secs: f64,
     counter: &str,
     guest_args: &[&str],
     mut during: impl FnMut() -> T,
+    stop: impl FnOnce() -> u64,
 ) -> (Rate, f64, T, T) {
-    let load1 = load1();
-    let d = Daemon::start(ns, TAP, &daemon_args());
-    if let Some((_, daemon_cpu)) = placement() {
-        // The workers are spawned when the guest connects and inherit the main thread's CPUs.
-        pin(d.pid(), daemon_cpu);
-    }
-    let sock = d.socket.to_str().unwrap().to_string();
     let duration = secs.to_string();
-    let mut args = vec!["--socket-path", &sock, "--duration", &duration, "--json"];
+    let mut args = vec!["--socket-path", sock, "--duration", &duration, "--json"];
     args.extend_from_slice(guest_args);
     args.extend(guest_extra_args());
     let before = during();
-    let cpu0 = cpu_ticks(d.pid());
+    let cpu0 = cpu_ticks(pid);
     let guest0 = children_cpu_ns();
     let v = guest_json(&args);
     let guest1 = children_cpu_ns();
-    let cpu1 = cpu_ticks(d.pid());
+    let cpu1 = cpu_ticks(pid);
     let after = during();
-    let drops = stop_daemon(d);
+    let drops = stop();
     let frames = v[counter].as_u64().unwrap_or(0) as f64;
     let elapsed = v["elapsed_secs"].as_f64().unwrap_or(secs);
     // /proc/<pid>/stat counts CPU time in clock ticks of 10 ms.
@@ -366,7 +365,9 @@ fn through_daemon<T>(
     (rate, elapsed, before, after)
 }
 
-/// `through_daemon`, or with `peer` its twin through DPDK.
+/// `through_backend` with a backend started for the run: the daemon, or with `peer` DPDK's
+/// testpmd in its place (its drops: frames it read and could not hand on, counted between the
+/// guest's start and end).
 fn through<T>(
     peer: bool,
     ns: &Netns,
@@ -375,54 +376,31 @@ fn through<T>(
     guest_args: &[&str],
     during: impl FnMut() -> T,
 ) -> (Rate, f64, T, T) {
-    if peer {
-        through_dpdk(ns, secs, counter, guest_args, during)
-    } else {
-        through_daemon(ns, secs, counter, guest_args, during)
-    }
-}
-
-/// `through_daemon` with DPDK's testpmd in the daemon's place. Its drops are frames it read and
-/// could not hand on, counted between the guest's start and end.
-fn through_dpdk<T>(
-    ns: &Netns,
-    secs: f64,
-    counter: &str,
-    guest_args: &[&str],
-    mut during: impl FnMut() -> T,
-) -> (Rate, f64, T, T) {
     let load1 = load1();
-    let mut t = Testpmd::start(ns, TAP);
-    let sock = t.socket.to_str().unwrap().to_string();
-    let duration = secs.to_string();
-    let mut args = vec!["--socket-path", &sock, "--duration", &duration, "--json"];
-    args.extend_from_slice(guest_args);
-    args.extend(guest_extra_args());
-    t.clear_stats();
-    let before = during();
-    let cpu0 = cpu_ticks(t.pid());
-    let guest0 = children_cpu_ns();
-    let v = guest_json(&args);
-    let guest1 = children_cpu_ns();
-    let cpu1 = cpu_ticks(t.pid());
-    let after = during();
-    let stats = t.stop_forwarding();
-    t.quit();
-    if std::env::var("VUT_BENCH_VERBOSE").is_ok() {
-        eprintln!("{stats:?}");
-    }
-    let frames = v[counter].as_u64().unwrap_or(0) as f64;
-    let elapsed = v["elapsed_secs"].as_f64().unwrap_or(secs);
-    let tick_ns = 1e9 / 100.0;
-    let rate = Rate {
-        pps: frames / elapsed,
-        daemon_drops: stats.rx_dropped + stats.tx_dropped,
-        cpu_ns_per_frame: (cpu1 - cpu0) as f64 * tick_ns / frames.max(1.0),
-        guest_cpu_ns_per_frame: (guest1 - guest0) / frames.max(1.0),
-        load1,
-        ..Rate::default()
+    let (pid, sock, stop): (u32, String, Box<dyn FnOnce() -> u64>) = if peer {
+        let mut t = Testpmd::start(ns, TAP);
+        let (pid, sock) = (t.pid(), t.socket.to_str().unwrap().to_string());
+        t.clear_stats();
+        let stop = move || {
+            let stats = t.stop_forwarding();
+            t.quit();
+            if std::env::var("VUT_BENCH_VERBOSE").is_ok() {
+                eprintln!("{stats:?}");
+            }
+            stats.rx_dropped + stats.tx_dropped
+        };
+        (pid, sock, Box::new(stop))
+    } else {
+        let d = Daemon::start(ns, TAP, &daemon_args());
+        if let Some((_, daemon_cpu)) = placement() {
+            // The workers are spawned when the guest connects and inherit the main thread's
+            // CPUs.
+            pin(d.pid(), daemon_cpu);
+        }
+        let (pid, sock) = (d.pid(), d.socket.to_str().unwrap().to_string());
+        (pid, sock, Box::new(move || stop_daemon(d)))
     };
-    (rate, elapsed, before, after)
+    through_backend(load1, pid, &sock, secs, counter, guest_args, during, stop)
 }
 
 /// With VUT_BENCH_PEER=dpdk, a namespace for testpmd: DPDK's tap PMD opens its tap as a

@@ -40,8 +40,8 @@ use std::time::{Duration, Instant};
 
 use vhost_user_tap::tap::Tap;
 use vhost_user_tap_guest::kit::{
-    cpu_ticks, guest_bin, is_root, pin, repo_root, Daemon, Netns, Proc, GUEST_IP, GUEST_PORT,
-    HOST_IP, HOST_PORT,
+    cpu_ticks, guest_bin, is_root, loadavg, pin, repo_root, Daemon, Netns, Proc, GUEST_IP,
+    GUEST_PORT, HOST_IP, HOST_PORT,
 };
 use vhost_user_tap_guest::net::{udp_echo_reply, VIRTIO_NET_HDR_F_NEEDS_CSUM};
 
@@ -312,12 +312,6 @@ struct Row {
     echoed: u64,
     /// The guest's JSON report.
     guest: Option<serde_json::Value>,
-}
-
-fn loadavg() -> String {
-    std::fs::read_to_string("/proc/loadavg")
-        .map(|s| s.trim().to_string())
-        .unwrap_or_default()
 }
 
 /// Nearest-rank percentile of sorted `v`, in µs.

@@ -14,7 +14,6 @@ use crate::backpressure;
 use crate::config::Config;
 use crate::kernel::{KernelSupport, TxPath};
 use crate::pair::PairRest;
-use crate::rx::RxCarry;
 use crate::stats::{FrontendStats, PairStats};
 use crate::tap::Tap;
 use crate::uring::{Op, RxRing, TapRing, TxRing};
@@ -87,8 +86,9 @@ impl Device {
                 tap: Arc::new(t),
                 stats: Arc::new(PairStats::default()),
                 rest: Some(PairRest {
-                    carry: RxCarry::new(rx_ring),
+                    carry: Default::default(),
                     tx_ring,
+                    rx_ring,
                 }),
                 attached: true,
             })

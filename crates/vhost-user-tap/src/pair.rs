@@ -30,7 +30,7 @@ use crate::rx::{Rx, RxCarry, RxError, RxState};
 use crate::stats::{self, PairStats};
 use crate::tap::Tap;
 use crate::tx::{Tx, TxError, TxState};
-use crate::uring::TxRing;
+use crate::uring::{RxRing, TxRing};
 use crate::virtio_net::NetFeatures;
 
 /// RX batches of at least this many frames read the tap off its wait queue (see
@@ -57,12 +57,13 @@ pub struct PairLog {
     pub signal: Notifier,
 }
 
-/// What a stopped pair keeps for its next start: a frame taken from the tap and not delivered
-/// yet, and the TX io_uring (made before seccomp, so it cannot be made again).
+/// What a stopped pair keeps for its next start: frames taken from the tap and not delivered
+/// yet, and the io_urings (made before seccomp, so they cannot be made again).
 #[derive(Default)]
 pub struct PairRest {
     pub carry: RxCarry,
     pub tx_ring: Option<TxRing>,
+    pub rx_ring: Option<RxRing>,
 }
 
 /// Everything a pair starts from.
@@ -125,7 +126,7 @@ pub struct Pair {
     tap: Arc<Tap>,
     stats: Arc<PairStats>,
     busy_poll: Duration,
-    rx: Side<Rx, RxCarry>,
+    rx: Side<Rx, (RxCarry, Option<RxRing>)>,
     tx: Side<Tx, Option<TxRing>>,
 }
 
@@ -149,10 +150,10 @@ impl Pair {
         let rx = match s.rx {
             Some(run) => {
                 let (q, kick, err) = queue(run);
-                let rx = Rx::new(q, s.rest.carry, f, s.mtu, &s.stats);
+                let rx = Rx::new(q, s.rest.carry, s.rest.rx_ring, f, s.mtu, &s.stats);
                 Side::Running { dir: rx, kick, err }
             }
-            None => Side::Idle(s.rest.carry),
+            None => Side::Idle((s.rest.carry, s.rest.rx_ring)),
         };
         let tx = match s.tx {
             Some(run) => {
@@ -174,12 +175,12 @@ impl Pair {
 
     /// Stop: the RX window's unused chains go back to the avail ring.
     pub fn stop(self) -> Stopped {
-        let (rx, carry) = match self.rx {
+        let (rx, (carry, rx_ring)) = match self.rx {
             Side::Running { dir, .. } => {
-                let (q, carry) = dir.into_parts();
-                (Some(q), carry)
+                let (q, carry, ring) = dir.into_parts();
+                (Some(q), (carry, ring))
             }
-            Side::Idle(carry) => (None, carry),
+            Side::Idle(kept) => (None, kept),
         };
         let (tx, tx_ring) = match self.tx {
             Side::Running { dir, .. } => {
@@ -189,7 +190,11 @@ impl Pair {
             Side::Idle(ring) => (None, ring),
         };
         Stopped {
-            rest: PairRest { carry, tx_ring },
+            rest: PairRest {
+                carry,
+                tx_ring,
+                rx_ring,
+            },
             rx,
             tx,
         }

@@ -82,33 +82,22 @@ struct Staged {
     len: usize,
 }
 
+/// Bytes of one staging slot: the largest frame the tap can hand us, with its header.
+const SLOT: usize = HDR_LEN + MAX_GSO_FRAME;
+
 /// What RX keeps across worker restarts and sessions: frames taken from the tap that are not yet
-/// in the guest, the buffers they wait in, and the RX io_uring (made before seccomp, so it cannot
-/// be made again).
+/// in the guest, and the buffer they wait in.
 pub struct RxCarry {
-    /// One frame-sized buffer per read of a batch (just one without an io_uring).
-    slots: Box<[Box<[u8]>]>,
+    /// `RX_BATCH` slots of `SLOT` bytes, one per read of a batch (one allocation, whose pages
+    /// are backed only once touched).
+    staging: Box<[u8]>,
     /// Frames waiting for room in the guest, in the order they were read, at most one per slot.
     staged: VecDeque<Staged>,
     /// The vnet header size the staged frames were read with.
     hdr_len: usize,
-    ring: Option<RxRing>,
 }
 
 impl RxCarry {
-    /// A carry that reads through `ring` in batches, or with readv without one.
-    pub fn new(ring: Option<RxRing>) -> Self {
-        let n = if ring.is_some() { RX_BATCH } else { 1 };
-        RxCarry {
-            slots: (0..n)
-                .map(|_| vec![0u8; HDR_LEN + MAX_GSO_FRAME].into_boxed_slice())
-                .collect(),
-            staged: VecDeque::with_capacity(n),
-            hdr_len: HDR_LEN,
-            ring,
-        }
-    }
-
     /// Whether a frame waits here for room in the guest's RX ring.
     pub fn holds_frame(&self) -> bool {
         !self.staged.is_empty()
@@ -119,24 +108,22 @@ impl RxCarry {
         self.staged.len()
     }
 
-    /// The same frames, read from now on through `ring` (the pair's tap changed).
-    pub fn with_ring(mut self, ring: Option<RxRing>) -> Self {
-        if ring.is_some() && self.slots.len() < RX_BATCH {
-            let mut slots = std::mem::take(&mut self.slots).into_vec();
-            slots.resize_with(RX_BATCH, || {
-                vec![0u8; HDR_LEN + MAX_GSO_FRAME].into_boxed_slice()
-            });
-            self.slots = slots.into_boxed_slice();
-            self.staged.reserve(RX_BATCH);
-        }
-        self.ring = ring;
-        self
+    fn slot(&self, i: usize) -> &[u8] {
+        &self.staging[i * SLOT..(i + 1) * SLOT]
+    }
+
+    fn slot_mut(&mut self, i: usize) -> &mut [u8] {
+        &mut self.staging[i * SLOT..(i + 1) * SLOT]
     }
 }
 
 impl Default for RxCarry {
     fn default() -> Self {
-        RxCarry::new(None)
+        RxCarry {
+            staging: vec![0u8; RX_BATCH * SLOT].into_boxed_slice(),
+            staged: VecDeque::with_capacity(RX_BATCH),
+            hdr_len: HDR_LEN,
+        }
     }
 }
 
@@ -150,9 +137,11 @@ impl RxCarry {
         self.hdr_len = want;
         let offloads = f.tun_offloads();
         let before = self.staged.len();
-        let slots = &mut self.slots;
-        self.staged
-            .retain_mut(|s| adapt_frame(&mut slots[s.slot], &mut s.len, from, want, offloads));
+        let staging = &mut self.staging;
+        self.staged.retain_mut(|s| {
+            let slot = &mut staging[s.slot * SLOT..(s.slot + 1) * SLOT];
+            adapt_frame(slot, &mut s.len, from, want, offloads)
+        });
         (before - self.staged.len()) as u64
     }
 }
@@ -236,6 +225,8 @@ pub struct Rx {
     q: DeviceQueue,
     win: Window,
     carry: RxCarry,
+    /// Reads through io_uring in batches; `None`: one `readv` per frame.
+    ring: Option<RxRing>,
     hdr_len: usize,
     mrg: bool,
     /// Buffer bytes gathered before a read: the largest frame expected with the acked features.
@@ -291,6 +282,7 @@ impl Rx {
     pub fn new(
         q: DeviceQueue,
         mut carry: RxCarry,
+        ring: Option<RxRing>,
         f: NetFeatures,
         mtu: u16,
         stats: &PairStats,
@@ -307,6 +299,7 @@ impl Rx {
             },
             q,
             carry,
+            ring,
             hdr_len,
             mrg,
             target,
@@ -324,8 +317,9 @@ impl Rx {
         }
     }
 
-    /// Give back the queue (unused window chains returned to the avail ring) and the carry.
-    pub fn into_parts(mut self) -> (virtio_queue::Queue, RxCarry) {
+    /// Give back the queue (unused window chains returned to the avail ring), the carry and the
+    /// io_uring.
+    pub fn into_parts(mut self) -> (virtio_queue::Queue, RxCarry, Option<RxRing>) {
         // Exact: the window holds at most a ring of chains (<= 32768).
         #[allow(clippy::cast_possible_truncation)]
         let mut rewind = self.win.chains.len() as u16;
@@ -339,7 +333,7 @@ impl Rx {
             let _ = self.q.publish();
             rewind = 0;
         }
-        (self.q.into_queue(rewind), self.carry)
+        (self.q.into_queue(rewind), self.carry, self.ring)
     }
 
     pub fn state(&self) -> RxState {
@@ -440,7 +434,7 @@ impl Rx {
                     continue;
                 }
             } else {
-                let batching = self.carry.ring.is_some() && self.gather == 0;
+                let batching = self.ring.is_some() && self.gather == 0;
                 if batching {
                     self.fill_window(0, self.batch, t)?;
                 } else {
@@ -541,7 +535,7 @@ impl Rx {
                 .extend(segs.by_ref().take(c.nsegs).map(Segment::iovec));
             cap += c.cap as usize;
         }
-        let staging = &mut self.carry.slots[0];
+        let staging = self.carry.slot_mut(0);
         if cap < staging.len() {
             self.iovs.push(iovec {
                 iov_base: staging[cap..].as_mut_ptr().cast(),
@@ -576,7 +570,8 @@ impl Rx {
 
     /// Read up to `self.batch` frames with one io_uring submission, each into one window chain
     /// with its own staging slot as the tail. Every frame read is delivered or staged before
-    /// this returns, whatever else happens. Returns whether the tap ran out of frames.
+    /// this returns, unless the guest's ring itself fails (which stops the pair). Returns
+    /// whether the tap ran out of frames.
     fn read_batch(&mut self, tap: &Tap, t: &mut Tally) -> Result<bool, RxError> {
         let left = usize::try_from(FRAME_BUDGET.saturating_sub(t.frames)).unwrap_or(1);
         let k = self
@@ -592,7 +587,7 @@ impl Rx {
             .chains
             .iter()
             .take(k)
-            .zip(self.carry.slots.iter_mut())
+            .zip(self.carry.staging.chunks_exact_mut(SLOT))
         {
             let start = self.iovs.len();
             self.iovs
@@ -606,7 +601,7 @@ impl Rx {
             }
             self.ranges.push(start..self.iovs.len());
         }
-        let Some(ring) = self.carry.ring.as_mut() else {
+        let Some(ring) = self.ring.as_mut() else {
             unreachable!("batching needs the ring");
         };
         let frames = self.ranges.iter().map(|r| &self.iovs[r.clone()]);
@@ -617,7 +612,7 @@ impl Rx {
 
         // Chains completed so far in this batch: while every earlier read delivered its frame,
         // read `j`'s chain is the window's front and its frame goes to the guest at once.
-        let mut popped = 0;
+        let (mut popped, mut read) = (0, 0);
         let (mut drained, mut refused) = (false, false);
         let mut failed = None;
         for j in 0..k {
@@ -642,12 +637,13 @@ impl Rx {
                     continue;
                 }
             };
+            read += 1;
             let idx = j - popped;
             let cap = self.win.chains[idx].cap as usize;
             if idx == 0 && n <= cap {
                 self.complete_frame(n, t)?;
                 popped += 1;
-            } else if n > self.carry.slots[j].len() {
+            } else if n > SLOT {
                 // Only a chain larger than a slot reads such a frame whole, and tun never
                 // hands out one larger than a slot; a socket standing in for the tap might.
                 // It cannot wait in order, so it goes, counted.
@@ -666,7 +662,6 @@ impl Rx {
                 t.staged += 1;
             }
         }
-        let read = k - self.results[..k].iter().filter(|&&r| r <= 0).count();
         self.batch = if drained {
             (read + 1).min(RX_BATCH)
         } else {
@@ -677,7 +672,7 @@ impl Rx {
                 "RX: the kernel refuses non-blocking tap reads through io_uring (EOPNOTSUPP); \
                  reading with readv from now on"
             );
-            self.carry.ring = None;
+            self.ring = None;
         }
         match failed {
             Some(e) => Err(e),
@@ -690,7 +685,7 @@ impl Rx {
     /// into the slot, so the whole frame waits there.
     fn stage(&mut self, idx: usize, slot: usize, n: usize, cap: usize) -> Result<(), RxError> {
         let skip: usize = self.win.chains.iter().take(idx).map(|c| c.nsegs).sum();
-        let buf = &mut self.carry.slots[slot];
+        let buf = &mut self.carry.staging[slot * SLOT..(slot + 1) * SLOT];
         let head = n.min(cap);
         let mut off = 0;
         for s in self.win.segs.iter().skip(skip) {
@@ -822,7 +817,7 @@ impl Rx {
             let len = (s.len as usize).min(n - off);
             self.q
                 .memory()
-                .write_slice(&self.carry.slots[slot][off..off + len], s.addr)
+                .write_slice(&self.carry.slot(slot)[off..off + len], s.addr)
                 .map_err(|_| RingError::RingMemory(s.addr.0))?;
             off += len;
         }

@@ -108,10 +108,6 @@ impl TapRing {
         Ok(TapRing { ring, op })
     }
 
-    pub fn op(&self) -> Op {
-        self.op
-    }
-
     /// Whether the tap takes this ring's writes: one write of a single byte, shorter than any
     /// vnet header. A kernel whose tun lacks non-blocking writes refuses it with EOPNOTSUPP
     /// before tun sees it; one that has them passes it to tun, which refuses it with EINVAL

@@ -2,15 +2,13 @@
 //! its log captured, stopped on drop (with its whole process group); its counters read from its
 //! metrics endpoint, which every daemon the kit starts serves.
 
-use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitStatus, Stdio};
-use std::sync::mpsc;
-use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use super::metrics::{counters_when_idle, scrape, Counters};
+use super::process::Lines;
 use super::{daemon_bin, guest_config, Netns, Proc, TempDir, WAIT};
 use crate::{Guest, GuestConfig};
 
@@ -19,8 +17,7 @@ pub struct Daemon {
     // Field order is drop order: the process (and its group) goes before its directory.
     proc: Proc,
     pub socket: PathBuf,
-    log: Arc<Mutex<Vec<String>>>,
-    lines: mpsc::Receiver<String>,
+    lines: Lines,
     /// Reads the daemon's stderr until it closes: joined after exit so the log is complete.
     reader: Option<JoinHandle<()>>,
     /// The daemon's metrics socket, where its counters are read.
@@ -65,25 +62,13 @@ impl Daemon {
         .stdout(Stdio::null())
         .stderr(Stdio::piped());
         let mut proc = Proc::spawn("vhost-user-tap", cmd);
-        let stderr = proc.take_stderr().expect("piped");
-        let log = Arc::new(Mutex::new(Vec::new()));
-        let (tx, rx) = mpsc::channel();
-        let log2 = log.clone();
-        let reader = std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                if std::env::var("VUT_ECHO_DAEMON").is_ok() {
-                    eprintln!("daemon: {line}");
-                }
-                log2.lock().unwrap().push(line.clone());
-                let _ = tx.send(line);
-            }
-        });
+        let stderr = Box::new(proc.take_stderr().expect("piped"));
+        let (lines, reader) = Lines::follow(vec![stderr], "VUT_ECHO_DAEMON", "daemon");
         let mut d = Daemon {
             proc,
             socket,
-            log,
-            lines: rx,
-            reader: Some(reader),
+            lines,
+            reader: reader.into_iter().next(),
             metrics,
             _dir: dir,
         };
@@ -106,22 +91,16 @@ impl Daemon {
 
     /// Wait for a log line containing `needle` (lines already seen do not count twice).
     pub fn wait_for_log(&mut self, needle: &str, timeout: Duration) -> String {
-        let deadline = Instant::now() + timeout;
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            match self.lines.recv_timeout(left) {
-                Ok(l) if l.contains(needle) => return l,
-                Ok(_) => {}
-                Err(_) => panic!(
-                    "daemon did not log {needle:?} within {timeout:?}; log:\n{}",
-                    self.log()
-                ),
-            }
-        }
+        self.lines.wait_for(needle, timeout).unwrap_or_else(|_| {
+            panic!(
+                "daemon did not log {needle:?} within {timeout:?}; log:\n{}",
+                self.log()
+            )
+        })
     }
 
     pub fn log(&self) -> String {
-        self.log.lock().unwrap().join("\n")
+        self.lines.text()
     }
 
     pub fn pid(&self) -> u32 {

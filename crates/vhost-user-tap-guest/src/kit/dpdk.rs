@@ -8,13 +8,12 @@
 //! before the guest starts and "stop" right after it has gone bound its counters to the guest's
 //! run, as the tap's counters are bound for the daemon.
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::path::PathBuf;
 use std::process::{ChildStdin, Stdio};
-use std::sync::mpsc;
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use super::process::Lines;
 use super::{on_path, Netns, Proc, TempDir};
 
 /// What installs testpmd: Debian ships it in dpdk-dev (the dpdk package holds only the
@@ -105,8 +104,7 @@ pub struct Testpmd {
     // Field order is drop order: the process goes before the directory of its socket.
     proc: Proc,
     stdin: Option<ChildStdin>,
-    lines: mpsc::Receiver<String>,
-    log: Arc<Mutex<Vec<String>>>,
+    lines: Lines,
     /// Where its vhost PMD listens for the guest.
     pub socket: PathBuf,
     _dir: TempDir,
@@ -132,27 +130,14 @@ impl Testpmd {
             .stderr(Stdio::piped());
         let mut proc = Proc::spawn_with_stdin(TESTPMD, &mut cmd, Stdio::piped());
         let stdin = proc.take_stdin();
-        let log = Arc::new(Mutex::new(Vec::new()));
-        let (tx, lines) = mpsc::channel();
         let out: Box<dyn Read + Send> = Box::new(proc.take_stdout().expect("piped"));
         let err: Box<dyn Read + Send> = Box::new(proc.take_stderr().expect("piped"));
-        for pipe in [out, err] {
-            let (tx, log) = (tx.clone(), log.clone());
-            std::thread::spawn(move || {
-                for line in BufReader::new(pipe).lines().map_while(Result::ok) {
-                    if std::env::var("VUT_ECHO_DPDK").is_ok() {
-                        eprintln!("testpmd: {line}");
-                    }
-                    log.lock().unwrap().push(line.clone());
-                    let _ = tx.send(line);
-                }
-            });
-        }
+        // The readers end with the pipes, when testpmd exits or its group is killed.
+        let (lines, _readers) = Lines::follow(vec![out, err], "VUT_ECHO_DPDK", "testpmd");
         let mut t = Testpmd {
             proc,
             stdin,
             lines,
-            log,
             socket,
             _dir: dir,
         };
@@ -174,7 +159,7 @@ impl Testpmd {
 
     /// Everything it printed so far.
     pub fn log(&self) -> String {
-        self.log.lock().unwrap().join("\n")
+        self.lines.text()
     }
 
     /// Zero its forwarding counters.
@@ -187,12 +172,12 @@ impl Testpmd {
 
     /// Stop forwarding; its counters since the last `clear_stats` (or its start).
     pub fn stop_forwarding(&mut self) -> FwdStats {
-        let start = self.log.lock().unwrap().len();
+        let start = self.lines.count();
         self.send("stop");
         self.wait_for_line("Accumulated forward statistics", ANSWER);
         // Closes the statistics "stop" prints.
         self.wait_for_line("Done.", ANSWER);
-        let lines = self.log.lock().unwrap()[start..].to_vec();
+        let lines = self.lines.since(start);
         FwdStats::parse(&lines).unwrap_or_else(|| {
             panic!(
                 "no forward statistics from testpmd's \"stop\"; its output:\n{}",
@@ -224,21 +209,15 @@ impl Testpmd {
 
     /// Wait for a line containing `needle` (lines already seen do not count twice).
     fn wait_for_line(&mut self, needle: &str, timeout: Duration) {
-        let deadline = Instant::now() + timeout;
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            match self.lines.recv_timeout(left) {
-                Ok(l) if l.contains(needle) => return,
-                Ok(_) => {}
-                Err(_) => panic!(
-                    "testpmd did not print {needle:?} within {timeout:?} ({}); its output:\n{}",
-                    match self.proc.status() {
-                        Some(st) => Proc::describe(st),
-                        None => "still running".into(),
-                    },
-                    self.log()
-                ),
-            }
+        if self.lines.wait_for(needle, timeout).is_err() {
+            panic!(
+                "testpmd did not print {needle:?} within {timeout:?} ({}); its output:\n{}",
+                match self.proc.status() {
+                    Some(st) => Proc::describe(st),
+                    None => "still running".into(),
+                },
+                self.log()
+            );
         }
     }
 }

@@ -43,7 +43,9 @@ pub use daemon::Daemon;
 pub use dpdk::{FwdStats, Testpmd};
 pub use metrics::{counters_when_idle, scrape, Counters};
 pub use netns::{LinkStats, Netns, Ping};
-pub use process::{cpu_ticks, output_within, pin, proc_status_field, run_within, Proc};
+pub use process::{
+    cpu_ticks, loadavg, output_within, pin, proc_status_field, run_within, Lines, Proc,
+};
 pub use qemu::{
     guest_image, one_vm_at_a_time, qemu_10, qemu_present, qemu_version, GuestImage, SYSTEM_QEMU,
 };

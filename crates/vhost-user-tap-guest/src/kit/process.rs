@@ -5,14 +5,82 @@
 //! without reaping it: until the handle goes, the pid and the group id stay ours, so signalling
 //! them can never hit a recycled pid. Dropping the handle kills the whole group and reaps.
 
-use std::io::{self, Read};
+use std::io::{self, BufRead, BufReader, Read};
 use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::process::{
     Child, ChildStderr, ChildStdin, ChildStdout, Command, ExitStatus, Output, Stdio,
 };
-use std::sync::mpsc;
+use std::sync::{mpsc, Arc, Mutex};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
+
+/// What a child prints, line by line, from pipes read by threads of their own: kept whole for
+/// messages, and handed on as it comes so a test can wait for a line.
+pub struct Lines {
+    log: Arc<Mutex<Vec<String>>>,
+    rx: mpsc::Receiver<String>,
+}
+
+/// A line `Lines::wait_for` did not see within its timeout.
+#[derive(Debug)]
+pub struct NotSeen;
+
+impl Lines {
+    /// Follow `pipes` until each closes; with the environment variable `echo` set, every line
+    /// also goes to stderr after `prefix`. Returns the readers to join for a complete log.
+    pub fn follow(
+        pipes: Vec<Box<dyn Read + Send>>,
+        echo: &'static str,
+        prefix: &'static str,
+    ) -> (Lines, Vec<JoinHandle<()>>) {
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let (tx, rx) = mpsc::channel();
+        let readers = pipes
+            .into_iter()
+            .map(|pipe| {
+                let (tx, log) = (tx.clone(), log.clone());
+                thread::spawn(move || {
+                    for line in BufReader::new(pipe).lines().map_while(Result::ok) {
+                        if std::env::var(echo).is_ok() {
+                            eprintln!("{prefix}: {line}");
+                        }
+                        log.lock().unwrap().push(line.clone());
+                        let _ = tx.send(line);
+                    }
+                })
+            })
+            .collect();
+        (Lines { log, rx }, readers)
+    }
+
+    /// The next line containing `needle`, within `timeout`.
+    pub fn wait_for(&self, needle: &str, timeout: Duration) -> Result<String, NotSeen> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.rx.recv_timeout(left) {
+                Ok(l) if l.contains(needle) => return Ok(l),
+                Ok(_) => {}
+                Err(_) => return Err(NotSeen),
+            }
+        }
+    }
+
+    /// How many lines were printed so far.
+    pub fn count(&self) -> usize {
+        self.log.lock().unwrap().len()
+    }
+
+    /// The lines printed after the first `start`.
+    pub fn since(&self, start: usize) -> Vec<String> {
+        self.log.lock().unwrap()[start..].to_vec()
+    }
+
+    /// Everything printed so far.
+    pub fn text(&self) -> String {
+        self.log.lock().unwrap().join("\n")
+    }
+}
 
 /// A child process in a process group of its own, killed with its group on drop.
 pub struct Proc {
@@ -246,6 +314,14 @@ pub fn proc_status_field(pid: u32, field: &str) -> String {
 
 /// CPU time (user + system) process `pid` has used so far, in clock ticks (`/proc/<pid>/stat`;
 /// 100 per second on Linux).
+/// The machine's load, as /proc/loadavg says it (empty if unreadable): benchmarks report it
+/// with their results.
+pub fn loadavg() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .map(|s| s.trim().to_string())
+        .unwrap_or_default()
+}
+
 pub fn cpu_ticks(pid: u32) -> u64 {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))
         .unwrap_or_else(|e| panic!("/proc/{pid}/stat: {e}"));
