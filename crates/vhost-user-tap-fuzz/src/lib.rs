@@ -13,6 +13,7 @@
 
 mod datapath;
 mod input;
+mod reference;
 mod ring;
 mod session;
 

@@ -346,6 +346,9 @@ fn through_backend<T>(
     let cpu0 = cpu_ticks(pid);
     let guest0 = children_cpu_ns();
     let v = guest_json(&args);
+    if std::env::var("VUT_BENCH_VERBOSE").is_ok() {
+        eprintln!("guest: {v}");
+    }
     let guest1 = children_cpu_ns();
     let cpu1 = cpu_ticks(pid);
     let after = during();

@@ -167,29 +167,45 @@ impl Tx {
     /// the state TX is left in.
     pub fn process(&mut self, tap: &Tap, stats: &PairStats) -> Result<TxState, TxError> {
         let mut t = Tally::default();
-        let result = self.run_batch(tap, &mut t);
-        // Counted before the publish, as in RX: the guest never sees more than the counters.
-        stats::add(&stats.tx_frames, t.frames);
-        stats::add(&stats.tx_bytes, t.bytes);
-        stats::add(&stats.tx_dropped_bad_desc, t.bad);
-        stats::add(&stats.tx_dropped_tap_error, t.refused);
-        stats::add(&stats.tx_blocked, t.blocked);
-        stats::add(&stats.tx_io_uring_fallbacks, t.uring_fallbacks);
+        let result = self.run_batch(tap, stats, &mut t);
         if let Err(TxError::TapRefusesAll { .. }) = &result {
             stats::inc(&stats.tx_stops_tap_refusing);
         }
+        self.settle(stats, &mut t)?;
+        let state = result?;
+        self.state = state;
+        Ok(state)
+    }
+
+    /// Count what was done since the last settle, then publish the used entries and interrupt
+    /// the guest if it asked for it. Done after every batch, not once per `process`: a guest
+    /// that waits for room (Linux's delayed TX interrupt asks for one at 3/4 of the ring) learns
+    /// of it one batch after the point it asked for, not up to a whole budget later, so it
+    /// refills before the ring runs dry.
+    fn settle(&mut self, stats: &PairStats, t: &mut Tally) -> Result<(), TxError> {
+        // Counted before the publish, as in RX: the guest never sees more than the counters.
+        let c = std::mem::take(&mut t.counted);
+        stats::add(&stats.tx_frames, c.frames);
+        stats::add(&stats.tx_bytes, c.bytes);
+        stats::add(&stats.tx_dropped_bad_desc, c.bad);
+        stats::add(&stats.tx_dropped_tap_error, c.refused);
+        stats::add(&stats.tx_blocked, c.blocked);
+        stats::add(&stats.tx_io_uring_fallbacks, c.uring_fallbacks);
         let published = self.q.publish().and_then(|_| self.q.interrupt());
         if let Ok(true) = published {
             stats::inc(&stats.tx_interrupts);
         }
         stats::add(&stats.dirty_pages_logged, self.q.take_logged());
         published?;
-        let state = result?;
-        self.state = state;
-        Ok(state)
+        Ok(())
     }
 
-    fn run_batch(&mut self, tap: &Tap, t: &mut Tally) -> Result<TxState, TxError> {
+    fn run_batch(
+        &mut self,
+        tap: &Tap,
+        stats: &PairStats,
+        t: &mut Tally,
+    ) -> Result<TxState, TxError> {
         self.q.suppress_kicks()?;
         loop {
             if t.spent() {
@@ -212,6 +228,7 @@ impl Tx {
                 if let Some(stop) = self.complete(tap, t)? {
                     return stop;
                 }
+                self.settle(stats, t)?;
             }
             if budget_hit {
                 return Ok(TxState::Ready);
@@ -302,7 +319,7 @@ impl Tx {
                 }
             }
             self.ring = None;
-            t.uring_fallbacks += 1;
+            t.counted.uring_fallbacks += 1;
         } else {
             results.fill(PENDING);
         }
@@ -370,8 +387,7 @@ impl Tx {
                     // The kernel could not read a guest buffer: the guest's memory, not the tap.
                     fault |= r == -libc::EFAULT;
                     if r >= 0 {
-                        t.frames += 1;
-                        t.bytes += u64::from(len) - self.hdr_len as u64;
+                        t.sent(u64::from(len) - self.hdr_len as u64);
                         self.refusing = None;
                     } else {
                         if let Some(s) = self.refused_log.allow() {
@@ -387,7 +403,7 @@ impl Tx {
                                 ratelog::suppressed(s)
                             );
                         }
-                        t.refused += 1;
+                        t.counted.refused += 1;
                         match &mut self.refusing {
                             Some(run) if run.errno == -r => run.frames += 1,
                             _ => {
@@ -404,7 +420,7 @@ impl Tx {
                     if let Some(s) = self.bad_log.allow() {
                         warn!("TX chain {head} rejected: {e}{}", ratelog::suppressed(s));
                     }
-                    t.bad += 1;
+                    t.counted.bad += 1;
                 }
             }
             self.q.add_used(head, 0)?;
@@ -441,7 +457,7 @@ impl Tx {
             return tap_gone();
         }
         // The frame stays in the ring until the tap has room.
-        t.blocked += 1;
+        t.counted.blocked += 1;
         Ok(Some(Ok(TxState::TapFull)))
     }
 }
@@ -489,6 +505,14 @@ struct Tally {
     visited: u64,
     frames: u64,
     bytes: u64,
+    /// What the counters have not been told yet (`Tx::settle`).
+    counted: Counts,
+}
+
+#[derive(Default)]
+struct Counts {
+    frames: u64,
+    bytes: u64,
     bad: u64,
     refused: u64,
     blocked: u64,
@@ -496,6 +520,13 @@ struct Tally {
 }
 
 impl Tally {
+    fn sent(&mut self, bytes: u64) {
+        self.frames += 1;
+        self.bytes += bytes;
+        self.counted.frames += 1;
+        self.counted.bytes += bytes;
+    }
+
     fn spent(&self) -> bool {
         self.frames >= FRAME_BUDGET
             || self.bytes >= BYTE_BUDGET

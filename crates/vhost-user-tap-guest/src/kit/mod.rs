@@ -85,7 +85,10 @@ fn workspace_bin(env: &str, package: &str, name: &str) -> String {
     }
     let dir = profile_dir();
     let path = dir.join(name);
-    if !path.exists() {
+    // Under cargo (tests, benches), always: cargo builds only the package under test, and a
+    // binary left from an older build would be run silently. Without cargo (the kernel lab's
+    // VM), only when it is missing.
+    if !path.exists() || std::env::var_os("CARGO").is_some() {
         let mut cmd = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
         cmd.current_dir(repo_root())
             .args(["build", "--quiet", "-p", package, "--bin", name]);
