@@ -40,8 +40,8 @@ use std::time::{Duration, Instant};
 
 use vhost_user_tap::tap::Tap;
 use vhost_user_tap_guest::kit::{
-    cpu_ticks, guest_bin, is_root, loadavg, pin, repo_root, Daemon, Netns, Proc, GUEST_IP,
-    GUEST_PORT, HOST_IP, HOST_PORT,
+    cpu_ticks, daemon_bin, guest_bin, is_root, loadavg, pin, repo_root, Daemon, Netns, Proc,
+    GUEST_IP, GUEST_PORT, HOST_IP, HOST_PORT,
 };
 use vhost_user_tap_guest::net::{udp_echo_reply, VIRTIO_NET_HDR_F_NEEDS_CSUM};
 
@@ -421,6 +421,8 @@ fn main() {
         eprintln!("latency benchmark: {why}");
         std::process::exit(1);
     }
+    // Both binaries built before anything is timed.
+    let _ = (daemon_bin(), guest_bin());
     let s = Settings {
         count: env("VUT_LAT_COUNT").unwrap_or(50_000),
         secs: env("VUT_LAT_SECS"),
