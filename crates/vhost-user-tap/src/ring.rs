@@ -15,7 +15,7 @@
 //!   (the lookups and copies were 40-60 ns of every frame); avail chains are popped in batches
 //!   with one read of the avail index.
 //!
-//! The chain walk (`walk_chain`) follows `virtio_queue::DescriptorChain` rule for rule (when a
+//! The chain walk (`Walk::chain`) follows `virtio_queue::DescriptorChain` rule for rule (when a
 //! chain ends, indirect tables, the 4 GiB limit), so a guest sees the same device whichever
 //! parses its rings; the ring fuzz target runs both on every input and fails on any difference.
 //!
