@@ -5,7 +5,7 @@
 //! chain by chain.
 
 use vhost_user_tap::ring::{ChainError, Segment, MAX_CHAIN_DESCS, MAX_CHAIN_SEGS};
-use virtio_queue::{AvailIter, DescriptorChain, Queue, QueueOwnedT, QueueT};
+use virtio_queue::{AvailIter, DescriptorChain, Queue, QueueT};
 use vm_memory::{Address, GuestMemoryBackend, GuestMemoryMmap};
 
 /// A second queue at the same addresses and position, for `virtio_queue` to iterate.
@@ -26,14 +26,6 @@ pub fn twin(q: &Queue) -> Queue {
 
 /// One chain: head, result, segments (guest address, length, host address).
 pub type Chain = (u16, Result<u32, ChainError>, Vec<(u64, u32, usize)>);
-
-/// `virtio_queue`'s iterator over the avail ring of `q` (Err when it refuses the ring).
-pub fn iter<'a>(
-    q: &'a mut Queue,
-    mem: &'a GuestMemoryMmap,
-) -> Result<AvailIter<'a, &'a GuestMemoryMmap>, virtio_queue::Error> {
-    q.iter(mem)
-}
 
 /// The next chain of `it`, mapped as the daemon maps it, or None when none is posted.
 pub fn next_chain(

@@ -22,7 +22,7 @@ use std::sync::Arc;
 use vhost_user_tap::ring::{
     ChainError, DeviceQueue, Notifier, RingError, Segment, Verdict, MAX_CHAIN_DESCS, MAX_CHAIN_SEGS,
 };
-use virtio_queue::{Queue, QueueT};
+use virtio_queue::{Queue, QueueOwnedT, QueueT};
 use vm_memory::{
     Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion,
     MemoryRegionAddress,
@@ -246,7 +246,7 @@ fn pop(
     // virtio-queue on a twin of the queue, in step with the pop (a chain completed in the
     // batch writes the used ring, which may overlap what the next chain reads).
     let mut twin = reference::twin(&dq.queue);
-    let mut ref_iter = reference::iter(&mut twin, mem);
+    let mut ref_iter = twin.iter(mem);
     let res = dq.pop_batch(device_writes, min_len, max, segs, |head, res, segs| {
         let k = shown;
         shown += 1;

@@ -231,14 +231,24 @@ struct Desc {
 }
 
 impl Desc {
-    fn from_le_bytes(b: [u8; DESC_SIZE]) -> Desc {
-        let [a0, a1, a2, a3, a4, a5, a6, a7, l0, l1, l2, l3, f0, f1, n0, n1] = b;
+    /// The descriptor from its two 8-byte halves, as numbers: the address, then length, flags
+    /// and next.
+    // The second half's fields, by position.
+    #[allow(clippy::cast_possible_truncation)]
+    fn from_halves(lo: u64, hi: u64) -> Desc {
         Desc {
-            addr: u64::from_le_bytes([a0, a1, a2, a3, a4, a5, a6, a7]),
-            len: u32::from_le_bytes([l0, l1, l2, l3]),
-            flags: u16::from_le_bytes([f0, f1]),
-            next: u16::from_le_bytes([n0, n1]),
+            addr: lo,
+            len: hi as u32,
+            flags: (hi >> 32) as u16,
+            next: (hi >> 48) as u16,
         }
+    }
+
+    // The halves of a u128, by position.
+    #[allow(clippy::cast_possible_truncation)]
+    fn from_le_bytes(b: [u8; DESC_SIZE]) -> Desc {
+        let x = u128::from_le_bytes(b);
+        Desc::from_halves(x as u64, (x >> 64) as u64)
     }
 }
 
@@ -285,15 +295,7 @@ impl Table {
                             std::ptr::read_volatile(p.add(8).cast::<u64>()),
                         )
                     };
-                    let hi = u64::from_le(hi);
-                    // The second half's fields: len, flags, next.
-                    #[allow(clippy::cast_possible_truncation)]
-                    return Some(Desc {
-                        addr: u64::from_le(lo),
-                        len: hi as u32,
-                        flags: (hi >> 32) as u16,
-                        next: (hi >> 48) as u16,
-                    });
+                    return Some(Desc::from_halves(u64::from_le(lo), u64::from_le(hi)));
                 }
                 // SAFETY: as above, read as bytes (no alignment needed).
                 let bytes = unsafe { std::ptr::read_volatile(p.cast::<[u8; DESC_SIZE]>()) };
@@ -849,19 +851,24 @@ mod tests {
         d
     }
 
-    /// A ring of `SIZE` in `mem` with the descriptors `table` written at `at`, and `heads`
-    /// posted; returns what one pop of TX (device-readable) chains shows.
-    fn pop(mem: GuestMemoryMmap, at: u64, table: &[[u8; DESC_SIZE]], heads: &[u16]) -> Vec<Shown> {
+    /// Write the descriptors `table` at guest address `at`.
+    fn write_table(mem: &GuestMemoryMmap, at: u64, table: &[[u8; DESC_SIZE]]) {
+        for (i, d) in table.iter().enumerate() {
+            mem.write_slice(d, GuestAddress(at + (DESC_SIZE * i) as u64))
+                .unwrap();
+        }
+    }
+
+    /// A ring of `SIZE` in `mem` with `table` as its descriptor table, and `heads` posted;
+    /// returns what one pop of TX (device-readable) chains shows.
+    fn pop(mem: GuestMemoryMmap, table: &[[u8; DESC_SIZE]], heads: &[u16]) -> Vec<Shown> {
         let mem = Arc::new(mem);
         let mut q = Queue::new(SIZE).unwrap();
         q.try_set_desc_table_address(GuestAddress(DESC)).unwrap();
         q.try_set_avail_ring_address(GuestAddress(AVAIL)).unwrap();
         q.try_set_used_ring_address(GuestAddress(USED)).unwrap();
         q.set_ready(true);
-        for (i, d) in table.iter().enumerate() {
-            mem.write_slice(d, GuestAddress(at + (DESC_SIZE * i) as u64))
-                .unwrap();
-        }
+        write_table(&mem, DESC, table);
         for (i, h) in heads.iter().enumerate() {
             mem.write_obj(*h, GuestAddress(AVAIL + 4 + 2 * i as u64))
                 .unwrap();
@@ -892,66 +899,63 @@ mod tests {
     fn chains_end_where_virtio_queue_ends_them() {
         let mem = || memory(&[(0, 0x10000)]);
         let ok = |len| Ok(len);
-        // Two descriptors, then one through an indirect table of two.
+        // Two descriptors; then two through an indirect table.
         let shown = pop(
             mem(),
-            DESC,
-            &[
-                desc(0x4000, 12, NEXT, 1),
-                desc(0x5000, 60, 0, 0),
-                desc(0x6000, 32, INDIRECT, 0),
-            ],
-            &[0, 2],
+            &[desc(0x4000, 12, NEXT, 1), desc(0x5000, 60, 0, 0)],
+            &[0],
         );
         assert_eq!(shown[0], (0, ok(72), vec![(0x4000, 12), (0x5000, 60)]));
         let mem2 = mem();
-        mem2.write_slice(&desc(0x7000, 10, NEXT, 1), GuestAddress(0x6000))
-            .unwrap();
-        mem2.write_slice(&desc(0x8000, 20, 0, 0), GuestAddress(0x6010))
-            .unwrap();
-        let shown = pop(mem2, DESC, &[desc(0x6000, 32, INDIRECT, 0)], &[0]);
+        write_table(
+            &mem2,
+            0x6000,
+            &[desc(0x7000, 10, NEXT, 1), desc(0x8000, 20, 0, 0)],
+        );
+        let shown = pop(mem2, &[desc(0x6000, 32, INDIRECT, 0)], &[0]);
         assert_eq!(shown[0], (0, ok(30), vec![(0x7000, 10), (0x8000, 20)]));
 
         // An indirect table at an odd address (read byte by byte).
         let mem2 = mem();
-        mem2.write_slice(&desc(0x7000, 10, NEXT, 1), GuestAddress(0x6003))
-            .unwrap();
-        mem2.write_slice(&desc(0x8000, 20, 0, 0), GuestAddress(0x6013))
-            .unwrap();
-        let shown = pop(mem2, DESC, &[desc(0x6003, 32, INDIRECT, 0)], &[0]);
+        write_table(
+            &mem2,
+            0x6003,
+            &[desc(0x7000, 10, NEXT, 1), desc(0x8000, 20, 0, 0)],
+        );
+        let shown = pop(mem2, &[desc(0x6003, 32, INDIRECT, 0)], &[0]);
         assert_eq!(shown[0], (0, ok(30), vec![(0x7000, 10), (0x8000, 20)]));
 
         let truncated = Err(ChainError::Truncated);
         // A loop: ends after as many descriptors as the table holds.
         let shown = pop(
             mem(),
-            DESC,
             &[desc(0x4000, 1, NEXT, 1), desc(0x4000, 1, NEXT, 0)],
             &[0],
         );
         assert_eq!(shown[0].1, truncated);
         // A next index outside the table.
-        let shown = pop(mem(), DESC, &[desc(0x4000, 1, NEXT, SIZE)], &[0]);
+        let shown = pop(mem(), &[desc(0x4000, 1, NEXT, SIZE)], &[0]);
         assert_eq!(shown[0].1, truncated);
         // A head outside the table: nothing to walk.
-        let shown = pop(mem(), DESC, &[], &[SIZE]);
+        let shown = pop(mem(), &[], &[SIZE]);
         assert_eq!(shown[0], (SIZE, Err(ChainError::Empty), vec![]));
         // A table inside a table: the chain ends at it.
         let mem2 = mem();
-        mem2.write_slice(&desc(0x7000, 10, NEXT, 1), GuestAddress(0x6000))
-            .unwrap();
-        mem2.write_slice(&desc(0x6000, 32, INDIRECT, 0), GuestAddress(0x6010))
-            .unwrap();
-        let shown = pop(mem2, DESC, &[desc(0x6000, 32, INDIRECT, 0)], &[0]);
+        write_table(
+            &mem2,
+            0x6000,
+            &[desc(0x7000, 10, NEXT, 1), desc(0x6000, 32, INDIRECT, 0)],
+        );
+        let shown = pop(mem2, &[desc(0x6000, 32, INDIRECT, 0)], &[0]);
         assert_eq!(shown[0].1, truncated);
         // An indirect table whose length is not a whole number of descriptors.
-        let shown = pop(mem(), DESC, &[desc(0x6000, 24, INDIRECT, 0)], &[0]);
+        let shown = pop(mem(), &[desc(0x6000, 24, INDIRECT, 0)], &[0]);
         assert_eq!(shown[0].1, Err(ChainError::Empty));
         // An indirect table outside guest memory.
-        let shown = pop(mem(), DESC, &[desc(0x20000, 32, INDIRECT, 0)], &[0]);
+        let shown = pop(mem(), &[desc(0x20000, 32, INDIRECT, 0)], &[0]);
         assert_eq!(shown[0].1, Err(ChainError::Empty));
         // A buffer outside guest memory.
-        let shown = pop(mem(), DESC, &[desc(0xff00, 0x200, 0, 0)], &[0]);
+        let shown = pop(mem(), &[desc(0xff00, 0x200, 0, 0)], &[0]);
         let bad = ChainError::BadAddress {
             addr: 0xff00,
             len: 0x200,
@@ -964,12 +968,7 @@ mod tests {
         // Mapped, never touched: the walk only translates addresses.
         let mem = memory(&[(0, 0x1_0000_1000)]);
         let half = 0x8000_0000;
-        let shown = pop(
-            mem,
-            DESC,
-            &[desc(0, half, NEXT, 1), desc(0, half, 0, 0)],
-            &[0],
-        );
+        let shown = pop(mem, &[desc(0, half, NEXT, 1), desc(0, half, 0, 0)], &[0]);
         assert_eq!(shown[0].1, Err(ChainError::Truncated));
     }
 
@@ -980,7 +979,6 @@ mod tests {
         let mem = memory(&[(0, 0x1010), (0x1010, 0xf000)]);
         let shown = pop(
             mem,
-            DESC,
             &[desc(0x1000, 12, NEXT, 1), desc(0x0ff0, 0x40, 0, 0)],
             &[0],
         );
