@@ -12,8 +12,8 @@
 //!
 //! The sandbox stays closed. io_uring operations do not pass through seccomp, so each ring is
 //! made before the filter is installed, disabled (IORING_SETUP_R_DISABLED) until it is locked
-//! down: exactly one registered file, the pair's tap queue; READV only for an RX ring, and
-//! WRITEV and WRITE only for a TX ring; IOSQE_FIXED_FILE required, so no other descriptor can be named; no
+//! down: exactly one registered file, the pair's tap queue; READV and READ only for an RX ring,
+//! and WRITEV and WRITE only for a TX ring; IOSQE_FIXED_FILE required, so no other descriptor can be named; no
 //! registration operation allowed afterwards except unregistering the files. The filter then
 //! allows `io_uring_enter`, `io_uring_register` only to unregister files, and not
 //! `io_uring_setup`, so the only thing any ring in the process can ever do is read or write
@@ -98,9 +98,9 @@ impl TapRing {
             .build(entries as u32)?;
         let s = ring.submitter();
         s.register_files(&[tap.as_raw_fd()])?;
-        // A write ring also writes frames in one piece with WRITE (no iovec array to copy in).
+        // Frames in one piece go with READ or WRITE (no iovec array to copy in).
         let single = match op {
-            Op::Read => code,
+            Op::Read => opcode::Read::CODE,
             Op::Write => opcode::Write::CODE,
         };
         s.register_restrictions(&mut [
@@ -182,6 +182,13 @@ impl TapRing {
                     (Op::Write, _) => opcode::Writev::new(types::Fixed(0), iov.as_ptr(), n_iov)
                         .rw_flags(libc::RWF_NOWAIT)
                         .build(),
+                    // Exact: a staging slot's or one descriptor's length fits a u32.
+                    #[allow(clippy::cast_possible_truncation)]
+                    (Op::Read, [one]) => {
+                        opcode::Read::new(types::Fixed(0), one.iov_base.cast(), one.iov_len as u32)
+                            .rw_flags(libc::RWF_NOWAIT)
+                            .build()
+                    }
                     (Op::Read, _) => opcode::Readv::new(types::Fixed(0), iov.as_ptr(), n_iov)
                         .rw_flags(libc::RWF_NOWAIT)
                         .build(),
