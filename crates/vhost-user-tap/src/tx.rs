@@ -266,6 +266,8 @@ impl Tx {
                     Ok(l) => {
                         *garbage = 0;
                         bytes += u64::from(l) - hdr_len;
+                        // The header and the frame's start, often two segments.
+                        segs.iter().take(2).for_each(Segment::prefetch);
                         iovs.extend(segs.iter().map(Segment::iovec));
                     }
                     Err(_) => *garbage += 1,
