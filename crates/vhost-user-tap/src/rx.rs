@@ -4,8 +4,8 @@
 //! - A frame is read from the tap only into a place that will deliver it: guest buffers, or the
 //!   pair's staging buffer (small frames, below). A frame larger than the gathered buffers lands
 //!   (partly) in staging and stays there, owned by the pair, until the guest posts room for it;
-//!   it survives worker restarts and reconnects. No frame taken from the tap is
-//!   dropped, except one no guest buffer can ever hold (counted as `rx_dropped_oversize`).
+//!   it survives worker restarts and reconnects. No frame taken from the tap is dropped, except
+//!   one no guest buffer can ever hold (counted as `rx_dropped_oversize`).
 //! - Popped chains sit in a window until used, so a frame never needs chains to be popped twice
 //!   and rolled back (the rollback is what makes `Queue::enable_notification` spin and stall).
 //!   On stop the window is returned to the avail ring (`into_queue`).
@@ -24,11 +24,11 @@
 //!   (`COPY_MAX`); both are lossless, so a wrong guess costs time only.
 //! - Reads go to the kernel in batches through io_uring where the kernel allows it (`uring`):
 //!   up to `RX_BATCH` reads with one `io_uring_enter`, each into a staging slot of its own (or
-//!   one guest chain with that slot as the tail), so small frames cost no syscall of their own. A read the tap
-//!   had no frame for fails at once (RWF_NOWAIT), and the batch size follows how many frames the
-//!   tap held. Frames go to the guest in the order they were read: a frame that outgrew its
-//!   chain, or came after a read that got nothing, waits in its slot (staged) with every frame
-//!   after it, and all are delivered from there, in order, as room allows. A frame that outgrew
+//!   one guest chain with that slot as the tail), so small frames cost no syscall of their own.
+//!   A read the tap had no frame for fails at once (RWF_NOWAIT), and the batch size follows how
+//!   many frames the tap held. Frames go to the guest in the order they were read: a frame that
+//!   outgrew its chain, or came after a read that got nothing, waits in its slot (staged) with
+//!   every frame after it, and all are delivered from there, in order, as room allows. A frame that outgrew
 //!   one chain (large frames, mergeable buffers) also switches RX to gathering reads, one
 //!   `readv` per frame over as many chains as the largest frame needs, until
 //!   `GATHER_FRAMES` frames in a row would have fitted one chain: large frames land in guest

@@ -13,10 +13,10 @@
 //! The sandbox stays closed. io_uring operations do not pass through seccomp, so each ring is
 //! made before the filter is installed, disabled (IORING_SETUP_R_DISABLED) until it is locked
 //! down: exactly one registered file, the pair's tap queue; READV and READ only for an RX ring,
-//! and WRITEV and WRITE only for a TX ring; IOSQE_FIXED_FILE required, so no other descriptor can be named; no
-//! registration operation allowed afterwards except unregistering the files. The filter then
-//! allows `io_uring_enter`, `io_uring_register` only to unregister files, and not
-//! `io_uring_setup`, so the only thing any ring in the process can ever do is read or write
+//! and WRITEV and WRITE only for a TX ring; IOSQE_FIXED_FILE required, so no other descriptor
+//! can be named; no registration operation allowed afterwards except unregistering the files.
+//! The filter then allows `io_uring_enter`, `io_uring_register` only to unregister files, and
+//! not `io_uring_setup`, so the only thing any ring in the process can ever do is read or write
 //! frames of its tap, which `readv` and `writev` could do anyway.
 //!
 //! Letting go of the tap: the kernel frees a closed ring, and drops the files registered with
