@@ -928,24 +928,17 @@ mod tests {
             &[0],
         );
         assert_eq!(shown[0], (0, ok(72), vec![(0x4000, 12), (0x5000, 60)]));
-        let mem2 = mem();
-        write_table(
-            &mem2,
-            0x6000,
-            &[desc(0x7000, 10, NEXT, 1), desc(0x8000, 20, 0, 0)],
-        );
-        let shown = pop(mem2, &[desc(0x6000, 32, INDIRECT, 0)], &[0]);
-        assert_eq!(shown[0], (0, ok(30), vec![(0x7000, 10), (0x8000, 20)]));
-
-        // An indirect table at an odd address (read byte by byte).
-        let mem2 = mem();
-        write_table(
-            &mem2,
-            0x6003,
-            &[desc(0x7000, 10, NEXT, 1), desc(0x8000, 20, 0, 0)],
-        );
-        let shown = pop(mem2, &[desc(0x6003, 32, INDIRECT, 0)], &[0]);
-        assert_eq!(shown[0], (0, ok(30), vec![(0x7000, 10), (0x8000, 20)]));
+        // An indirect table, aligned and at an odd address (read byte by byte).
+        for table in [0x6000, 0x6003] {
+            let mem2 = mem();
+            write_table(
+                &mem2,
+                table,
+                &[desc(0x7000, 10, NEXT, 1), desc(0x8000, 20, 0, 0)],
+            );
+            let shown = pop(mem2, &[desc(table, 32, INDIRECT, 0)], &[0]);
+            assert_eq!(shown[0], (0, ok(30), vec![(0x7000, 10), (0x8000, 20)]));
+        }
 
         let truncated = Err(ChainError::Truncated);
         // A loop: ends after as many descriptors as the table holds.

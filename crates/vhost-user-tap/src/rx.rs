@@ -586,8 +586,7 @@ impl Rx {
         } else {
             // The frame outgrew the gathered buffers: move its head into staging so the whole
             // frame waits in one place for the guest to post room.
-            self.stage(0, 0, n, cap)?;
-            t.staged += 1;
+            self.stage(0, 0, n, cap, t)?;
         }
         Ok(true)
     }
@@ -682,19 +681,12 @@ impl Rx {
                 // Only a chain larger than a slot reads such a frame whole, and tun never
                 // hands out one larger than a slot; a socket standing in for the tap might.
                 // It cannot wait in order, so it goes, counted.
-                if let Some(s) = self.oversize_log.allow() {
-                    error!(
-                        "RX frame of {n} bytes dropped: larger than a staging slot{}",
-                        ratelog::suppressed(s)
-                    );
-                }
-                t.oversize += 1;
+                self.drop_oversize(n, t);
             } else {
                 if self.mrg && n > cap {
                     self.gather = GATHER_FRAMES;
                 }
-                self.stage(idx, j, n, cap)?;
-                t.staged += 1;
+                self.stage(idx, j, n, cap, t)?;
             }
         }
         if read > 0 {
@@ -721,7 +713,14 @@ impl Rx {
     /// Stage a frame of `n` bytes read into window chain `idx` (capacity `cap`, the first of the
     /// chains the read had if it had several) and the tail of slot `slot`: its head is copied
     /// into the slot, so the whole frame waits there.
-    fn stage(&mut self, idx: usize, slot: usize, n: usize, cap: usize) -> Result<(), RxError> {
+    fn stage(
+        &mut self,
+        idx: usize,
+        slot: usize,
+        n: usize,
+        cap: usize,
+        t: &mut Tally,
+    ) -> Result<(), RxError> {
         let skip: usize = self.win.chains.iter().take(idx).map(|c| c.nsegs).sum();
         let buf = &mut self.carry.staging[slot * SLOT..(slot + 1) * SLOT];
         let head = n.min(cap);
@@ -737,8 +736,7 @@ impl Rx {
                 .map_err(|_| RingError::RingMemory(s.addr.0))?;
             off += len;
         }
-        self.carry.staged.push_back(Staged { slot, len: n });
-        self.carry.hdr_len = self.hdr_len;
+        self.hold(slot, n, t);
         Ok(())
     }
 
@@ -865,23 +863,33 @@ impl Rx {
         if n > SLOT {
             // Truncated (tun reports a frame's whole length): tun never hands out one larger
             // than a slot.
-            if let Some(s) = self.oversize_log.allow() {
-                error!(
-                    "RX frame of {n} bytes dropped: larger than a staging slot{}",
-                    ratelog::suppressed(s)
-                );
-            }
-            t.oversize += 1;
+            self.drop_oversize(n, t);
             return Ok(());
         }
         if self.carry.staged.is_empty() && self.room() >= n {
             self.copy_in(slot, n);
             return self.complete_frame(n, t);
         }
+        self.hold(slot, n, t);
+        Ok(())
+    }
+
+    /// A frame of `n` bytes now whole in staging slot `slot` waits there for room, in order.
+    fn hold(&mut self, slot: usize, n: usize, t: &mut Tally) {
         self.carry.staged.push_back(Staged { slot, len: n });
         self.carry.hdr_len = self.hdr_len;
         t.staged += 1;
-        Ok(())
+    }
+
+    /// A frame of `n` bytes, more than a staging slot holds, is dropped and counted.
+    fn drop_oversize(&mut self, n: usize, t: &mut Tally) {
+        if let Some(s) = self.oversize_log.allow() {
+            error!(
+                "RX frame of {n} bytes dropped: larger than a staging slot{}",
+                ratelog::suppressed(s)
+            );
+        }
+        t.oversize += 1;
     }
 
     /// Copy the first `n` bytes of staging slot `slot` into the window's front buffers, which
