@@ -390,6 +390,98 @@ mod tests {
         );
     }
 
+    /// Fill the wire with 64-byte frames numbered from `from` until it takes no more; returns
+    /// the next number.
+    fn fill_wire(lb: &Loopback, from: u32) -> u32 {
+        let mut i = from;
+        while lb.inject(&frame(i, 64)).unwrap() {
+            i += 1;
+        }
+        i
+    }
+
+    /// Interrupt moderation: under load (each batch ends on its budget) a guest that asked for
+    /// an interrupt gets it once half its ring is used, not after every batch; the frames are
+    /// published every batch all the same, and a tap that runs dry interrupts at once.
+    #[test]
+    fn under_load_the_guest_is_interrupted_once_per_half_ring() {
+        use vhost_user_tap::rx::FRAME_BUDGET;
+        let mut lb = Loopback::new(LoopbackConfig {
+            queue_size: 1024,
+            ..LoopbackConfig::default()
+        })
+        .unwrap();
+        lb.guest.post_rx_buffers(usize::MAX).unwrap();
+        // Armed at 0: the guest wants an interrupt for the first frame.
+        lb.guest
+            .wait_rx_interrupt(Some(std::time::Duration::ZERO))
+            .unwrap();
+        let mut sent = fill_wire(&lb, 0);
+        assert!(sent > FRAME_BUDGET as u32, "the wire took only {sent}");
+        let mut seen = Vec::new();
+        assert_eq!(lb.rx_process().unwrap(), RxState::Ready);
+        assert_eq!(
+            lb.stats.snapshot().rx_interrupts,
+            0,
+            "a quarter ring: no interrupt yet"
+        );
+        lb.guest.poll_rx(|f, _| seen.push(f.to_vec())).unwrap();
+        assert_eq!(
+            seen.len() as u64,
+            FRAME_BUDGET,
+            "published without an interrupt"
+        );
+
+        sent = fill_wire(&lb, sent);
+        assert_eq!(lb.rx_process().unwrap(), RxState::Ready);
+        assert_eq!(
+            lb.stats.snapshot().rx_interrupts,
+            1,
+            "half the ring: interrupted"
+        );
+        while lb.rx_process().unwrap() == RxState::Ready {}
+        lb.guest.poll_rx(|f, _| seen.push(f.to_vec())).unwrap();
+        assert_eq!(seen.len() as u32, sent);
+        assert!(seen
+            .iter()
+            .enumerate()
+            .all(|(i, f)| *f == frame(i as u32, 64)));
+        // Re-armed at what it took: the last frame, after a batch that emptied the wire, is
+        // interrupted at once.
+        lb.guest
+            .wait_rx_interrupt(Some(std::time::Duration::ZERO))
+            .unwrap();
+        let before = lb.stats.snapshot().rx_interrupts;
+        assert!(lb.inject(&frame(sent, 64)).unwrap());
+        assert_eq!(lb.rx_process().unwrap(), RxState::TapEmpty);
+        assert_eq!(lb.stats.snapshot().rx_interrupts, before + 1);
+    }
+
+    /// An interrupt moderation deferred is sent when the worker stops: the next worker starts
+    /// with nothing pending and would never send it.
+    #[test]
+    fn a_stopping_rx_sends_the_interrupt_it_deferred() {
+        let mut lb = Loopback::new(LoopbackConfig {
+            queue_size: 1024,
+            ..LoopbackConfig::default()
+        })
+        .unwrap();
+        lb.guest.post_rx_buffers(usize::MAX).unwrap();
+        lb.guest
+            .wait_rx_interrupt(Some(std::time::Duration::ZERO))
+            .unwrap();
+        fill_wire(&lb, 0);
+        assert_eq!(lb.rx_process().unwrap(), RxState::Ready);
+        assert_eq!(lb.stats.snapshot().rx_interrupts, 0);
+        lb.stop();
+        assert_eq!(lb.stats.snapshot().rx_interrupts, 1);
+        // The call eventfd was written: the guest consumes and counts it.
+        lb.guest
+            .wait_rx_interrupt(Some(std::time::Duration::ZERO))
+            .unwrap();
+        assert_eq!(lb.guest.stats().rx_interrupts, 1);
+    }
+
     #[test]
     fn the_guest_recycles_multi_buffer_frames_without_reading_them() {
         let mut lb = Loopback::new(LoopbackConfig {

@@ -177,7 +177,7 @@ impl Pair {
     pub fn stop(self) -> Stopped {
         let (rx, (carry, rx_ring)) = match self.rx {
             Side::Running { dir, .. } => {
-                let (q, carry, ring) = dir.into_parts();
+                let (q, carry, ring) = dir.into_parts(&self.stats);
                 (Some(q), (carry, ring))
             }
             Side::Idle(kept) => (None, kept),

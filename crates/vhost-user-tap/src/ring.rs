@@ -652,6 +652,11 @@ impl DeviceQueue {
         Ok(needed)
     }
 
+    /// Used entries written since the last interrupt decision (`interrupt`).
+    pub fn undecided(&self) -> u16 {
+        (self.next_used - self.signalled_used).0
+    }
+
     /// Whether the guest wants an interrupt for what was published since the last decision.
     fn needs_interrupt(&mut self) -> Result<bool, RingError> {
         let new = self.next_used;

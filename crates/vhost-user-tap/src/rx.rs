@@ -13,8 +13,19 @@
 //!   index consumed so far, full fence, re-check the avail index; stall only if the guest posted
 //!   nothing beyond it (`DeviceQueue::arm_kick` holds the barrier argument). While stalled the worker stops polling
 //!   the tap, so frames wait in the kernel. The guest's kick resumes RX.
-//! - One used-index publish and at most one interrupt per batch; a batch ends after
-//!   `FRAME_BUDGET` frames or `BYTE_BUDGET` bytes (vhost-net's weights) so TX is not starved.
+//! - One used-index publish per batch; a batch ends after `FRAME_BUDGET` frames or
+//!   `BYTE_BUDGET` bytes (vhost-net's weights) so TX is not starved.
+//! - Interrupts under load are moderated: after a batch that ran out of budget (the next one
+//!   follows at once) the guest is interrupted only once half its ring has been used since the
+//!   last interrupt decision; after any other batch (the tap ran dry, the guest's ring is full,
+//!   an error) at once, as before. The used entries are published every batch either way, so
+//!   a guest that is polling sees each frame as soon as without moderation; only a guest that
+//!   sleeps is woken at most one batch later, and then with twice the frames to take. Why: on a
+//!   shared CPU each interrupt costs the guest a wake-up and the worker the guest's preemption
+//!   and a cold cache; halving them cut the worker's CPU per 64-byte frame by about 6 % and the
+//!   synthetic guest's by about 17 % (README, "Interrupt moderation"). It never delays the
+//!   interrupt a guest needs to go on: one whose ring runs out is interrupted before RX stops,
+//!   and a stopping worker makes the decisions it deferred (`into_parts`).
 //! - Small frames are read whole into a staging slot and copied into the guest's buffers; large
 //!   ones straight into guest buffers with the slot as the tail. Why: a read into a chain and a
 //!   tail has two pieces, and the kernel's import of a two-piece iovec array cost more than
@@ -332,8 +343,13 @@ impl Rx {
     }
 
     /// Give back the queue (unused window chains returned to the avail ring), the carry and the
-    /// io_uring.
-    pub fn into_parts(mut self) -> (virtio_queue::Queue, RxCarry, Option<RxRing>) {
+    /// io_uring. An interrupt that moderation deferred is sent on the way: the next worker's
+    /// queue starts with no decision pending, so a guest asleep on frames published under load
+    /// would never be told of them otherwise.
+    pub fn into_parts(
+        mut self,
+        stats: &PairStats,
+    ) -> (virtio_queue::Queue, RxCarry, Option<RxRing>) {
         // Exact: the window holds at most a ring of chains (<= 32768).
         #[allow(clippy::cast_possible_truncation)]
         let mut rewind = self.win.chains.len() as u16;
@@ -346,6 +362,9 @@ impl Rx {
             }
             let _ = self.q.publish();
             rewind = 0;
+        }
+        if let Ok(true) = self.q.interrupt() {
+            stats::inc(&stats.rx_interrupts);
         }
         (self.q.into_queue(rewind), self.carry, self.ring)
     }
@@ -398,8 +417,11 @@ impl Rx {
         let mut t = Tally::default();
         let result = self.run_batch(tap, stats, &mut t);
         self.last_batch = t.frames;
-        // Publish and interrupt even after an error: what was delivered is the guest's.
-        let published = self.publish(stats, &mut t);
+        // Publish and interrupt even after an error: what was delivered is the guest's. Under
+        // load the interrupt waits for half a ring (see the top).
+        let busy = matches!(result, Ok(RxState::Ready));
+        let notify = !busy || self.q.undecided() >= self.q.size() / 2;
+        let published = self.publish(stats, &mut t, notify);
         stats::add(&stats.rx_interrupts, t.interrupts);
         stats::add(&stats.rx_bytes, t.bytes);
         stats::add(&stats.rx_bad_desc, t.bad);
@@ -421,13 +443,14 @@ impl Rx {
         Ok(state)
     }
 
-    /// Publish the used entries written so far and interrupt if the guest asks. The frames are
-    /// counted first, so a guest that sees a frame never sees a counter without it.
-    fn publish(&mut self, stats: &PairStats, t: &mut Tally) -> Result<(), RingError> {
+    /// Publish the used entries written so far and, if `notify`, interrupt if the guest asks.
+    /// The frames are counted first, so a guest that sees a frame never sees a counter without
+    /// it.
+    fn publish(&mut self, stats: &PairStats, t: &mut Tally, notify: bool) -> Result<(), RingError> {
         stats::add(&stats.rx_frames, t.frames - t.frames_counted);
         t.frames_counted = t.frames;
         self.q.publish()?;
-        if self.q.interrupt()? {
+        if notify && self.q.interrupt()? {
             t.interrupts += 1;
         }
         Ok(())
@@ -472,7 +495,7 @@ impl Rx {
                 }
             }
             // No room: let the guest see what we delivered before asking it for more.
-            self.publish(stats, t)?;
+            self.publish(stats, t, true)?;
             if self.q.arm_kick()? {
                 t.races += 1;
                 continue;
