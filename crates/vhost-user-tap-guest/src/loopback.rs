@@ -375,10 +375,7 @@ mod tests {
         // More frames than one wake-up may move: RX yields after FRAME_BUDGET so TX gets a turn.
         lb.guest.poll_rx(|_, _| {}).unwrap();
         lb.guest.post_rx_buffers(usize::MAX).unwrap();
-        let mut injected = 0;
-        while injected < 300 && lb.inject(&frame(injected, 64)).unwrap() {
-            injected += 1;
-        }
+        let injected = fill_wire(&lb, 0);
         assert!(
             injected > vhost_user_tap::rx::FRAME_BUDGET as u32,
             "socket took only {injected}"
@@ -400,31 +397,41 @@ mod tests {
         i
     }
 
-    /// Interrupt moderation: under load (each batch ends on its budget) a guest that asked for
-    /// an interrupt gets it once half its ring is used, not after every batch; the frames are
-    /// published every batch all the same, and a tap that runs dry interrupts at once.
-    #[test]
-    fn under_load_the_guest_is_interrupted_once_per_half_ring() {
-        use vhost_user_tap::rx::FRAME_BUDGET;
+    /// A 1024-entry loopback under load: the guest armed its interrupt at 0 (it wants one for
+    /// the first frame), the wire full, one batch run that ended on its budget, and no interrupt
+    /// yet (a quarter ring). Returns it and how many frames went onto the wire.
+    fn loaded_past_a_budget() -> (Loopback, u32) {
         let mut lb = Loopback::new(LoopbackConfig {
             queue_size: 1024,
             ..LoopbackConfig::default()
         })
         .unwrap();
         lb.guest.post_rx_buffers(usize::MAX).unwrap();
-        // Armed at 0: the guest wants an interrupt for the first frame.
         lb.guest
             .wait_rx_interrupt(Some(std::time::Duration::ZERO))
             .unwrap();
-        let mut sent = fill_wire(&lb, 0);
-        assert!(sent > FRAME_BUDGET as u32, "the wire took only {sent}");
-        let mut seen = Vec::new();
+        let sent = fill_wire(&lb, 0);
+        assert!(
+            sent > vhost_user_tap::rx::FRAME_BUDGET as u32,
+            "the wire took only {sent}"
+        );
         assert_eq!(lb.rx_process().unwrap(), RxState::Ready);
         assert_eq!(
             lb.stats.snapshot().rx_interrupts,
             0,
             "a quarter ring: no interrupt yet"
         );
+        (lb, sent)
+    }
+
+    /// Interrupt moderation: under load (each batch ends on its budget) a guest that asked for
+    /// an interrupt gets it once half its ring is used, not after every batch; the frames are
+    /// published every batch all the same, and a tap that runs dry interrupts at once.
+    #[test]
+    fn under_load_the_guest_is_interrupted_once_per_half_ring() {
+        use vhost_user_tap::rx::FRAME_BUDGET;
+        let (mut lb, mut sent) = loaded_past_a_budget();
+        let mut seen = Vec::new();
         lb.guest.poll_rx(|f, _| seen.push(f.to_vec())).unwrap();
         assert_eq!(
             seen.len() as u64,
@@ -461,18 +468,7 @@ mod tests {
     /// with nothing pending and would never send it.
     #[test]
     fn a_stopping_rx_sends_the_interrupt_it_deferred() {
-        let mut lb = Loopback::new(LoopbackConfig {
-            queue_size: 1024,
-            ..LoopbackConfig::default()
-        })
-        .unwrap();
-        lb.guest.post_rx_buffers(usize::MAX).unwrap();
-        lb.guest
-            .wait_rx_interrupt(Some(std::time::Duration::ZERO))
-            .unwrap();
-        fill_wire(&lb, 0);
-        assert_eq!(lb.rx_process().unwrap(), RxState::Ready);
-        assert_eq!(lb.stats.snapshot().rx_interrupts, 0);
+        let (mut lb, _) = loaded_past_a_budget();
         lb.stop();
         assert_eq!(lb.stats.snapshot().rx_interrupts, 1);
         // The call eventfd was written: the guest consumes and counts it.

@@ -39,9 +39,9 @@
 //!   A read the tap had no frame for fails at once (RWF_NOWAIT), and the batch size follows how
 //!   many frames the tap held. Frames go to the guest in the order they were read: a frame that
 //!   outgrew its chain, or came after a read that got nothing, waits in its slot (staged) with
-//!   every frame after it, and all are delivered from there, in order, as room allows. A frame that outgrew
-//!   one chain (large frames, mergeable buffers) also switches RX to gathering reads, one
-//!   `readv` per frame over as many chains as the largest frame needs, until
+//!   every frame after it, and all are delivered from there, in order, as room allows. A frame
+//!   that outgrew one chain (large frames, mergeable buffers) also switches RX to gathering
+//!   reads, one `readv` per frame over as many chains as the largest frame needs, until
 //!   `GATHER_FRAMES` frames in a row would have fitted one chain: large frames land in guest
 //!   buffers without the extra copy, and their syscall is a small part of their cost.
 //!
