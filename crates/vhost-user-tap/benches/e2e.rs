@@ -15,7 +15,7 @@
 //!
 //! VUT_BENCH_PIN=1 places the thread that reads or writes the tap (the floor loop, or the daemon)
 //! alone on CPU 1 and the generator and the synthetic guest on CPU 0. Off by default: on 2 CPUs
-//! the guest then competes with the generator and both lose (measured; see the README).
+//! the guest then competes with the generator and both lose (measured: BENCHMARK-HISTORY.md).
 //!
 //! `sudo cargo bench --bench e2e` (root: taps and namespaces). VUT_BENCH_SECS (default 5) and
 //! VUT_BENCH_RUNS (default 3) set the length; the median run is reported, with the spread of the

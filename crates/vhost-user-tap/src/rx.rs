@@ -23,9 +23,10 @@
 //!   sleeps is woken at most one batch later, and then with twice the frames to take. Why: on a
 //!   shared CPU each interrupt costs the guest a wake-up and the worker the guest's preemption
 //!   and a cold cache; moderating them cut the CPU per 64-byte frame, worker and synthetic
-//!   guest together, by about 3 %, the guest's by 11 % (README, "RX at the floor"). It never
-//!   delays the interrupt a guest needs to go on: one whose ring runs out is interrupted before
-//!   RX stops, and a stopping worker makes the decision it deferred (`into_parts`).
+//!   guest together, by about 3 %, the guest's by 11 % (BENCHMARK-HISTORY.md, "RX at the
+//!   floor"). It never delays the interrupt a guest needs to go on: one whose ring runs out is
+//!   interrupted before RX stops, and a stopping worker makes the decision it deferred
+//!   (`into_parts`).
 //! - Small frames are read whole into a staging slot and copied into the guest's buffers; large
 //!   ones straight into guest buffers with the slot as the tail. Why: a read into a chain and a
 //!   tail has two pieces, and the kernel's import of a two-piece iovec array cost more than
