@@ -375,11 +375,7 @@ mod tests {
         // More frames than one wake-up may move: RX yields after FRAME_BUDGET so TX gets a turn.
         lb.guest.poll_rx(|_, _| {}).unwrap();
         lb.guest.post_rx_buffers(usize::MAX).unwrap();
-        let injected = fill_wire(&lb, 0);
-        assert!(
-            injected > vhost_user_tap::rx::FRAME_BUDGET as u32,
-            "socket took only {injected}"
-        );
+        fill_wire_past_a_budget(&lb);
         assert_eq!(lb.rx_process().unwrap(), RxState::Ready);
         assert_eq!(
             lb.stats.snapshot().rx_frames,
@@ -397,6 +393,16 @@ mod tests {
         i
     }
 
+    /// Fill the wire from frame 0 with more frames than one RX batch may move; returns how many.
+    fn fill_wire_past_a_budget(lb: &Loopback) -> u32 {
+        let sent = fill_wire(lb, 0);
+        assert!(
+            sent > vhost_user_tap::rx::FRAME_BUDGET as u32,
+            "the wire took only {sent}"
+        );
+        sent
+    }
+
     /// A 1024-entry loopback under load: the guest armed its interrupt at 0 (it wants one for
     /// the first frame), the wire full, one batch run that ended on its budget, and no interrupt
     /// yet (a quarter ring). Returns it and how many frames went onto the wire.
@@ -410,11 +416,7 @@ mod tests {
         lb.guest
             .wait_rx_interrupt(Some(std::time::Duration::ZERO))
             .unwrap();
-        let sent = fill_wire(&lb, 0);
-        assert!(
-            sent > vhost_user_tap::rx::FRAME_BUDGET as u32,
-            "the wire took only {sent}"
-        );
+        let sent = fill_wire_past_a_budget(&lb);
         assert_eq!(lb.rx_process().unwrap(), RxState::Ready);
         assert_eq!(
             lb.stats.snapshot().rx_interrupts,
